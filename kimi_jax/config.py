@@ -1,0 +1,263 @@
+"""ModelConfig: every architecture number of Kimi K2 (and DeepSeek-V3-shaped models), validated.
+
+Dimension letters used across the package:
+  B batch, S sequence, D model (hidden), H heads, V vocab, L stacked layers,
+  E routed experts, K experts per token, F MLP hidden, Cq / Ckv q / kv latent ranks,
+  Dn / Dr / Dv per-head nope / rope / value dims.
+
+Architecture fields mirror the Hugging Face config.json names where one exists. The last group
+(`dtype`, `param_dtype`, `moe_impl`, `attention_impl`, `remat`) says how to run the model, not what it is:
+`architecture()` leaves it out, and HF conversion ignores it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+_DTYPES = ("float32", "bfloat16")
+MOE_IMPLS = ("dense", "ragged", "blocked", "pallas")
+ATTENTION_IMPLS = ("xla", "pallas")
+REMAT_POLICIES = ("none", "full", "dots")
+_RUNTIME_FIELDS = ("dtype", "param_dtype", "moe_impl", "attention_impl", "remat")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ModelConfig:
+  vocab_size: int
+  hidden_size: int  # D
+  num_hidden_layers: int  # all layers; the first `first_k_dense_replace` are dense
+  first_k_dense_replace: int
+  intermediate_size: int  # dense-layer MLP hidden
+  moe_intermediate_size: int  # Fe, per routed expert
+  n_routed_experts: int  # E
+  num_experts_per_tok: int  # K
+  n_shared_experts: int  # shared expert hidden = n_shared_experts * moe_intermediate_size
+  routed_scaling_factor: float
+  norm_topk_prob: bool = True
+  n_group: int = 1  # group-limited routing (DeepSeek-V3: 8 groups, pick 4); K2 uses 1 / 1
+  topk_group: int = 1
+  num_attention_heads: int  # H (= kv heads in MLA)
+  q_lora_rank: int  # Cq
+  kv_lora_rank: int  # Ckv
+  qk_nope_head_dim: int  # Dn
+  qk_rope_head_dim: int  # Dr
+  v_head_dim: int  # Dv
+  rope_theta: float
+  # YaRN (rope_scaling); factor 1 means plain RoPE.
+  rope_factor: float = 1.0
+  rope_beta_fast: float = 32.0
+  rope_beta_slow: float = 1.0
+  rope_mscale: float = 1.0
+  rope_mscale_all_dim: float = 0.0
+  rope_original_max_position_embeddings: int = 4096
+  max_position_embeddings: int
+  rms_norm_eps: float = 1e-6
+  initializer_range: float = 0.02
+  bos_token_id: int = 163584
+  eos_token_id: int = 163585
+  # How to run it (not architecture).
+  dtype: str = "bfloat16"  # compute dtype
+  param_dtype: str = "float32"
+  moe_impl: str = "ragged"
+  attention_impl: str = "xla"
+  remat: str = "none"
+
+  def __post_init__(self):
+    positive = ("vocab_size", "hidden_size", "num_hidden_layers", "intermediate_size", "moe_intermediate_size",
+                "n_routed_experts", "num_experts_per_tok", "num_attention_heads", "q_lora_rank", "kv_lora_rank",
+                "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim", "max_position_embeddings",
+                "rope_original_max_position_embeddings", "n_group", "topk_group")
+    for name in positive:
+      value = getattr(self, name)
+      if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        raise ValueError(f"ModelConfig.{name} must be a positive int, got {value!r}")
+    for name in ("first_k_dense_replace", "n_shared_experts"):
+      value = getattr(self, name)
+      if not isinstance(value, int) or value < 0:
+        raise ValueError(f"ModelConfig.{name} must be a non-negative int, got {value!r}")
+    for name in ("routed_scaling_factor", "rope_theta", "rms_norm_eps", "initializer_range", "rope_factor"):
+      if not getattr(self, name) > 0:
+        raise ValueError(f"ModelConfig.{name} must be > 0, got {getattr(self, name)!r}")
+    _check(self.first_k_dense_replace <= self.num_hidden_layers, "first_k_dense_replace",
+           f"{self.first_k_dense_replace} exceeds num_hidden_layers={self.num_hidden_layers}")
+    _check(self.num_experts_per_tok <= self.n_routed_experts, "num_experts_per_tok",
+           f"{self.num_experts_per_tok} exceeds n_routed_experts={self.n_routed_experts}")
+    _check(self.qk_rope_head_dim % 2 == 0, "qk_rope_head_dim", f"must be even, got {self.qk_rope_head_dim}")
+    _check(self.n_routed_experts % self.n_group == 0, "n_group",
+           f"{self.n_group} does not divide n_routed_experts={self.n_routed_experts}")
+    _check(self.topk_group <= self.n_group, "topk_group", f"{self.topk_group} exceeds n_group={self.n_group}")
+    _check(self.n_group == 1 or self.num_experts_per_tok <= self.topk_group * self.n_routed_experts // self.n_group,
+           "num_experts_per_tok", "more experts per token than the selected groups hold")
+    _check(self.dtype in _DTYPES, "dtype", f"{self.dtype!r} not in {_DTYPES}")
+    _check(self.param_dtype in _DTYPES, "param_dtype", f"{self.param_dtype!r} not in {_DTYPES}")
+    _check(self.moe_impl in MOE_IMPLS, "moe_impl", f"{self.moe_impl!r} not in {MOE_IMPLS}")
+    _check(self.attention_impl in ATTENTION_IMPLS, "attention_impl",
+           f"{self.attention_impl!r} not in {ATTENTION_IMPLS}")
+    _check(self.remat in REMAT_POLICIES, "remat", f"{self.remat!r} not in {REMAT_POLICIES}")
+
+  # Derived sizes ------------------------------------------------------------------------------------------
+  @property
+  def qk_head_dim(self) -> int:
+    return self.qk_nope_head_dim + self.qk_rope_head_dim
+
+  @property
+  def num_dense_layers(self) -> int:
+    return self.first_k_dense_replace
+
+  @property
+  def num_moe_layers(self) -> int:
+    return self.num_hidden_layers - self.first_k_dense_replace
+
+  @property
+  def shared_intermediate_size(self) -> int:
+    return self.n_shared_experts * self.moe_intermediate_size
+
+  @property
+  def softmax_scale(self) -> float:
+    """qk_head_dim^-0.5, times mscale(factor, mscale_all_dim)^2 under YaRN (transformers' DeepseekV3)."""
+    scale = self.qk_head_dim ** -0.5
+    if self.rope_factor > 1 and self.rope_mscale_all_dim:
+      m = yarn_mscale(self.rope_factor, self.rope_mscale_all_dim)
+      scale *= m * m
+    return scale
+
+  # Conversions --------------------------------------------------------------------------------------------
+  def replace(self, **changes: Any) -> "ModelConfig":
+    unknown = sorted(set(changes) - {f.name for f in dataclasses.fields(self)})
+    if unknown:
+      raise ValueError(f"unknown ModelConfig field(s): {', '.join(unknown)}")
+    return dataclasses.replace(self, **changes)
+
+  def to_dict(self) -> dict[str, Any]:
+    return dataclasses.asdict(self)
+
+  def architecture(self) -> dict[str, Any]:
+    """The fields that define the weights (everything but how to run it)."""
+    return {k: v for k, v in self.to_dict().items() if k not in _RUNTIME_FIELDS}
+
+  @classmethod
+  def from_dict(cls, d: dict[str, Any]) -> "ModelConfig":
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - names)
+    if unknown:
+      raise ValueError(f"unknown ModelConfig field(s): {', '.join(unknown)}")
+    return cls(**d)
+
+  @classmethod
+  def from_hf(cls, hf: dict[str, Any], **runtime: Any) -> "ModelConfig":
+    """From a Hugging Face config.json dict (model_type `kimi_k2` or `deepseek_v3`)."""
+    model_type = hf.get("model_type")
+    if model_type not in ("kimi_k2", "deepseek_v3"):
+      raise ValueError(f"config.json model_type {model_type!r} is not supported (expected kimi_k2 or deepseek_v3)")
+    if hf.get("scoring_func", "sigmoid") != "sigmoid":
+      raise ValueError(f"config.json scoring_func {hf['scoring_func']!r} is not supported (expected sigmoid)")
+    if hf.get("topk_method", "noaux_tc") != "noaux_tc":
+      raise ValueError(f"config.json topk_method {hf['topk_method']!r} is not supported (expected noaux_tc)")
+    if hf.get("hidden_act", "silu") != "silu":
+      raise ValueError(f"config.json hidden_act {hf['hidden_act']!r} is not supported (expected silu)")
+    if hf.get("tie_word_embeddings", False):
+      raise ValueError("config.json tie_word_embeddings=true is not supported (Kimi K2 has an untied lm_head)")
+    heads = hf["num_attention_heads"]
+    if hf.get("num_key_value_heads", heads) != heads:
+      raise ValueError(f"config.json num_key_value_heads={hf['num_key_value_heads']} must equal "
+                       f"num_attention_heads={heads} for MLA")
+    if hf.get("q_lora_rank") is None:
+      raise ValueError("config.json q_lora_rank is null; only the low-rank query (K2/V3) layout is supported")
+    rope = dict(hf.get("rope_scaling") or {})
+    rope_type = rope.get("rope_type", rope.get("type"))
+    if rope and rope_type != "yarn":
+      raise ValueError(f"config.json rope_scaling type {rope_type!r} is not supported (expected yarn)")
+    fields = dict(
+        vocab_size=hf["vocab_size"], hidden_size=hf["hidden_size"], num_hidden_layers=hf["num_hidden_layers"],
+        first_k_dense_replace=hf.get("first_k_dense_replace", 0), intermediate_size=hf["intermediate_size"],
+        moe_intermediate_size=hf["moe_intermediate_size"], n_routed_experts=hf["n_routed_experts"],
+        num_experts_per_tok=hf["num_experts_per_tok"], n_shared_experts=hf.get("n_shared_experts") or 0,
+        routed_scaling_factor=float(hf.get("routed_scaling_factor", 1.0)),
+        norm_topk_prob=bool(hf.get("norm_topk_prob", True)), n_group=hf.get("n_group") or 1,
+        topk_group=hf.get("topk_group") or 1, num_attention_heads=heads, q_lora_rank=hf["q_lora_rank"],
+        kv_lora_rank=hf["kv_lora_rank"], qk_nope_head_dim=hf["qk_nope_head_dim"],
+        qk_rope_head_dim=hf["qk_rope_head_dim"], v_head_dim=hf["v_head_dim"], rope_theta=float(hf["rope_theta"]),
+        max_position_embeddings=hf["max_position_embeddings"], rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+        initializer_range=float(hf.get("initializer_range", 0.02)),
+        bos_token_id=hf.get("bos_token_id", 0), eos_token_id=hf.get("eos_token_id", 1))
+    if rope:
+      fields.update(
+          rope_factor=float(rope["factor"]), rope_beta_fast=float(rope.get("beta_fast", 32)),
+          rope_beta_slow=float(rope.get("beta_slow", 1)), rope_mscale=float(rope.get("mscale", 1)),
+          rope_mscale_all_dim=float(rope.get("mscale_all_dim", 0)),
+          rope_original_max_position_embeddings=int(rope.get("original_max_position_embeddings", 4096)))
+    return cls(**fields, **runtime)
+
+  def to_hf(self) -> dict[str, Any]:
+    """A Hugging Face config.json dict (model_type kimi_k2) that from_hf maps back to this config."""
+    hf = dict(
+        architectures=["DeepseekV3ForCausalLM"], model_type="kimi_k2", vocab_size=self.vocab_size,
+        hidden_size=self.hidden_size, intermediate_size=self.intermediate_size,
+        moe_intermediate_size=self.moe_intermediate_size, num_hidden_layers=self.num_hidden_layers,
+        first_k_dense_replace=self.first_k_dense_replace, num_attention_heads=self.num_attention_heads,
+        num_key_value_heads=self.num_attention_heads, n_shared_experts=self.n_shared_experts,
+        n_routed_experts=self.n_routed_experts, num_experts_per_tok=self.num_experts_per_tok,
+        routed_scaling_factor=self.routed_scaling_factor, norm_topk_prob=self.norm_topk_prob,
+        n_group=self.n_group, topk_group=self.topk_group, topk_method="noaux_tc", scoring_func="sigmoid",
+        q_lora_rank=self.q_lora_rank, kv_lora_rank=self.kv_lora_rank, qk_nope_head_dim=self.qk_nope_head_dim,
+        qk_rope_head_dim=self.qk_rope_head_dim, v_head_dim=self.v_head_dim, hidden_act="silu",
+        rope_theta=self.rope_theta, max_position_embeddings=self.max_position_embeddings,
+        rms_norm_eps=self.rms_norm_eps, initializer_range=self.initializer_range,
+        bos_token_id=self.bos_token_id, eos_token_id=self.eos_token_id, tie_word_embeddings=False,
+        num_nextn_predict_layers=0, attention_bias=False, torch_dtype="bfloat16")
+    if self.rope_factor != 1.0:
+      hf["rope_scaling"] = dict(
+          type="yarn", factor=self.rope_factor, beta_fast=self.rope_beta_fast, beta_slow=self.rope_beta_slow,
+          mscale=self.rope_mscale, mscale_all_dim=self.rope_mscale_all_dim,
+          original_max_position_embeddings=self.rope_original_max_position_embeddings)
+    return hf
+
+
+def yarn_mscale(factor: float, mscale: float) -> float:
+  return 0.1 * mscale * math.log(factor) + 1.0 if factor > 1 else 1.0
+
+
+def _check(ok: bool, field: str, message: str) -> None:
+  if not ok:
+    raise ValueError(f"ModelConfig.{field}: {message}")
+
+
+# Presets ----------------------------------------------------------------------------------------------------
+
+def kimi_k2(**runtime: Any) -> ModelConfig:
+  """moonshotai/Kimi-K2-Instruct (and -Base): 1.03 T total, 32.9 B active parameters."""
+  return ModelConfig(
+      vocab_size=163840, hidden_size=7168, num_hidden_layers=61, first_k_dense_replace=1,
+      intermediate_size=18432, moe_intermediate_size=2048, n_routed_experts=384, num_experts_per_tok=8,
+      n_shared_experts=1, routed_scaling_factor=2.827, norm_topk_prob=True, n_group=1, topk_group=1,
+      num_attention_heads=64, q_lora_rank=1536, kv_lora_rank=512, qk_nope_head_dim=128, qk_rope_head_dim=64,
+      v_head_dim=128, rope_theta=50000.0, rope_factor=32.0, rope_beta_fast=1.0, rope_beta_slow=1.0,
+      rope_mscale=1.0, rope_mscale_all_dim=1.0, rope_original_max_position_embeddings=4096,
+      max_position_embeddings=131072, rms_norm_eps=1e-6, bos_token_id=163584, eos_token_id=163585, **runtime)
+
+
+def kimi_k2_0905(**runtime: Any) -> ModelConfig:
+  """Kimi-K2-Instruct-0905 and Kimi-K2-Thinking: 256 K context (YaRN factor 64)."""
+  return kimi_k2(**runtime).replace(max_position_embeddings=262144, rope_factor=64.0)
+
+
+def tiny(**runtime: Any) -> ModelConfig:
+  """A K2-shaped model small enough to train on a laptop CPU in minutes (byte-level vocab)."""
+  return ModelConfig(
+      vocab_size=512, hidden_size=128, num_hidden_layers=4, first_k_dense_replace=1, intermediate_size=384,
+      moe_intermediate_size=96, n_routed_experts=8, num_experts_per_tok=2, n_shared_experts=1,
+      routed_scaling_factor=2.827, num_attention_heads=4, q_lora_rank=64, kv_lora_rank=32, qk_nope_head_dim=32,
+      qk_rope_head_dim=16, v_head_dim=32, rope_theta=50000.0, rope_factor=32.0, rope_beta_fast=1.0,
+      rope_beta_slow=1.0, rope_mscale=1.0, rope_mscale_all_dim=1.0, rope_original_max_position_embeddings=4096,
+      max_position_embeddings=131072, bos_token_id=256, eos_token_id=257, **runtime)
+
+
+PRESETS = {"kimi_k2": kimi_k2, "kimi_k2_0905": kimi_k2_0905, "tiny": tiny}
+
+
+def preset(name: str, **runtime: Any) -> ModelConfig:
+  if name not in PRESETS:
+    raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
+  return PRESETS[name](**runtime)

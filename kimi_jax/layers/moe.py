@@ -1,0 +1,96 @@
+"""Mixture of experts: sigmoid router with a selection-only bias, routed experts and a shared expert.
+
+Letters: B batch, S sequence, T = B·S tokens, D model, E experts, K experts per token, F expert hidden.
+
+Router (transformers' DeepseekV3 `noaux_tc`): s = sigmoid(x·W) in float32; choose the top K of s + bias
+(optionally within the best `topk_group` of `n_group` groups); the weights are the chosen *unbiased* s,
+normalised to sum 1 and times routed_scaling_factor. The bias is not a Param: it receives no gradient and
+is updated between steps from the expert load (aux-loss-free balancing, see `train.py`).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from kimi_jax.config import ModelConfig
+from kimi_jax.layers.experts import routed_experts
+from kimi_jax.layers.linear import param
+from kimi_jax.layers.mlp import MLP
+
+
+class RouterBias(nnx.Variable):
+  """e_score_correction_bias [E]: steers expert selection, never the weights; outside the optimizer."""
+
+
+def route(scores: jax.Array, bias: jax.Array, cfg: ModelConfig) -> tuple[jax.Array, jax.Array]:
+  """scores: [T, E] sigmoid outputs (f32); bias: [E] -> (weights [T, K] f32, idx [T, K] int32)."""
+  choice = scores + bias
+  if cfg.n_group > 1:
+    t, e = choice.shape
+    grouped = choice.reshape(t, cfg.n_group, e // cfg.n_group)
+    group_score = jax.lax.top_k(grouped, 2)[0].sum(-1)  # [T, n_group]: sum of each group's best two
+    _, keep = jax.lax.top_k(group_score, cfg.topk_group)
+    group_mask = jnp.zeros_like(group_score, bool).at[jnp.arange(t)[:, None], keep].set(True)
+    choice = jnp.where(group_mask[..., None], grouped, 0.0).reshape(t, e)
+  _, idx = jax.lax.top_k(choice, cfg.num_experts_per_tok)
+  weights = jnp.take_along_axis(scores, idx, axis=-1)
+  if cfg.norm_topk_prob:
+    weights = weights / (weights.sum(-1, keepdims=True) + 1e-20)
+  return weights * cfg.routed_scaling_factor, idx.astype(jnp.int32)
+
+
+class Router(nnx.Module):
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    self.kernel = param(rngs, (cfg.hidden_size, cfg.n_routed_experts), ("embed", None), std=cfg.initializer_range,
+                        dtype=jnp.dtype(cfg.param_dtype))
+    self.bias = RouterBias(jnp.zeros((cfg.n_routed_experts,), jnp.float32))
+    self.cfg = cfg
+
+  def __call__(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """x: [T, D] -> (weights [T, K] f32, idx [T, K] int32)."""
+    scores = jax.nn.sigmoid(jnp.dot(x.astype(jnp.float32), self.kernel[...].astype(jnp.float32)))
+    return route(scores, self.bias[...], self.cfg)
+
+
+class Experts(nnx.Module):
+  """E SwiGLU experts stored stacked: gate, up [E, D, F]; down [E, F, D]."""
+
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    e, d, f = cfg.n_routed_experts, cfg.hidden_size, cfg.moe_intermediate_size
+    kw = dict(std=cfg.initializer_range, dtype=jnp.dtype(cfg.param_dtype))
+    self.gate = param(rngs, (e, d, f), ("experts", "embed", "expert_mlp"), **kw)
+    self.up = param(rngs, (e, d, f), ("experts", "embed", "expert_mlp"), **kw)
+    self.down = param(rngs, (e, f, d), ("experts", "expert_mlp", "embed"), **kw)
+    self.cfg = cfg
+
+  def __call__(self, x: jax.Array, weights: jax.Array, idx: jax.Array) -> jax.Array:
+    """x: [T, D]; weights, idx: [T, K] -> [T, D]."""
+    dtype = jnp.dtype(self.cfg.dtype)
+    return routed_experts(x.astype(dtype), idx, weights, self.gate[...].astype(dtype), self.up[...].astype(dtype),
+                          self.down[...].astype(dtype), impl=self.cfg.moe_impl)
+
+
+class MoE(nnx.Module):
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    dtype, param_dtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
+    self.router = Router(cfg, rngs=rngs)
+    self.experts = Experts(cfg, rngs=rngs)
+    self.shared = (MLP(cfg.hidden_size, cfg.shared_intermediate_size, std=cfg.initializer_range, dtype=dtype,
+                       param_dtype=param_dtype, rngs=rngs) if cfg.n_shared_experts else None)
+
+  def __call__(self, x: jax.Array, valid: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """x: [B, S, D]; valid: [B, S] bool (False on padding).
+
+    Returns (out [B, S, D], expert_load [E] int32: valid tokens routed to each expert).
+    """
+    b, s, d = x.shape
+    tokens = x.reshape(b * s, d)
+    weights, idx = self.router(tokens)
+    out = self.experts(tokens, weights, idx)
+    if self.shared is not None:
+      out = out + self.shared(tokens)
+    counted = jnp.broadcast_to(valid.reshape(b * s, 1), idx.shape).reshape(-1).astype(jnp.int32)
+    load = jnp.bincount(idx.reshape(-1), weights=counted, length=self.router.bias.shape[0])
+    return out.reshape(b, s, d), load.astype(jnp.int32)

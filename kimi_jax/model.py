@@ -1,0 +1,157 @@
+"""Kimi K2: embed → dense layers → MoE layers → final norm → lm_head.
+
+Letters: B batch, S sequence, D model, V vocab, H heads, E experts, L stacked layers.
+
+Each group of layers (the first `first_k_dense_replace` dense ones, then the MoE ones) is created stacked,
+every parameter with a leading L axis (logical name "layers"), and applied with `jax.lax.scan`, so compile
+time does not grow with depth. Either group may be empty.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from kimi_jax.config import ModelConfig
+from kimi_jax.layers.attention import attention_mask
+from kimi_jax.layers.linear import Linear, param
+from kimi_jax.layers.mla import MLA
+from kimi_jax.layers.mlp import MLP
+from kimi_jax.layers.moe import MoE
+from kimi_jax.layers.norms import RMSNorm
+from kimi_jax.layers.rope import rope_cos_sin
+
+LAYER_GROUPS = ("dense_layers", "moe_layers")
+
+_REMAT_POLICIES = {
+    "full": None,  # save nothing, recompute the layer in the backward pass
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+class DecoderLayer(nnx.Module):
+  """Pre-norm block: x + attn(norm(x)), then + mlp(norm(x)) with a dense MLP or the MoE."""
+
+  def __init__(self, cfg: ModelConfig, *, moe: bool, rngs: nnx.Rngs):
+    param_dtype = jnp.dtype(cfg.param_dtype)
+    self.attn_norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, name="embed", param_dtype=param_dtype)
+    self.attn = MLA(cfg, rngs=rngs)
+    self.mlp_norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, name="embed", param_dtype=param_dtype)
+    if moe:
+      self.mlp = MoE(cfg, rngs=rngs)
+    else:
+      self.mlp = MLP(cfg.hidden_size, cfg.intermediate_size, std=cfg.initializer_range,
+                     dtype=jnp.dtype(cfg.dtype), param_dtype=param_dtype, rngs=rngs)
+    self.moe = moe
+
+  def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array,
+               valid: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """x: [B, S, D] -> (x [B, S, D], stats: max_logits [H] and, for MoE, expert_load [E])."""
+    attn_out, max_logits = self.attn(self.attn_norm(x), cos, sin, mask, valid)
+    x = x + attn_out.astype(x.dtype)
+    stats = {"max_logits": max_logits}
+    if self.moe:
+      mlp_out, stats["expert_load"] = self.mlp(self.mlp_norm(x), valid)
+    else:
+      mlp_out = self.mlp(self.mlp_norm(x))
+    return x + mlp_out.astype(x.dtype), stats
+
+
+class Embed(nnx.Module):
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    self.embedding = param(rngs, (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"), std=cfg.initializer_range,
+                           dtype=jnp.dtype(cfg.param_dtype))
+
+  def __call__(self, tokens: jax.Array, dtype: jnp.dtype) -> jax.Array:
+    """tokens: [B, S] int -> [B, S, D]."""
+    return jnp.take(self.embedding[...], tokens, axis=0).astype(dtype)
+
+
+def _stacked_layers(cfg: ModelConfig, count: int, *, moe: bool, rngs: nnx.Rngs) -> DecoderLayer:
+  @nnx.split_rngs(splits=count)
+  @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
+  def make(rngs: nnx.Rngs) -> DecoderLayer:
+    return DecoderLayer(cfg, moe=moe, rngs=rngs)
+
+  return make(rngs)
+
+
+class KimiK2(nnx.Module):
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    self.cfg = cfg
+    self.embed = Embed(cfg, rngs=rngs)
+    if cfg.num_dense_layers:
+      self.dense_layers = _stacked_layers(cfg, cfg.num_dense_layers, moe=False, rngs=rngs)
+    if cfg.num_moe_layers:
+      self.moe_layers = _stacked_layers(cfg, cfg.num_moe_layers, moe=True, rngs=rngs)
+    self.final_norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, name="embed",
+                              param_dtype=jnp.dtype(cfg.param_dtype))
+    self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, ("embed", "vocab"), std=cfg.initializer_range,
+                          dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.dtype(cfg.param_dtype), rngs=rngs)
+
+  def __call__(self, tokens: jax.Array, *, positions: jax.Array | None = None,
+               segment_ids: jax.Array | None = None, return_hidden: bool = False
+               ) -> tuple[jax.Array, dict[str, Any]]:
+    """tokens: [B, S] int; positions: [B, S] (default 0..S-1); segment_ids: [B, S] (0 = padding; default 1).
+
+    Returns logits [B, S, V] float32 and aux:
+      max_logits   {group: [L, H]} per layer and head, the largest scaled logit over unmasked pairs
+      expert_load  [L_moe, E] int32 valid tokens routed to each expert (absent without MoE layers)
+      hidden       [L + 1, B, S, D] embeddings then each layer's output (only with return_hidden)
+    """
+    cfg = self.cfg
+    b, s = tokens.shape
+    if positions is None:
+      positions = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
+    if segment_ids is None:
+      segment_ids = jnp.ones((b, s), jnp.int32)
+    cos, sin = rope_cos_sin(positions, cfg)
+    mask, valid = attention_mask(segment_ids), segment_ids != 0
+    x = self.embed(tokens, jnp.dtype(cfg.dtype))
+    aux: dict[str, Any] = {"max_logits": {}}
+    hidden = [x[None]]
+    for group in LAYER_GROUPS:
+      if not hasattr(self, group):
+        continue
+      x, stats, layer_outputs = _scan_layers(getattr(self, group), x, (cos, sin, mask, valid), cfg.remat,
+                                             return_hidden)
+      aux["max_logits"][group] = stats["max_logits"]
+      if "expert_load" in stats:
+        aux["expert_load"] = stats["expert_load"]
+      hidden.append(layer_outputs)
+    x = self.final_norm(x)
+    logits = jnp.dot(x, self.lm_head.kernel[...].astype(x.dtype), preferred_element_type=jnp.float32)
+    if return_hidden:
+      aux["hidden"] = jnp.concatenate(hidden, axis=0)
+    return logits, aux
+
+
+def _scan_layers(layers: DecoderLayer, x: jax.Array, consts: tuple, remat: str, return_hidden: bool):
+  """Apply stacked `layers` in order. Returns (x, stats stacked over L, layer outputs [L, B, S, D] or None)."""
+  graphdef, state = nnx.split(layers)
+
+  def body(x, layer_state):
+    x, stats = nnx.merge(graphdef, layer_state)(x, *consts)
+    return x, (stats, x if return_hidden else None)
+
+  if remat != "none":
+    body = jax.checkpoint(body, policy=_REMAT_POLICIES[remat], prevent_cse=False)
+  x, (stats, outputs) = jax.lax.scan(body, x, state)
+  return x, stats, outputs
+
+
+def check_tokens(tokens: Any, cfg: ModelConfig) -> None:
+  """Host-side check before a forward pass: ids must lie in [0, vocab_size)."""
+  import numpy as np
+
+  arr = np.asarray(tokens)
+  if arr.ndim != 2 or not np.issubdtype(arr.dtype, np.integer):
+    raise ValueError(f"tokens must be an integer array [batch, seq], got {arr.dtype} {arr.shape}")
+  bad = (arr < 0) | (arr >= cfg.vocab_size)
+  if bad.any():
+    pos = tuple(int(i) for i in np.argwhere(bad)[0])
+    raise ValueError(f"token id {int(arr[pos])} at position {pos} is outside the vocabulary "
+                     f"[0, {cfg.vocab_size})")

@@ -1,0 +1,91 @@
+"""Parameter, FLOP and memory arithmetic for a config, from the real model's abstract shapes.
+
+    python -m kimi_jax.tools.plan --preset kimi_k2 [--seq_len 4096] [--json]
+
+Counts come from `nnx.eval_shape` of the model (nothing is allocated), so they cannot drift from the code.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+
+from absl import app, flags
+
+from kimi_jax.config import ModelConfig, preset, PRESETS
+
+
+def abstract_model(cfg: ModelConfig):
+  """The model with ShapeDtypeStruct leaves: build it without allocating."""
+  from flax import nnx
+
+  from kimi_jax.model import KimiK2
+
+  return nnx.eval_shape(lambda: KimiK2(cfg, rngs=nnx.Rngs(0)))
+
+
+def _leaves_with_paths(cfg: ModelConfig):
+  import jax
+  from flax import nnx
+
+  state = nnx.state(abstract_model(cfg), nnx.Variable)  # Params and router biases
+  return jax.tree_util.tree_flatten_with_path(state.to_pure_dict())[0]
+
+
+def count_params(cfg: ModelConfig) -> dict[str, int]:
+  """total_params (router biases included) and active_params (K of E routed experts per token)."""
+  total = routed = 0
+  for path, leaf in _leaves_with_paths(cfg):
+    size = math.prod(leaf.shape)
+    total += size
+    if any(getattr(key, "key", None) == "experts" for key in path):
+      routed += size
+  active = total - routed + routed * cfg.num_experts_per_tok // cfg.n_routed_experts
+  return {"total_params": total, "active_params": active}
+
+
+def matmul_params_per_token(cfg: ModelConfig) -> int:
+  """Weights each token multiplies by: active params minus the embedding lookup, norms and biases."""
+  d = cfg.hidden_size
+  h, dn, dr, dv = cfg.num_attention_heads, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim
+  attn = (d * cfg.q_lora_rank + cfg.q_lora_rank * h * (dn + dr) + d * (cfg.kv_lora_rank + dr)
+          + cfg.kv_lora_rank * h * (dn + dv) + h * dv * d)
+  dense_mlp = 3 * d * cfg.intermediate_size
+  moe = (3 * d * cfg.moe_intermediate_size * (cfg.num_experts_per_tok + cfg.n_shared_experts)
+         + d * cfg.n_routed_experts)
+  return (cfg.num_hidden_layers * attn + cfg.num_dense_layers * dense_mlp + cfg.num_moe_layers * moe
+          + d * cfg.vocab_size)
+
+
+def train_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
+  """Model FLOPs of one training token (forward + backward = 3 × forward), causal attention counted once.
+
+  Forward: 2 FLOPs per matmul weight, plus q·k and p·v over the (seq_len + 1) / 2 keys a token sees on average.
+  """
+  attn_pairs = cfg.num_hidden_layers * cfg.num_attention_heads * (cfg.qk_head_dim + cfg.v_head_dim)
+  forward = 2 * matmul_params_per_token(cfg) + 2 * attn_pairs * (seq_len + 1) / 2
+  return 3 * forward
+
+
+_PRESET = flags.DEFINE_enum("preset", "kimi_k2", sorted(PRESETS), "Model preset to plan.")
+_SEQ_LEN = flags.DEFINE_integer("seq_len", 4096, "Sequence length for the FLOP count.")
+_JSON = flags.DEFINE_bool("json", False, "Print one JSON line instead of a table.")
+
+
+def main(argv):
+  del argv
+  cfg = preset(_PRESET.value)
+  report = count_params(cfg)
+  report["train_flops_per_token"] = train_flops_per_token(cfg, _SEQ_LEN.value)
+  report["seq_len"] = _SEQ_LEN.value
+  if _JSON.value:
+    print(json.dumps(report))
+  else:
+    for key, value in report.items():
+      print(f"{key:>24}  {value:,.0f}" if isinstance(value, (int, float)) else f"{key:>24}  {value}")
+  sys.stdout.flush()
+
+
+if __name__ == "__main__":
+  app.run(main)
