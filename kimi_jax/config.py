@@ -17,7 +17,7 @@ import math
 from typing import Any
 
 _DTYPES = ("float32", "bfloat16")
-MOE_IMPLS = ("dense", "ragged", "blocked", "pallas")
+MOE_IMPLS = ("auto", "dense", "ragged", "blocked", "pallas")
 ATTENTION_IMPLS = ("xla", "pallas")
 REMAT_POLICIES = ("none", "full", "dots")
 _RUNTIME_FIELDS = ("dtype", "param_dtype", "moe_impl", "attention_impl", "remat")
@@ -60,7 +60,7 @@ class ModelConfig:
   # How to run it (not architecture).
   dtype: str = "bfloat16"  # compute dtype
   param_dtype: str = "float32"
-  moe_impl: str = "ragged"
+  moe_impl: str = "auto"  # see kimi_jax/layers/experts.py
   attention_impl: str = "xla"
   remat: str = "none"
 

@@ -12,6 +12,7 @@ e = idx[t,k], summed in float32 like transformers, and returns [T, D] in x's dty
            with each tile's expert weights gathered: exact and dropless at ≤ N + E·M rows of work. The fast
            path on CPU.
   pallas   the grouped-matmul Pallas kernel (pallas_kernels.gmm) on sorted pairs.
+  auto     blocked on CPU, ragged elsewhere.
 """
 
 from __future__ import annotations
@@ -25,6 +26,8 @@ BLOCK_ROWS = 128  # M for the blocked impl: large enough for efficient matmuls, 
 def routed_experts(x: jax.Array, idx: jax.Array, weights: jax.Array, gate: jax.Array, up: jax.Array,
                    down: jax.Array, *, impl: str) -> jax.Array:
   """x: [T, D]; idx: [T, K] int; weights: [T, K] f32; gate, up: [E, D, F]; down: [E, F, D] -> [T, D]."""
+  if impl == "auto":
+    impl = "blocked" if jax.default_backend() == "cpu" else "ragged"
   if impl == "dense":
     return _dense(x, idx, weights, gate, up, down)
   if impl not in ("ragged", "blocked", "pallas"):

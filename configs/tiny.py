@@ -1,0 +1,18 @@
+"""The embedded default: a K2-shaped tiny model on the byte-level corpus; trains on a laptop CPU in minutes.
+
+    python -m kimi_jax.train --config configs/tiny.py --workdir runs/demo [--config.steps=100 ...]
+"""
+
+from kimi_jax.train_config import base_config
+
+
+def get_config():
+  c = base_config("tiny")
+  c.steps = 600
+  c.batch_size = 16
+  c.seq_len = 128
+  c.learning_rate = 3e-3
+  c.warmup_steps = 50
+  c.log_every = 25
+  c.checkpoint_every = 200
+  return c

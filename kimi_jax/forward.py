@@ -1,0 +1,42 @@
+"""Run the model on a token array and save the logits.
+
+    python -m kimi_jax.forward --checkpoint DIR --tokens T.npy --out L.npy [--dtype float32] [--moe_impl ragged]
+
+T.npy: int [B, S]; L.npy: float32 [B, S, V]. DIR is a model checkpoint (`kimi_jax.convert hf-to-orbax`) or a
+training workdir (its latest checkpoint).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from absl import app, flags
+
+from kimi_jax.config import MOE_IMPLS
+
+_CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Model checkpoint or training workdir.", required=True)
+_TOKENS = flags.DEFINE_string("tokens", None, "Input token ids, .npy int [B, S].", required=True)
+_OUT = flags.DEFINE_string("out", None, "Output logits, .npy float32 [B, S, V].", required=True)
+_DTYPE = flags.DEFINE_enum("dtype", None, ["float32", "bfloat16"], "Compute dtype (default: the checkpoint's).")
+_MOE_IMPL = flags.DEFINE_enum("moe_impl", None, list(MOE_IMPLS), "Expert compute implementation.")
+
+
+def main(argv):
+  del argv
+  from flax import nnx
+
+  from kimi_jax.checkpoint.resolve import load_any
+  from kimi_jax.model import check_tokens
+
+  runtime = {k: v for k, v in (("dtype", _DTYPE.value), ("moe_impl", _MOE_IMPL.value)) if v}
+  if _DTYPE.value:
+    runtime["param_dtype"] = _DTYPE.value
+  cfg, model = load_any(_CHECKPOINT.value, **runtime)
+  tokens = np.load(_TOKENS.value)
+  check_tokens(tokens, cfg)
+  logits, _ = nnx.jit(lambda m, t: m(t))(model, tokens.astype(np.int32))
+  np.save(_OUT.value, np.asarray(logits, np.float32))
+  print(f"wrote logits {tuple(logits.shape)} to {_OUT.value}")
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,225 @@
+"""Training: one jit-compiled step (loss → grads → optimizer → router-bias update) and the loop around it.
+
+    python -m kimi_jax.train --config configs/tiny.py --workdir runs/demo [--config.steps=100 ...]
+
+Rerunning the same command resumes from the latest checkpoint in WORKDIR/checkpoints. Metrics go to
+WORKDIR/metrics.jsonl, one JSON object per logged step.
+
+Batch flow (per step): data iterator → {inputs, targets, segment_ids, positions: int32 [B, S],
+loss_mask: f32 [B, S]} → model → logits [B, S, V] f32 → masked next-token cross-entropy → grads w.r.t. the
+Params → optimizer → new Params; expert loads [L, E] from the forward pass → router biases.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from absl import app, flags, logging
+from flax import nnx
+from ml_collections import config_flags
+
+from kimi_jax.checkpoint.manager import TrainCheckpointer
+from kimi_jax.config import ModelConfig
+from kimi_jax.model import KimiK2
+from kimi_jax.train_config import model_config
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Run configuration file (configs/*.py).")
+_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints and metrics.")
+
+RUN_CONFIG_FILE = "run_config.json"
+
+
+def learning_rate_schedule(c: ml_collections.ConfigDict) -> optax.Schedule:
+  return optax.warmup_cosine_decay_schedule(
+      init_value=0.0, peak_value=c.learning_rate, warmup_steps=c.warmup_steps,
+      decay_steps=max(c.steps, c.warmup_steps + 1), end_value=c.learning_rate * c.final_learning_rate_ratio)
+
+
+def build_optimizer(c: ml_collections.ConfigDict) -> optax.GradientTransformation:
+  if c.optimizer != "adamw":
+    raise ValueError(f"config.optimizer {c.optimizer!r} is not supported (choose adamw)")
+  return optax.chain(
+      optax.clip_by_global_norm(c.grad_clip_norm),
+      optax.adamw(learning_rate_schedule(c), b1=c.adam_b1, b2=c.adam_b2, weight_decay=c.weight_decay))
+
+
+def cross_entropy(logits: jax.Array, targets: jax.Array, mask: jax.Array) -> jax.Array:
+  """logits: [B, S, V] f32; targets: [B, S] int; mask: [B, S] -> mean over masked tokens."""
+  nll = jax.nn.logsumexp(logits, axis=-1) - jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+  return jnp.sum(nll * mask) / jnp.maximum(jnp.sum(mask), 1.0)
+
+
+def update_router_bias(bias: jax.Array, load: jax.Array, rate: float) -> jax.Array:
+  """Aux-loss-free balancing. bias, load: [L, E] -> bias + rate · sign(mean_load − load) per layer."""
+  mean = jnp.mean(load.astype(jnp.float32), axis=-1, keepdims=True)
+  return bias + rate * jnp.sign(mean - load.astype(jnp.float32))
+
+
+def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, c: ml_collections.ConfigDict):
+  """Returns step(params, rest, opt_state, batch) -> (params, rest, opt_state, metrics), jit-compiled."""
+
+  def loss_fn(params, rest, batch):
+    model = nnx.merge(graphdef, params, rest)
+    logits, aux = model(batch["inputs"], positions=batch["positions"], segment_ids=batch["segment_ids"])
+    return cross_entropy(logits, batch["targets"], batch["loss_mask"]), aux
+
+  def step(params, rest, opt_state, batch):
+    (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, rest, batch)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    params = optax.apply_updates(params, updates)
+    metrics = {"loss": loss, "grad_norm": optax.global_norm(grads),
+               "max_logit": jnp.max(jnp.stack([jnp.max(v) for v in aux["max_logits"].values()]))}
+    if "expert_load" in aux:
+      router = rest["moe_layers"]["mlp"]["router"]
+      router["bias"] = update_router_bias(router["bias"], aux["expert_load"], c.router_bias_update_rate)
+      load = aux["expert_load"].astype(jnp.float32)
+      metrics["expert_load_max_over_mean"] = jnp.max(load / jnp.mean(load, axis=-1, keepdims=True))
+    return params, rest, opt_state, metrics
+
+  return jax.jit(step, donate_argnums=(0, 1, 2))
+
+
+def _check_run_config(workdir: str, cfg: ModelConfig) -> None:
+  """A workdir belongs to one architecture: refuse to resume a checkpoint of another config."""
+  path = os.path.join(workdir, RUN_CONFIG_FILE)
+  if os.path.isfile(path):
+    with open(path) as f:
+      saved = ModelConfig.from_dict(json.load(f)["model"]).architecture()
+    diff = {k: (saved[k], v) for k, v in cfg.architecture().items() if saved.get(k) != v}
+    if diff:
+      changes = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in sorted(diff.items()))
+      raise ValueError(f"{workdir} holds a checkpoint of another model config ({changes}); "
+                       "use a new --workdir or the original config")
+
+
+def _to_pure(state: nnx.State) -> dict:
+  return state.to_pure_dict()
+
+
+def train(c: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+  """Train per `c` in `workdir` (resuming if it holds checkpoints). Returns the last logged metrics."""
+  from kimi_jax.data.pipeline import make_train_iterator
+  from kimi_jax.data.tokenizer import ByteTokenizer
+
+  cfg = model_config(c)
+  tokenizer = ByteTokenizer()
+  if tokenizer.vocab_size > cfg.vocab_size:
+    raise ValueError(f"config.model.vocab_size={cfg.vocab_size} is smaller than the tokenizer's "
+                     f"{tokenizer.vocab_size} ids")
+  os.makedirs(workdir, exist_ok=True)
+  _check_run_config(workdir, cfg)
+  with open(os.path.join(workdir, RUN_CONFIG_FILE), "w") as f:
+    json.dump({"model": cfg.to_dict(), "train": c.to_dict()}, f, indent=2, default=str)
+
+  model = KimiK2(cfg, rngs=nnx.Rngs(c.seed))
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+  params, rest = _to_pure(params), _to_pure(rest)
+  tx = build_optimizer(c)
+  opt_state = tx.init(params)
+  data = make_train_iterator(tokenizer=tokenizer, seq_len=c.seq_len, batch_size=c.batch_size, seed=c.seed,
+                             process_index=jax.process_index(), process_count=jax.process_count())
+  ckpt = TrainCheckpointer(workdir, keep=c.keep_checkpoints)
+  start = ckpt.latest_step() or 0
+  if start:
+    abstract = lambda t: jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), t)
+    state, opt_state, data_state = ckpt.restore(start, abstract({"params": params, "rest": rest}),
+                                                abstract(opt_state))
+    params, rest = state["params"], state["rest"]
+    data.set_state(data_state)
+  if jax.process_index() == 0:
+    _print_summary(cfg, c, workdir, start)
+
+  step_fn = make_train_step(graphdef, tx, c)
+  schedule = learning_rate_schedule(c)
+  tokens_per_step = c.batch_size * c.seq_len
+  metrics_path = os.path.join(workdir, "metrics.jsonl")
+  last: dict[str, Any] = {}
+  progress = _Progress(start, c.steps)
+  window_start, window_steps = time.perf_counter(), 0
+  for step in range(start + 1, c.steps + 1):
+    batch = next(data)
+    params, rest, opt_state, metrics = step_fn(params, rest, opt_state, batch)
+    window_steps += 1
+    if step % c.log_every == 0 or step == c.steps:
+      metrics = jax.device_get(metrics)
+      elapsed = time.perf_counter() - window_start
+      last = {"step": step, **{k: float(v) for k, v in metrics.items()},
+              "learning_rate": float(schedule(step - 1)), "tokens_per_sec": window_steps * tokens_per_step / elapsed}
+      if jax.process_index() == 0:
+        with open(metrics_path, "a") as f:
+          f.write(json.dumps(last) + "\n")
+      progress.update(step, last)
+      window_start, window_steps = time.perf_counter(), 0
+    if step % c.checkpoint_every == 0 or step == c.steps:
+      ckpt.save(step, {"params": params, "rest": rest}, opt_state, data.get_state())
+  ckpt.wait()
+  ckpt.close()
+  progress.close()
+  if c.sample_tokens and jax.process_index() == 0:
+    from kimi_jax.generate import sample
+
+    trained = nnx.merge(graphdef, nnx.State(params), nnx.State(rest))
+    prompt = tokenizer.encode(c.sample_prompt, add_bos=True)
+    new = sample(trained, prompt, max_new_tokens=c.sample_tokens, temperature=c.sample_temperature, seed=c.seed,
+                 stop_token=tokenizer.eos_id)
+    last["sample"] = c.sample_prompt + tokenizer.decode(new)
+    print(f"\nSample from the trained model:\n{last['sample']}\n")
+  return last
+
+
+def _print_summary(cfg: ModelConfig, c: ml_collections.ConfigDict, workdir: str, start: int) -> None:
+  from kimi_jax.tools.plan import count_params, train_flops_per_token
+
+  counts = count_params(cfg)
+  tokens = c.batch_size * c.seq_len
+  print(f"kimi-jax train: {counts['total_params']:,} params ({counts['active_params']:,} active), "
+        f"{cfg.num_hidden_layers} layers, {cfg.n_routed_experts} experts top-{cfg.num_experts_per_tok}, "
+        f"dtype {cfg.dtype}, moe_impl {cfg.moe_impl}")
+  print(f"  batch {c.batch_size}×{c.seq_len} = {tokens:,} tokens/step, "
+        f"{train_flops_per_token(cfg, c.seq_len) * tokens:.3g} FLOPs/step, {jax.device_count()} "
+        f"{jax.default_backend()} device(s), {c.optimizer} lr {c.learning_rate:g}")
+  print(f"  workdir {workdir}: " + (f"resuming at step {start}" if start else "starting fresh")
+        + f", {c.steps} steps", flush=True)
+
+
+class _Progress:
+  """A one-line progress bar with ETA (tqdm) on process 0."""
+
+  def __init__(self, start: int, total: int):
+    self._bar = None
+    if jax.process_index() == 0:
+      from tqdm import tqdm
+
+      self._bar = tqdm(total=total, initial=start, unit="step", dynamic_ncols=True)
+    self._at = start
+
+  def update(self, step: int, metrics: dict[str, Any]) -> None:
+    if self._bar is not None:
+      self._bar.update(step - self._at)
+      self._bar.set_postfix(loss=f"{metrics['loss']:.3f}", tok_s=f"{metrics['tokens_per_sec']:.0f}")
+    self._at = step
+
+  def close(self) -> None:
+    if self._bar is not None:
+      self._bar.close()
+
+
+def main(argv):
+  del argv
+  if _CONFIG.value is None or _WORKDIR.value is None:
+    raise app.UsageError("give --config (e.g. configs/tiny.py) and --workdir")
+  if not flags.FLAGS["verbosity"].present:
+    logging.set_verbosity(logging.WARNING)  # Orbax logs every file it writes at INFO
+  train(_CONFIG.value, _WORKDIR.value)
+
+
+if __name__ == "__main__":
+  app.run(main)

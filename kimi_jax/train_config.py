@@ -1,0 +1,38 @@
+"""Run settings for `kimi_jax.train` (ml_collections). Architecture numbers live in `config.model`, a copy of a
+ModelConfig preset whose every field can be overridden: `--config.model.hidden_size=256`.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+from kimi_jax.config import ModelConfig, preset
+
+
+def base_config(model_preset: str) -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.model = preset(model_preset).to_dict()
+  c.seed = 0
+  c.steps = 1000
+  c.batch_size = 8  # sequences per step, all processes together
+  c.seq_len = 256
+  c.optimizer = "adamw"
+  c.learning_rate = 1e-3  # peak
+  c.warmup_steps = 100
+  c.final_learning_rate_ratio = 0.1  # cosine decay to peak × this at the last step
+  c.weight_decay = 0.1
+  c.adam_b1 = 0.9
+  c.adam_b2 = 0.95
+  c.grad_clip_norm = 1.0
+  c.router_bias_update_rate = 1e-3  # u in b += u · sign(mean_load − load_e)
+  c.log_every = 10
+  c.checkpoint_every = 500
+  c.keep_checkpoints = 3
+  c.sample_tokens = 200  # tokens sampled from the trained model at the end (0: none)
+  c.sample_prompt = "And God said, "
+  c.sample_temperature = 0.7
+  return c
+
+
+def model_config(c: ml_collections.ConfigDict) -> ModelConfig:
+  return ModelConfig.from_dict(c.model.to_dict())

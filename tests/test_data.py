@@ -1,0 +1,198 @@
+"""Tests for kimi_jax.data: byte tokenizer, embedded corpus, grain packing pipeline. B batch, S sequence."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import time
+
+import grain
+import numpy as np
+import pytest
+
+from kimi_jax.data import pipeline
+from kimi_jax.data.tokenizer import ByteTokenizer
+
+TOK = ByteTokenizer()
+S, B = 64, 4
+KEYS = {
+    "inputs": np.int32,
+    "targets": np.int32,
+    "segment_ids": np.int32,
+    "positions": np.int32,
+    "loss_mask": np.float32,
+}
+
+
+@pytest.fixture(scope="module")
+def docs() -> list[str]:
+  """41 distinct documents (one empty) of up to ~450 UTF-8 bytes: 145 chunks of S=64."""
+  rng = np.random.default_rng(0)
+  words = ["alpha", "beta", "gamma", "délta", "εψιλον", "zeta", "日本", "eta"]
+  return [f"doc {i}:" + " ".join(rng.choice(words, size=rng.integers(0, 60))) for i in range(40)] + [""]
+
+
+def reference_chunks(docs: list[str], seq_len: int) -> list[tuple[tuple[int, ...], tuple[int, ...]]]:
+  """(inputs, targets) of every chunk, written independently of the pipeline."""
+  out = []
+  for doc in docs:
+    t = TOK.encode(doc, add_bos=True, add_eos=True)
+    for a in range(0, len(t), seq_len):
+      inputs = t[a : a + seq_len]
+      targets = (t[a + 1 : a + seq_len + 1] + [TOK.pad_id])[: len(inputs)]
+      out.append((tuple(inputs), tuple(targets)))
+  return out
+
+
+def epoch_chunks(docs, **kw) -> list[tuple[tuple[int, ...], tuple[int, ...]]]:
+  ds = pipeline.make_chunk_dataset(tokenizer=TOK, seq_len=S, seed=0, documents=docs, **kw)
+  return [(tuple(c["inputs"].tolist()), tuple(c["targets"].tolist())) for c in ds]
+
+
+def segments(batch) -> list[tuple[tuple[int, ...], tuple[int, ...]]]:
+  """(inputs, targets) of every packed segment in a batch."""
+  out = []
+  for inputs, targets, seg in zip(batch["inputs"], batch["targets"], batch["segment_ids"]):
+    for s in range(1, seg.max() + 1):
+      out.append((tuple(inputs[seg == s].tolist()), tuple(targets[seg == s].tolist())))
+  return out
+
+
+def take(it, n: int) -> list[dict[str, np.ndarray]]:
+  return list(itertools.islice(it, n))
+
+
+def assert_same_batches(xs, ys):
+  assert len(xs) == len(ys)
+  for x, y in zip(xs, ys):
+    for k in KEYS:
+      np.testing.assert_array_equal(x[k], y[k], err_msg=k)
+
+
+def check_batch(b: dict[str, np.ndarray], batch_size: int, seq_len: int) -> None:
+  """Every invariant of a packed batch that can be checked from the batch alone."""
+  assert set(b) == set(KEYS)
+  for k, dtype in KEYS.items():
+    assert b[k].shape == (batch_size, seq_len) and b[k].dtype == dtype, k
+  inputs, targets, seg, pos, mask = (b[k] for k in KEYS)
+  pad, eos = seg == 0, inputs == TOK.eos_id
+  assert (inputs[pad] == TOK.pad_id).all() and (targets[pad] == TOK.pad_id).all() and (pos[pad] == 0).all()
+  assert not (inputs[~pad] == TOK.pad_id).any()
+  for row in seg:  # segments are numbered 1, 2, ... from the row's start; padding only at its end
+    n = np.count_nonzero(row)
+    assert row[0] == 1 and (row[n:] == 0).all() and set(np.diff(row[:n]).tolist()) <= {0, 1}
+  cont = (seg[:, 1:] == seg[:, :-1]) & ~pad[:, 1:]  # [B, S-1]: token s+1 continues token s's segment
+  first = ~pad & ~np.pad(cont, ((0, 0), (1, 0)))
+  last = ~pad & ~np.pad(cont, ((0, 0), (0, 1)))
+  # Positions restart at 0 at each segment and count up within it.
+  assert (pos[first] == 0).all() and (pos[:, 1:][cont] == pos[:, :-1][cont] + 1).all()
+  # Targets are the next inputs within a segment.
+  assert (targets[:, :-1][cont] == inputs[:, 1:][cont]).all()
+  # loss_mask is 0 exactly on padding and on each document's last token (EOS), whose target is PAD.
+  np.testing.assert_array_equal(mask, (~pad & ~eos).astype(np.float32))
+  assert (targets[eos] == TOK.pad_id).all() and not (targets[~pad & ~eos] == TOK.pad_id).any()
+  # No target crosses a document: EOS ends its segment, BOS is never a target and only starts a segment.
+  assert last[eos].all() and not (targets == TOK.bos_id).any() and not (inputs[~first] == TOK.bos_id).any()
+
+
+def test_byte_tokenizer_round_trip():
+  assert (TOK.vocab_size, TOK.bos_id, TOK.eos_id, TOK.pad_id) == (259, 256, 257, 258)
+  for text in ["", "In the beginning", "naïve — 日本語 🙂\n\t"]:
+    ids = TOK.encode(text, add_bos=True, add_eos=True)
+    assert ids[0] == TOK.bos_id and ids[-1] == TOK.eos_id and all(0 <= i < 256 for i in ids[1:-1])
+    assert TOK.encode(text) == list(text.encode("utf-8"))
+    assert TOK.decode(ids) == text and TOK.decode(np.asarray(ids + [TOK.pad_id])) == text
+  assert TOK.decode(TOK.encode("é")[:1] + [ord("x")]) == "\ufffdx"
+
+
+def test_corpus_is_embedded_public_domain_text():
+  docs = pipeline.load_corpus()
+  assert len(docs) == 1189 and docs[0].startswith("Genesis 1\n1 In the beginning God created")
+  assert docs[-1].startswith("Revelation 22\n") and all(d and "\n\n" not in d for d in docs)
+  assert sum(len(d) for d in docs) >= 2_000_000
+  assert pipeline.CORPUS_PATH.stat().st_size <= 2_000_000
+
+
+def test_chunks_cover_every_token_once_per_epoch(docs):
+  assert sorted(epoch_chunks(docs)) == sorted(reference_chunks(docs, S))
+
+
+def test_process_shards_are_disjoint_and_cover_one_process(docs):
+  shards = [epoch_chunks(docs, process_index=p, process_count=3) for p in range(3)]
+  assert sum(len(s) for s in shards) == len(reference_chunks(docs, S))
+  assert sorted(sum(shards, [])) == sorted(epoch_chunks(docs))
+  # Each process's batches hold exactly its own shard (several epochs consumed).
+  for p, shard in enumerate(shards):
+    it = pipeline.make_train_iterator(
+        tokenizer=TOK, seq_len=S, batch_size=B, seed=0, documents=docs, process_index=p, process_count=3
+    )
+    seen = {seg for b in take(it, 60) for seg in segments(b)}
+    assert seen == set(shard)
+
+
+def test_batches_are_packed_segments_of_chunks(docs):
+  it = pipeline.make_train_iterator(tokenizer=TOK, seq_len=S, batch_size=B, seed=3, documents=docs)
+  batches = take(it, 50)
+  for b in batches:
+    check_batch(b, B, S)
+  segs = [seg for b in batches for seg in segments(b)]
+  assert set(segs) == set(reference_chunks(docs, S))  # ~3 epochs: every chunk seen
+  assert max(b["segment_ids"].max() for b in batches) > 1  # short chunks share rows
+
+
+def test_real_corpus_batches():
+  it = pipeline.make_train_iterator(tokenizer=TOK, seq_len=256, batch_size=8, seed=0)
+  for b in take(it, 20):
+    check_batch(b, 8, 256)
+
+
+def test_same_seed_same_batches_other_seed_differs(docs):
+  make = lambda seed: pipeline.make_train_iterator(tokenizer=TOK, seq_len=S, batch_size=B, seed=seed, documents=docs)
+  first = take(make(7), 40)
+  assert_same_batches(first, take(make(7), 40))
+  other = take(make(8), 40)
+  assert any((x["inputs"] != y["inputs"]).any() for x, y in zip(first, other))
+
+
+@pytest.mark.parametrize("steps", [0, 1, 5, 37])  # 37 batches is past the first epoch
+def test_state_restore_continues_exactly(docs, steps):
+  make = lambda: pipeline.make_train_iterator(tokenizer=TOK, seq_len=S, batch_size=B, seed=1, documents=docs)
+  it = make()
+  take(it, steps)
+  state = json.loads(json.dumps(it.get_state()))
+  expected = take(it, 12)
+  restored = make()
+  take(restored, 3)  # a used iterator can be rewound too
+  restored.set_state(state)
+  assert_same_batches(take(restored, 12), expected)
+
+
+def test_orbax_checkpoint_round_trip(docs, tmp_path):
+  ocp = pytest.importorskip("orbax.checkpoint")
+  make = lambda: pipeline.make_train_iterator(tokenizer=TOK, seq_len=S, batch_size=B, seed=2, documents=docs)
+  it = make()
+  take(it, 9)
+  with ocp.CheckpointManager(tmp_path, item_handlers={"data": grain.checkpoint.CheckpointHandler()}) as mngr:
+    mngr.save(9, args=ocp.args.Composite(data=grain.checkpoint.CheckpointSave(it)))
+    mngr.wait_until_finished()
+  expected = take(it, 8)
+  restored = make()
+  with ocp.CheckpointManager(tmp_path, item_handlers={"data": grain.checkpoint.CheckpointHandler()}) as mngr:
+    mngr.restore(9, args=ocp.args.Composite(data=grain.checkpoint.CheckpointRestore(restored)))
+  assert_same_batches(take(restored, 8), expected)
+
+
+def test_invalid_arguments(docs):
+  kw = dict(tokenizer=TOK, seq_len=S, batch_size=B, seed=0, documents=docs)
+  for bad in [dict(seq_len=0), dict(batch_size=0), dict(seed=-1), dict(process_index=1), dict(documents=[])]:
+    with pytest.raises(ValueError, match=next(iter(bad))):
+      pipeline.make_train_iterator(**kw | bad)
+
+
+def test_throughput_8x256():
+  it = pipeline.make_train_iterator(tokenizer=TOK, seq_len=256, batch_size=8, seed=0)
+  take(it, 5)
+  start = time.perf_counter()
+  take(it, 200)
+  rate = 200 / (time.perf_counter() - start)
+  assert rate >= 50, f"{rate:.0f} batches/s"
