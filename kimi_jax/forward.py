@@ -24,7 +24,7 @@ def main(argv):
   del argv
   from flax import nnx
 
-  from kimi_jax.checkpoint.resolve import load_any
+  from kimi_jax.checkpoint.model_io import load_any
   from kimi_jax.model import check_tokens
 
   runtime = {k: v for k, v in (("dtype", _DTYPE.value), ("moe_impl", _MOE_IMPL.value)) if v}

@@ -27,14 +27,13 @@ from flax import nnx
 from ml_collections import config_flags
 
 from kimi_jax.checkpoint.manager import TrainCheckpointer
+from kimi_jax.checkpoint.model_io import RUN_CONFIG_FILE
 from kimi_jax.config import ModelConfig
 from kimi_jax.model import KimiK2
 from kimi_jax.train_config import model_config
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Run configuration file (configs/*.py).")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints and metrics.")
-
-RUN_CONFIG_FILE = "run_config.json"
 
 
 def learning_rate_schedule(c: ml_collections.ConfigDict) -> optax.Schedule:

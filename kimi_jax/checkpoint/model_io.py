@@ -17,6 +17,7 @@ from kimi_jax.config import ModelConfig
 
 CONFIG_FILE = "config.json"
 STATE_DIR = "state"
+RUN_CONFIG_FILE = "run_config.json"  # written by kimi_jax.train in its workdir
 
 
 def save_config(directory: str, cfg: ModelConfig) -> None:
@@ -53,4 +54,32 @@ def load_model(directory: str, **runtime: Any):
   with ocp.StandardCheckpointer() as ckptr:
     state = ckptr.restore(os.path.join(directory, STATE_DIR), target)
   nnx.update(model, state)
+  return cfg, model
+
+
+def load_any(directory: str, **runtime: Any):
+  """A model from a model checkpoint (config.json + state/) or a training workdir (its latest checkpoint)."""
+  from kimi_jax.checkpoint.manager import TrainCheckpointer
+  from kimi_jax.model import KimiK2
+
+  if os.path.isdir(os.path.join(directory, STATE_DIR)):
+    return load_model(directory, **runtime)
+  run_config = os.path.join(directory, RUN_CONFIG_FILE)
+  if not os.path.isfile(run_config):
+    raise FileNotFoundError(f"{directory} is neither a model checkpoint (config.json + {STATE_DIR}/) nor a "
+                            f"training workdir ({RUN_CONFIG_FILE})")
+  with open(run_config) as f:
+    cfg = ModelConfig.from_dict(json.load(f)["model"]).replace(**runtime)
+  ckpt = TrainCheckpointer(directory, keep=1)
+  step = ckpt.latest_step()
+  if step is None:
+    raise FileNotFoundError(f"{directory}: training workdir without checkpoints")
+  model = nnx.eval_shape(lambda: KimiK2(cfg, rngs=nnx.Rngs(0)))
+  _, params, rest = nnx.split(model, nnx.Param, ...)
+  abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype),
+                          {"params": params.to_pure_dict(), "rest": rest.to_pure_dict()})
+  state = ckpt.restore_state(step, abstract)
+  ckpt.close()
+  nnx.update(model, state["params"])
+  nnx.update(model, state["rest"])
   return cfg, model

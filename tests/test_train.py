@@ -1,0 +1,78 @@
+"""Training: loss falls, metrics and checkpoints are written, a rerun resumes exactly, mismatched configs fail."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from kimi_jax.train import train, update_router_bias
+from kimi_jax.train_config import base_config
+
+
+def small_config(steps):
+  c = base_config("tiny")
+  c.model.update(hidden_size=32, intermediate_size=64, moe_intermediate_size=16, n_routed_experts=4,
+                 num_experts_per_tok=2, num_hidden_layers=2, q_lora_rank=16, kv_lora_rank=16, qk_nope_head_dim=8,
+                 qk_rope_head_dim=8, v_head_dim=8, num_attention_heads=2, vocab_size=260, dtype="float32")
+  c.update(steps=steps, batch_size=4, seq_len=32, learning_rate=1e-2, warmup_steps=2, log_every=1,
+           checkpoint_every=4, sample_tokens=0, router_bias_update_rate=1e-2)
+  return c
+
+
+def read_metrics(workdir):
+  with open(workdir / "metrics.jsonl") as f:
+    return [json.loads(line) for line in f]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+  workdir = tmp_path_factory.mktemp("full")
+  train(small_config(12), str(workdir))
+  return workdir
+
+
+def test_loss_falls_and_metrics_are_written(uninterrupted):
+  rows = read_metrics(uninterrupted)
+  assert [r["step"] for r in rows] == list(range(1, 13))
+  for key in ("loss", "tokens_per_sec", "learning_rate", "grad_norm", "max_logit", "expert_load_max_over_mean"):
+    assert all(np.isfinite(r[key]) for r in rows), key
+  assert rows[-1]["loss"] < 0.8 * rows[0]["loss"]
+  assert sorted(p.name for p in (uninterrupted / "checkpoints").iterdir() if p.name.isdigit()) == ["12", "4", "8"]
+
+
+def test_resume_after_checkpoint_matches_uninterrupted(uninterrupted, tmp_path):
+  """Simulate a preemption: keep only the step-8 checkpoint and the metrics up to 8, rerun the same command."""
+  shutil.copytree(uninterrupted, tmp_path / "w")
+  work = tmp_path / "w"
+  shutil.rmtree(work / "checkpoints" / "12")
+  rows = read_metrics(work)
+  (work / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows if r["step"] <= 8))
+  train(small_config(12), str(work))
+  resumed = read_metrics(work)
+  assert [r["step"] for r in resumed] == list(range(1, 13))
+  assert [r["loss"] for r in resumed] == [r["loss"] for r in read_metrics(uninterrupted)]
+
+
+def test_workdir_of_another_config_is_refused(uninterrupted):
+  c = small_config(12)
+  c.model.hidden_size = 48
+  with pytest.raises(ValueError, match=r"another model config \(hidden_size: 32 -> 48\)"):
+    train(c, str(uninterrupted))
+
+
+def test_router_bias_update_moves_toward_balance():
+  bias = jnp.zeros((1, 4))
+  load = jnp.array([[10, 0, 5, 5]])
+  np.testing.assert_allclose(update_router_bias(bias, load, 0.1), [[-0.1, 0.1, 0.0, 0.0]])
+
+
+def test_unknown_config_field_is_an_error(tmp_path):
+  config = os.path.join(os.path.dirname(__file__), "..", "configs", "tiny.py")
+  out = subprocess.run([sys.executable, "-m", "kimi_jax.train", "--config", config, "--workdir",
+                        str(tmp_path), "--config.model.hiden_size=3"], capture_output=True, text=True)
+  assert out.returncode != 0 and "hiden_size" in out.stderr
