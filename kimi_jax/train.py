@@ -140,14 +140,14 @@ def train(c: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   schedule = learning_rate_schedule(c)
   tokens_per_step = c.batch_size * c.seq_len
   metrics_path = os.path.join(workdir, "metrics.jsonl")
-  last: dict[str, Any] = {}
+  first, last = None, {}
   progress = _Progress(start, c.steps)
   window_start, window_steps = time.perf_counter(), 0
   for step in range(start + 1, c.steps + 1):
     batch = next(data)
     params, rest, opt_state, metrics = step_fn(params, rest, opt_state, batch)
     window_steps += 1
-    if step % c.log_every == 0 or step == c.steps:
+    if step % c.log_every == 0 or step in (1, c.steps):  # step 1 shows the starting loss
       metrics = jax.device_get(metrics)
       elapsed = time.perf_counter() - window_start
       last = {"step": step, **{k: float(v) for k, v in metrics.items()},
@@ -156,12 +156,15 @@ def train(c: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         with open(metrics_path, "a") as f:
           f.write(json.dumps(last) + "\n")
       progress.update(step, last)
+      first = first or last
       window_start, window_steps = time.perf_counter(), 0
     if step % c.checkpoint_every == 0 or step == c.steps:
       ckpt.save(step, {"params": params, "rest": rest}, opt_state, data.get_state())
   ckpt.wait()
   ckpt.close()
   progress.close()
+  if first is not None and jax.process_index() == 0:
+    print(f"loss {first['loss']:.3f} (step {first['step']}) -> {last['loss']:.3f} (step {last['step']})")
   if c.sample_tokens and jax.process_index() == 0:
     from kimi_jax.generate import sample
 
