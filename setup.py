@@ -23,7 +23,8 @@ setup(
         "tqdm>=4.66",
     ],
     extras_require={
-        "test": ["pytest>=8"],
+        # jax[tpu] brings the libtpu that matches jax: the tests compile the TPU kernels ahead of time on CPU.
+        "test": ["pytest>=8", "jax[tpu]>=0.12.0"],
         "tpu": ["jax[tpu]>=0.12.0"],
         "cuda": ["jax[cuda12]>=0.12.0"],
         # Only for regenerating reference fixtures (tests/reference/); never needed by CI or the package.

@@ -18,11 +18,10 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
-from kimi_jax.model import KimiK2
 from kimi_jax.tools.plan import count_params, train_flops_per_token
-from kimi_jax.train import build_optimizer, make_train_step
+from kimi_jax.sharding import make_mesh
+from kimi_jax.train import build_optimizer, init_train_state, make_train_step
 from kimi_jax.train_config import model_config
 
 CONFIG_DIR = os.path.join(os.path.dirname(__file__), "..", "configs")
@@ -38,11 +37,10 @@ def load_run_config(name: str):
 
 def time_train_step(c, steps: int) -> list[float]:
   cfg = model_config(c)
-  graphdef, params, rest = nnx.split(KimiK2(cfg, rngs=nnx.Rngs(0)), nnx.Param, ...)
-  params, rest = params.to_pure_dict(), rest.to_pure_dict()
-  tx = build_optimizer(c)
-  opt_state = tx.init(params)
-  step = make_train_step(graphdef, tx, c)
+  tx = build_optimizer(c, cfg)
+  mesh = make_mesh(c.mesh)
+  graphdef, params, rest, opt_state, shardings = init_train_state(c, cfg, tx, mesh)
+  step = make_train_step(graphdef, tx, c, shardings)
   rng = np.random.default_rng(0)
   shape = (c.batch_size, c.seq_len)
   batch = {"inputs": rng.integers(0, cfg.vocab_size, shape, dtype=np.int32),
@@ -65,6 +63,7 @@ def main():
   parser.add_argument("--impls", default="dense,ragged,blocked")
   parser.add_argument("--steps", type=int, default=8)
   parser.add_argument("--dtype", default=None, help="override compute dtype (float32|bfloat16)")
+  parser.add_argument("--optimizer", default=None, help="override the optimizer (adamw|muon_clip)")
   args = parser.parse_args()
   rows = []
   for name in args.configs.split(","):
@@ -73,6 +72,8 @@ def main():
       c.model.moe_impl = impl
       if args.dtype:
         c.model.dtype = args.dtype
+      if args.optimizer:
+        c.optimizer = args.optimizer
       cfg = model_config(c)
       times = time_train_step(c, args.steps)
       med = statistics.median(times)

@@ -18,7 +18,7 @@ from typing import Any
 
 _DTYPES = ("float32", "bfloat16")
 MOE_IMPLS = ("auto", "dense", "ragged", "blocked", "pallas")
-ATTENTION_IMPLS = ("xla", "pallas")
+ATTENTION_IMPLS = ("auto", "xla", "pallas")
 REMAT_POLICIES = ("none", "full", "dots")
 _RUNTIME_FIELDS = ("dtype", "param_dtype", "moe_impl", "attention_impl", "remat")
 
@@ -60,8 +60,8 @@ class ModelConfig:
   # How to run it (not architecture).
   dtype: str = "bfloat16"  # compute dtype
   param_dtype: str = "float32"
-  moe_impl: str = "auto"  # see kimi_jax/layers/experts.py
-  attention_impl: str = "xla"
+  moe_impl: str = "auto"  # see kimi_jax/layers/kernels.py
+  attention_impl: str = "auto"  # see kimi_jax/layers/kernels.py
   remat: str = "none"
 
   def __post_init__(self):

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from kimi_jax.config import ModelConfig
-from kimi_jax.layers.attention import attention_mask
+from kimi_jax.sharding import constrain
 from kimi_jax.layers.linear import Linear, param
 from kimi_jax.layers.mla import MLA
 from kimi_jax.layers.mlp import MLP
@@ -25,6 +25,7 @@ from kimi_jax.layers.norms import RMSNorm
 from kimi_jax.layers.rope import rope_cos_sin
 
 LAYER_GROUPS = ("dense_layers", "moe_layers")
+ACTIVATION = ("batch", "seq", "act_embed")  # logical axes of the residual stream [B, S, D]
 
 _REMAT_POLICIES = {
     "full": None,  # save nothing, recompute the layer in the backward pass
@@ -47,14 +48,14 @@ class DecoderLayer(nnx.Module):
                      dtype=jnp.dtype(cfg.dtype), param_dtype=param_dtype, rngs=rngs)
     self.moe = moe
 
-  def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array,
-               valid: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
+  def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array,
+               segment_ids: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
     """x: [B, S, D] -> (x [B, S, D], stats: max_logits [H] and, for MoE, expert_load [E])."""
-    attn_out, max_logits = self.attn(self.attn_norm(x), cos, sin, mask, valid)
+    attn_out, max_logits = self.attn(self.attn_norm(x), cos, sin, segment_ids)
     x = x + attn_out.astype(x.dtype)
     stats = {"max_logits": max_logits}
     if self.moe:
-      mlp_out, stats["expert_load"] = self.mlp(self.mlp_norm(x), valid)
+      mlp_out, stats["expert_load"] = self.mlp(self.mlp_norm(x), segment_ids != 0)
     else:
       mlp_out = self.mlp(self.mlp_norm(x))
     return x + mlp_out.astype(x.dtype), stats
@@ -109,14 +110,13 @@ class KimiK2(nnx.Module):
     if segment_ids is None:
       segment_ids = jnp.ones((b, s), jnp.int32)
     cos, sin = rope_cos_sin(positions, cfg)
-    mask, valid = attention_mask(segment_ids), segment_ids != 0
-    x = self.embed(tokens, jnp.dtype(cfg.dtype))
+    x = constrain(self.embed(tokens, jnp.dtype(cfg.dtype)), ACTIVATION)
     aux: dict[str, Any] = {"max_logits": {}}
     hidden = [x[None]]
     for group in LAYER_GROUPS:
       if not hasattr(self, group):
         continue
-      x, stats, layer_outputs = _scan_layers(getattr(self, group), x, (cos, sin, mask, valid), cfg.remat,
+      x, stats, layer_outputs = _scan_layers(getattr(self, group), x, (cos, sin, segment_ids), cfg.remat,
                                              return_hidden)
       aux["max_logits"][group] = stats["max_logits"]
       if "expert_load" in stats:
@@ -135,6 +135,7 @@ def _scan_layers(layers: DecoderLayer, x: jax.Array, consts: tuple, remat: str, 
 
   def body(x, layer_state):
     x, stats = nnx.merge(graphdef, layer_state)(x, *consts)
+    x = constrain(x, ACTIVATION)
     return x, (stats, x if return_hidden else None)
 
   if remat != "none":

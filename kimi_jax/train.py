@@ -12,6 +12,7 @@ Params → optimizer → new Params; expert loads [L, E] from the forward pass �
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import time
@@ -24,12 +25,15 @@ import numpy as np
 import optax
 from absl import app, flags, logging
 from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
 from ml_collections import config_flags
 
+from kimi_jax import sharding
 from kimi_jax.checkpoint.manager import TrainCheckpointer
 from kimi_jax.checkpoint.model_io import RUN_CONFIG_FILE
 from kimi_jax.config import ModelConfig
-from kimi_jax.model import KimiK2
+from kimi_jax.model import LAYER_GROUPS, KimiK2
+from kimi_jax.optim import kimi_muon_dims, kimi_qk_clip, muon_clip, warmup_stable_decay
 from kimi_jax.train_config import model_config
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Run configuration file (configs/*.py).")
@@ -37,23 +41,36 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints and m
 
 
 def learning_rate_schedule(c: ml_collections.ConfigDict) -> optax.Schedule:
-  return optax.warmup_cosine_decay_schedule(
-      init_value=0.0, peak_value=c.learning_rate, warmup_steps=c.warmup_steps,
-      decay_steps=max(c.steps, c.warmup_steps + 1), end_value=c.learning_rate * c.final_learning_rate_ratio)
+  final = c.learning_rate * c.final_learning_rate_ratio
+  if c.schedule == "cosine":
+    return optax.warmup_cosine_decay_schedule(init_value=0.0, peak_value=c.learning_rate,
+                                              warmup_steps=c.warmup_steps,
+                                              decay_steps=max(c.steps, c.warmup_steps + 1), end_value=final)
+  if c.schedule == "wsd":
+    stable = max(c.steps - c.warmup_steps - c.decay_steps, 0)
+    return warmup_stable_decay(c.learning_rate, c.warmup_steps, stable, c.decay_steps, final)
+  raise ValueError(f"config.schedule {c.schedule!r} is not supported (choose cosine or wsd)")
 
 
-def build_optimizer(c: ml_collections.ConfigDict) -> optax.GradientTransformation:
-  if c.optimizer != "adamw":
-    raise ValueError(f"config.optimizer {c.optimizer!r} is not supported (choose adamw)")
-  return optax.chain(
-      optax.clip_by_global_norm(c.grad_clip_norm),
-      optax.adamw(learning_rate_schedule(c), b1=c.adam_b1, b2=c.adam_b2, weight_decay=c.weight_decay))
+def build_optimizer(c: ml_collections.ConfigDict, cfg: ModelConfig) -> optax.GradientTransformationExtraArgs:
+  """Global-norm clipping, then AdamW or MuonClip (whose qk-clip reads the forward pass's max logits)."""
+  schedule = learning_rate_schedule(c)
+  if c.optimizer == "adamw":
+    tx = optax.adamw(schedule, b1=c.adam_b1, b2=c.adam_b2, weight_decay=c.weight_decay)
+  elif c.optimizer == "muon_clip":
+    tx = muon_clip(schedule, weight_decay=c.weight_decay, adam_b1=c.adam_b1, adam_b2=c.adam_b2,
+                   qk_clip_tau=c.qk_clip_tau, muon_dims=kimi_muon_dims,
+                   qk_clip=kimi_qk_clip(cfg.num_attention_heads, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim,
+                                        cfg.v_head_dim))
+  else:
+    raise ValueError(f"config.optimizer {c.optimizer!r} is not supported (choose adamw or muon_clip)")
+  return optax.chain(optax.clip_by_global_norm(c.grad_clip_norm), tx)
 
 
-def cross_entropy(logits: jax.Array, targets: jax.Array, mask: jax.Array) -> jax.Array:
-  """logits: [B, S, V] f32; targets: [B, S] int; mask: [B, S] -> mean over masked tokens."""
+def cross_entropy(logits: jax.Array, targets: jax.Array, mask: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """logits: [B, S, V] f32; targets: [B, S] int; mask: [B, S] -> (sum of masked NLL, number of masked tokens)."""
   nll = jax.nn.logsumexp(logits, axis=-1) - jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
-  return jnp.sum(nll * mask) / jnp.maximum(jnp.sum(mask), 1.0)
+  return jnp.sum(nll * mask), jnp.sum(mask)
 
 
 def update_router_bias(bias: jax.Array, load: jax.Array, rate: float) -> jax.Array:
@@ -62,20 +79,55 @@ def update_router_bias(bias: jax.Array, load: jax.Array, rate: float) -> jax.Arr
   return bias + rate * jnp.sign(mean - load.astype(jnp.float32))
 
 
-def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, c: ml_collections.ConfigDict):
-  """Returns step(params, rest, opt_state, batch) -> (params, rest, opt_state, metrics), jit-compiled."""
+def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformationExtraArgs,
+                    c: ml_collections.ConfigDict, shardings: Any = None):
+  """Returns step(params, rest, opt_state, batch) -> (params, rest, opt_state, metrics), jit-compiled.
+
+  The batch is split into `c.microbatches` pieces whose gradients are summed in a scan, so activation memory
+  is that of one piece. Expert loads and max logits are accumulated across pieces (sum / max). `shardings`
+  (params, rest, opt_state) pins the state's layout across steps.
+  """
 
   def loss_fn(params, rest, batch):
     model = nnx.merge(graphdef, params, rest)
     logits, aux = model(batch["inputs"], positions=batch["positions"], segment_ids=batch["segment_ids"])
-    return cross_entropy(logits, batch["targets"], batch["loss_mask"]), aux
+    nll_sum, count = cross_entropy(logits, batch["targets"], batch["loss_mask"])
+    return nll_sum, (count, aux)
+
+  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+
+  def accumulate(params, rest, batch):
+    if c.microbatches == 1:
+      (nll, (count, aux)), grads = grad_fn(params, rest, batch)
+      return nll, count, aux, grads
+    pieces = jax.tree.map(lambda x: x.reshape((c.microbatches, -1) + x.shape[1:]), batch)
+
+    def body(carry, piece):
+      (nll, (count, aux)), grads = grad_fn(params, rest, piece)
+      if carry is None:
+        return (nll, count, aux, grads), None
+      n0, c0, a0, g0 = carry
+      merged_aux = {"max_logits": jax.tree.map(jnp.maximum, a0["max_logits"], aux["max_logits"])}
+      if "expert_load" in aux:
+        merged_aux["expert_load"] = a0["expert_load"] + aux["expert_load"]
+      return (n0 + nll, c0 + count, merged_aux, jax.tree.map(jnp.add, g0, grads)), None
+
+    first = body(None, jax.tree.map(lambda x: x[0], pieces))[0]
+    (nll, count, aux, grads), _ = jax.lax.scan(body, first, jax.tree.map(lambda x: x[1:], pieces))
+    return nll, count, aux, grads
 
   def step(params, rest, opt_state, batch):
-    (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, rest, batch)
-    updates, opt_state = tx.update(grads, opt_state, params)
+    nll, count, aux, grads = accumulate(params, rest, batch)
+    count = jnp.maximum(count, 1.0)
+    grads = jax.tree.map(lambda g: g / count, grads)  # gradient of the mean NLL over all masked tokens
+    updates, opt_state = tx.update(grads, opt_state, params, max_logits=aux["max_logits"])
     params = optax.apply_updates(params, updates)
-    metrics = {"loss": loss, "grad_norm": optax.global_norm(grads),
-               "max_logit": jnp.max(jnp.stack([jnp.max(v) for v in aux["max_logits"].values()]))}
+    per_layer = jnp.concatenate([jnp.max(aux["max_logits"][g], axis=-1) for g in LAYER_GROUPS
+                                 if g in aux["max_logits"]])  # [L] max over heads
+    metrics = {"loss": nll / count, "grad_norm": optax.global_norm(grads), "max_logit": jnp.max(per_layer),
+               "max_logit_per_layer": per_layer}
+    if c.optimizer == "muon_clip" and c.qk_clip_tau is not None:
+      metrics["heads_clipped"] = sum(jnp.sum(v > c.qk_clip_tau) for v in aux["max_logits"].values())
     if "expert_load" in aux:
       router = rest["moe_layers"]["mlp"]["router"]
       router["bias"] = update_router_bias(router["bias"], aux["expert_load"], c.router_bias_update_rate)
@@ -83,7 +135,35 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, c:
       metrics["expert_load_max_over_mean"] = jnp.max(load / jnp.mean(load, axis=-1, keepdims=True))
     return params, rest, opt_state, metrics
 
-  return jax.jit(step, donate_argnums=(0, 1, 2))
+  out_shardings = None if shardings is None else (*shardings, None)
+  return jax.jit(step, donate_argnums=(0, 1, 2), out_shardings=out_shardings)
+
+
+def init_train_state(c: ml_collections.ConfigDict, cfg: ModelConfig, tx, mesh):
+  """Params, router biases and optimizer state, created directly in their shards (no host holds the model).
+
+  Returns (graphdef, params, rest, opt_state, shardings) with params/rest/opt_state as pure dicts.
+  """
+  abstract = nnx.eval_shape(lambda: KimiK2(cfg, rngs=nnx.Rngs(c.seed)))
+  graphdef, abstract_params, abstract_rest = nnx.split(abstract, nnx.Param, ...)
+  param_shardings = sharding.state_shardings(abstract_params, mesh)
+  rest_shardings = sharding.state_shardings(abstract_rest, mesh)
+
+  @functools.partial(jax.jit, out_shardings=(param_shardings, rest_shardings))
+  def create():
+    _, params, rest = nnx.split(KimiK2(cfg, rngs=nnx.Rngs(c.seed)), nnx.Param, ...)
+    return params.to_pure_dict(), rest.to_pure_dict()
+
+  params, rest = create()
+  opt_state = jax.jit(tx.init)(params)  # moments follow their params' shardings
+
+  def on_mesh(x):  # step counters and other scalars: replicated
+    on = isinstance(x.sharding, NamedSharding) and x.sharding.mesh == mesh
+    return x.sharding if on else NamedSharding(mesh, PartitionSpec())
+
+  opt_shardings = jax.tree.map(on_mesh, opt_state)
+  opt_state = jax.device_put(opt_state, opt_shardings)
+  return graphdef, params, rest, opt_state, (param_shardings, rest_shardings, opt_shardings)
 
 
 def _check_run_config(workdir: str, cfg: ModelConfig) -> None:
@@ -97,10 +177,6 @@ def _check_run_config(workdir: str, cfg: ModelConfig) -> None:
       changes = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in sorted(diff.items()))
       raise ValueError(f"{workdir} holds a checkpoint of another model config ({changes}); "
                        "use a new --workdir or the original config")
-
-
-def _to_pure(state: nnx.State) -> dict:
-  return state.to_pure_dict()
 
 
 def train(c: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
@@ -118,25 +194,28 @@ def train(c: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   with open(os.path.join(workdir, RUN_CONFIG_FILE), "w") as f:
     json.dump({"model": cfg.to_dict(), "train": c.to_dict()}, f, indent=2, default=str)
 
-  model = KimiK2(cfg, rngs=nnx.Rngs(c.seed))
-  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-  params, rest = _to_pure(params), _to_pure(rest)
-  tx = build_optimizer(c)
-  opt_state = tx.init(params)
-  data = make_train_iterator(tokenizer=tokenizer, seq_len=c.seq_len, batch_size=c.batch_size, seed=c.seed,
-                             process_index=jax.process_index(), process_count=jax.process_count())
+  mesh = sharding.make_mesh(c.mesh)
+  sharding.check_batch(c.batch_size, mesh)
+  if c.batch_size % (c.microbatches * jax.process_count()):
+    raise ValueError(f"config.batch_size={c.batch_size} is not divisible by microbatches × processes "
+                     f"({c.microbatches} × {jax.process_count()})")
+  tx = build_optimizer(c, cfg)
+  graphdef, params, rest, opt_state, shardings = init_train_state(c, cfg, tx, mesh)
+  data = make_train_iterator(tokenizer=tokenizer, seq_len=c.seq_len, batch_size=c.batch_size // jax.process_count(),
+                             seed=c.seed, process_index=jax.process_index(), process_count=jax.process_count())
   ckpt = TrainCheckpointer(workdir, keep=c.keep_checkpoints)
   start = ckpt.latest_step() or 0
   if start:
-    abstract = lambda t: jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), t)
+    abstract = lambda tree: jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding), tree)
     state, opt_state, data_state = ckpt.restore(start, abstract({"params": params, "rest": rest}),
                                                 abstract(opt_state))
     params, rest = state["params"], state["rest"]
     data.set_state(data_state)
   if jax.process_index() == 0:
-    _print_summary(cfg, c, workdir, start)
+    _print_summary(cfg, c, workdir, start, mesh)
 
-  step_fn = make_train_step(graphdef, tx, c)
+  step_fn = make_train_step(graphdef, tx, c, shardings)
+  batch_sharding = sharding.batch_sharding(mesh)
   schedule = learning_rate_schedule(c)
   tokens_per_step = c.batch_size * c.seq_len
   metrics_path = os.path.join(workdir, "metrics.jsonl")
@@ -144,13 +223,14 @@ def train(c: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   progress = _Progress(start, c.steps)
   window_start, window_steps = time.perf_counter(), 0
   for step in range(start + 1, c.steps + 1):
-    batch = next(data)
-    params, rest, opt_state, metrics = step_fn(params, rest, opt_state, batch)
+    batch = {k: jax.make_array_from_process_local_data(batch_sharding, v) for k, v in next(data).items()}
+    with sharding.use_mesh(mesh):
+      params, rest, opt_state, metrics = step_fn(params, rest, opt_state, batch)
     window_steps += 1
     if step % c.log_every == 0 or step in (1, c.steps):  # step 1 shows the starting loss
       metrics = jax.device_get(metrics)
       elapsed = time.perf_counter() - window_start
-      last = {"step": step, **{k: float(v) for k, v in metrics.items()},
+      last = {"step": step, **{k: v.tolist() for k, v in metrics.items()},
               "learning_rate": float(schedule(step - 1)), "tokens_per_sec": window_steps * tokens_per_step / elapsed}
       if jax.process_index() == 0:
         with open(metrics_path, "a") as f:
@@ -168,7 +248,7 @@ def train(c: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   if c.sample_tokens and jax.process_index() == 0:
     from kimi_jax.generate import sample
 
-    trained = nnx.merge(graphdef, nnx.State(params), nnx.State(rest))
+    trained = nnx.merge(graphdef, nnx.State(jax.device_get(params)), nnx.State(jax.device_get(rest)))
     prompt = tokenizer.encode(c.sample_prompt, add_bos=True)
     new = sample(trained, prompt, max_new_tokens=c.sample_tokens, temperature=c.sample_temperature, seed=c.seed,
                  stop_token=tokenizer.eos_id)
@@ -177,7 +257,7 @@ def train(c: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   return last
 
 
-def _print_summary(cfg: ModelConfig, c: ml_collections.ConfigDict, workdir: str, start: int) -> None:
+def _print_summary(cfg: ModelConfig, c: ml_collections.ConfigDict, workdir: str, start: int, mesh) -> None:
   from kimi_jax.tools.plan import count_params, train_flops_per_token
 
   counts = count_params(cfg)
@@ -186,8 +266,10 @@ def _print_summary(cfg: ModelConfig, c: ml_collections.ConfigDict, workdir: str,
         f"{cfg.num_hidden_layers} layers, {cfg.n_routed_experts} experts top-{cfg.num_experts_per_tok}, "
         f"dtype {cfg.dtype}, moe_impl {cfg.moe_impl}")
   print(f"  batch {c.batch_size}×{c.seq_len} = {tokens:,} tokens/step, "
-        f"{train_flops_per_token(cfg, c.seq_len) * tokens:.3g} FLOPs/step, {jax.device_count()} "
-        f"{jax.default_backend()} device(s), {c.optimizer} lr {c.learning_rate:g}")
+        f"{train_flops_per_token(cfg, c.seq_len) * tokens:.3g} FLOPs/step, {c.optimizer} lr {c.learning_rate:g}")
+  axes = ", ".join(f"{a}={n}" for a, n in mesh.shape.items())
+  print(f"  mesh {axes} over {jax.device_count()} {jax.default_backend()} device(s), "
+        f"{jax.process_count()} process(es)")
   print(f"  workdir {workdir}: " + (f"resuming at step {start}" if start else "starting fresh")
         + f", {c.steps} steps", flush=True)
 

@@ -16,10 +16,15 @@ def base_config(model_preset: str) -> ml_collections.ConfigDict:
   c.steps = 1000
   c.batch_size = 8  # sequences per step, all processes together
   c.seq_len = 256
-  c.optimizer = "adamw"
+  c.mesh = ""  # e.g. "data=2,fsdp=4,expert=8,tensor=1" (kimi_jax/sharding.py); "": every device on fsdp
+  c.microbatches = 1  # gradient accumulation: the batch is split into this many sequential pieces
+  c.optimizer = "adamw"  # or "muon_clip"
   c.learning_rate = 1e-3  # peak
+  c.schedule = "cosine"  # warmup then cosine to the end; "wsd": warmup, constant, cosine over decay_steps
   c.warmup_steps = 100
-  c.final_learning_rate_ratio = 0.1  # cosine decay to peak × this at the last step
+  c.decay_steps = 0  # wsd only
+  c.final_learning_rate_ratio = 0.1  # the schedule ends at peak × this
+  c.qk_clip_tau = 100.0  # muon_clip only; None disables the clip
   c.weight_decay = 0.1
   c.adam_b1 = 0.9
   c.adam_b2 = 0.95

@@ -9,7 +9,6 @@ import pytest
 from flax import nnx
 
 from kimi_jax.checkpoint.hf import HFCheckpoint, load_state
-from kimi_jax.layers.attention import attention_mask
 from kimi_jax.layers.rope import apply_rope, rope_attention_scaling, rope_cos_sin, yarn_inv_freq
 from kimi_jax.model import KimiK2
 
@@ -77,17 +76,16 @@ def test_rope_matches_up_to_the_shared_reordering(loaded, ref):
     np.testing.assert_allclose(out[..., to_half], ref[f"rope_{name}_out"], atol=1e-5)
 
 
-def _cos_sin_mask(cfg, b, s):
+def _cos_sin_segments(cfg, b, s):
   cos, sin = rope_cos_sin(jnp.broadcast_to(jnp.arange(s), (b, s)), cfg)
-  segments = jnp.ones((b, s), jnp.int32)
-  return cos, sin, attention_mask(segments), segments != 0
+  return cos, sin, jnp.ones((b, s), jnp.int32)
 
 
 @pytest.mark.parametrize("i", [0, 1, 2])
 def test_mla_layer(loaded, ref, i):
   cfg, state = loaded
   attn = layer(build(cfg, state), i).attn
-  out, max_logits = attn(jnp.asarray(ref[f"layer{i}_attn_in"]), *_cos_sin_mask(cfg, 2, 12))
+  out, max_logits = attn(jnp.asarray(ref[f"layer{i}_attn_in"]), *_cos_sin_segments(cfg, 2, 12))
   np.testing.assert_allclose(out, ref[f"layer{i}_attn_out"], atol=1e-5)
   np.testing.assert_allclose(max_logits, ref[f"layer{i}_max_logits"], rtol=1e-5)
 
@@ -137,3 +135,11 @@ def test_moe_impls_agree_in_values_and_gradients(loaded, ref):
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-4), grads, ref_grads)
   expert_grad = ref_grads["moe_layers"]["mlp"]["experts"]["gate"]
   assert float(jnp.abs(expert_grad).max()) > 0  # gradients actually reach the experts
+
+
+def test_pallas_kernels_in_the_model_match_transformers(loaded, ref):
+  """moe_impl / attention_impl "pallas" (on CPU: the TPU kernels in interpret mode) against transformers."""
+  model = build(*loaded, moe_impl="pallas", attention_impl="pallas")
+  logits, aux = model(jnp.asarray(ref["tokens"]))
+  np.testing.assert_allclose(logits, ref["logits"], atol=1e-4, rtol=0)
+  np.testing.assert_allclose(aux["max_logits"]["moe_layers"][0], ref["layer1_max_logits"], rtol=1e-5)

@@ -76,3 +76,13 @@ def test_unknown_config_field_is_an_error(tmp_path):
   out = subprocess.run([sys.executable, "-m", "kimi_jax.train", "--config", config, "--workdir",
                         str(tmp_path), "--config.model.hiden_size=3"], capture_output=True, text=True)
   assert out.returncode != 0 and "hiden_size" in out.stderr
+
+
+def test_muon_clip_training_logs_clipping(tmp_path):
+  c = small_config(8)
+  c.update(optimizer="muon_clip", qk_clip_tau=1.0, learning_rate=2e-2)  # a tiny tau so heads get clipped
+  train(c, str(tmp_path))
+  rows = read_metrics(tmp_path)
+  assert rows[-1]["loss"] < rows[0]["loss"]
+  assert all(len(r["max_logit_per_layer"]) == 2 for r in rows)
+  assert sum(r["heads_clipped"] for r in rows) > 0

@@ -12,6 +12,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from kimi_jax.layers.kernels import pallas_options, resolve_attention_impl
+
 
 def attention_mask(segment_ids: jax.Array, *, causal: bool = True) -> jax.Array:
   """segment_ids: [B, S] (0 = padding) -> allowed pairs [B, S, S] bool: same segment, key ≤ query."""
@@ -23,14 +25,23 @@ def attention_mask(segment_ids: jax.Array, *, causal: bool = True) -> jax.Array:
 
 
 def mla_attention(q_nope: jax.Array, q_rope: jax.Array, k_nope: jax.Array, k_rope: jax.Array, v: jax.Array,
-                  mask: jax.Array, query_valid: jax.Array, *, scale: float) -> tuple[jax.Array, jax.Array]:
-  """Plain-XLA MLA attention.
+                  segment_ids: jax.Array, *, scale: float, impl: str = "xla") -> tuple[jax.Array, jax.Array]:
+  """Causal MLA self-attention within segments.
 
-  q_nope: [B, S, H, Dn], q_rope: [B, S, H, Dr], k_nope: [B, T, H, Dn], k_rope: [B, T, Dr] (shared by heads),
-  v: [B, T, H, Dv], mask: [B, S, T] bool, query_valid: [B, S] bool (False for padding rows, which are left
-  out of the max logits). Returns out [B, S, H, Dv] in v's dtype and max_logits [H] float32.
+  q_nope: [B, S, H, Dn], q_rope: [B, S, H, Dr], k_nope: [B, S, H, Dn], k_rope: [B, S, Dr] (shared by heads),
+  v: [B, S, H, Dv], segment_ids: [B, S] (0 = padding). Returns out [B, S, H, Dv] in v's dtype and
+  max_logits [H] float32. impl "xla" leaves padding queries out of the max logits; impl "pallas" (the flash
+  kernel) counts every same-segment pair, padding included. "auto": see `kernels.resolve_attention_impl`.
   """
+  if resolve_attention_impl(impl) == "pallas":
+    import pallas_kernels  # standalone package; imported only when this impl is chosen
+
+    q = jnp.concatenate([q_nope, q_rope], axis=-1)
+    k = jnp.concatenate([k_nope, jnp.broadcast_to(k_rope[:, :, None], k_nope.shape[:3] + k_rope.shape[-1:])], -1)
+    return pallas_kernels.flash_attention(q, k, v, segment_ids=segment_ids, causal=True, softmax_scale=scale,
+                                          return_max_logits=True, **pallas_options())
   f32 = jnp.float32
+  mask, query_valid = attention_mask(segment_ids), segment_ids != 0
   logits = jnp.einsum("bshd,bthd->bhst", q_nope, k_nope, preferred_element_type=f32)
   logits += jnp.einsum("bshr,btr->bhst", q_rope, k_rope, preferred_element_type=f32)
   logits *= scale

@@ -12,7 +12,7 @@ e = idx[t,k], summed in float32 like transformers, and returns [T, D] in x's dty
            with each tile's expert weights gathered: exact and dropless at ≤ N + E·M rows of work. The fast
            path on CPU.
   pallas   the grouped-matmul Pallas kernel (pallas_kernels.gmm) on sorted pairs.
-  auto     blocked on CPU, ragged elsewhere.
+  auto     see `kernels.resolve_moe_impl`: blocked on CPU, pallas on TPU, ragged on GPU.
 """
 
 from __future__ import annotations
@@ -20,14 +20,15 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from kimi_jax.layers.kernels import pallas_options, resolve_moe_impl
+
 BLOCK_ROWS = 128  # M for the blocked impl: large enough for efficient matmuls, small enough to bound padding.
 
 
 def routed_experts(x: jax.Array, idx: jax.Array, weights: jax.Array, gate: jax.Array, up: jax.Array,
                    down: jax.Array, *, impl: str) -> jax.Array:
   """x: [T, D]; idx: [T, K] int; weights: [T, K] f32; gate, up: [E, D, F]; down: [E, F, D] -> [T, D]."""
-  if impl == "auto":
-    impl = "blocked" if jax.default_backend() == "cpu" else "ragged"
+  impl = resolve_moe_impl(impl)
   if impl == "dense":
     return _dense(x, idx, weights, gate, up, down)
   if impl not in ("ragged", "blocked", "pallas"):
@@ -66,7 +67,7 @@ def _ragged_dot(xs, w, group_sizes):
 def _pallas_gmm(xs, w, group_sizes):
   import pallas_kernels  # standalone package; imported only when this impl is chosen
 
-  return pallas_kernels.gmm(xs, w, group_sizes)
+  return pallas_kernels.gmm(xs, w, group_sizes, **pallas_options())
 
 
 def _blocked_ffn(xs: jax.Array, group_sizes: jax.Array, gate: jax.Array, up: jax.Array,

@@ -41,9 +41,9 @@ class MLA(nnx.Module):
     self.o = Linear(h * dv, cfg.hidden_size, ("heads", "embed"), **kw)
     self.cfg = cfg
 
-  def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array,
-               query_valid: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """x: [B, S, D]; cos, sin: [B, S, Dr/2]; mask: [B, S, S]; query_valid: [B, S].
+  def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array,
+               segment_ids: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """x: [B, S, D]; cos, sin: [B, S, Dr/2]; segment_ids: [B, S] (0 = padding).
 
     Returns (out [B, S, D], max_logits [H] float32).
     """
@@ -55,6 +55,6 @@ class MLA(nnx.Module):
     kv = self.kv_b(self.kv_a_norm(latent_and_rope[..., :ckv])).reshape(b, s, h, dn + dv)
     q_rope = apply_rope(q[..., dn:], cos, sin).astype(q.dtype)
     k_rope = apply_rope(latent_and_rope[..., ckv:], cos, sin).astype(q.dtype)
-    out, max_logits = mla_attention(q[..., :dn], q_rope, kv[..., :dn], k_rope, kv[..., dn:], mask, query_valid,
-                                    scale=cfg.softmax_scale)
+    out, max_logits = mla_attention(q[..., :dn], q_rope, kv[..., :dn], k_rope, kv[..., dn:], segment_ids,
+                                    scale=cfg.softmax_scale, impl=cfg.attention_impl)
     return self.o(out.reshape(b, s, h * dv)), max_logits

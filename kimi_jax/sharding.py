@@ -1,0 +1,156 @@
+"""Device mesh and logical-axis sharding rules.
+
+Mesh axes: `data` (pure data parallel; the outer, DCN axis across slices), `fsdp` (data parallel with
+parameters sharded over it), `expert` (routed experts split over it; data parallel for everything else), and
+`tensor` (heads and MLP hidden units split over it). A mesh is written as a spec string,
+`"data=2,fsdp=4,expert=8,tensor=1"`; omitted axes have size 1 and `-1` takes the remaining devices.
+
+The model names axes logically ("embed", "heads", "experts", …, see `PARAM_RULES`); this file alone maps them
+to mesh axes, so changing the parallelism plan means changing rules here, not model code. Inside the model,
+`constrain(x, names)` pins activations, and is a no-op when no mesh is active (single device, tests).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from typing import Any, Iterator, Sequence
+
+import jax
+import numpy as np
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+
+MESH_AXES = ("data", "fsdp", "expert", "tensor")
+BATCH_AXES = ("data", "fsdp", "expert")  # every axis but tensor splits the batch
+
+# Logical parameter/activation axis -> mesh axis (None: replicated).
+PARAM_RULES: dict[str, str | tuple[str, ...] | None] = {
+    "layers": None,
+    "vocab": "tensor",
+    "embed": "fsdp",
+    "q_lora": None,
+    "kv_lora": None,
+    "heads": "tensor",
+    "mlp": "tensor",
+    "experts": "expert",
+    "expert_mlp": "tensor",
+    "batch": BATCH_AXES,
+    "seq": None,
+    "act_embed": None,  # activations keep D whole; the tensor axis splits heads / hidden units instead
+}
+
+_ACTIVE: list[tuple[Mesh, dict]] = []
+
+
+def parse_mesh_spec(spec: str, num_devices: int) -> dict[str, int]:
+  """"fsdp=2,expert=4" -> {"data": 1, "fsdp": 2, "expert": 4, "tensor": 1}; checks the product."""
+  sizes = {axis: 1 for axis in MESH_AXES}
+  fill = None
+  for part in filter(None, (p.strip() for p in spec.split(","))):
+    name, _, value = part.partition("=")
+    name = name.strip()
+    if name not in sizes:
+      raise ValueError(f"mesh spec {spec!r}: unknown axis {name!r} (axes: {', '.join(MESH_AXES)})")
+    try:
+      size = int(value)
+    except ValueError:
+      raise ValueError(f"mesh spec {spec!r}: axis {name!r} needs an integer size, got {value!r}") from None
+    if size == -1:
+      if fill is not None:
+        raise ValueError(f"mesh spec {spec!r}: only one axis may be -1")
+      fill = name
+    elif size < 1:
+      raise ValueError(f"mesh spec {spec!r}: axis {name!r} has size {size}")
+    else:
+      sizes[name] = size
+  fixed = math.prod(sizes.values())
+  if fill is not None:
+    if num_devices % fixed:
+      raise ValueError(f"mesh spec {spec!r}: {num_devices} devices are not divisible by {fixed}")
+    sizes[fill] = num_devices // fixed
+  if math.prod(sizes.values()) != num_devices:
+    raise ValueError(f"mesh spec {spec!r} has {math.prod(sizes.values())} devices but {num_devices} are "
+                     "available")
+  return sizes
+
+
+def make_mesh(spec: str = "", devices: Sequence[jax.Device] | None = None) -> Mesh:
+  """A mesh over `devices` (default: all) with axes MESH_AXES. An empty spec puts every device on fsdp."""
+  devices = list(devices if devices is not None else jax.devices())
+  sizes = parse_mesh_spec(spec or "fsdp=-1", len(devices))
+  shape = tuple(sizes[a] for a in MESH_AXES)
+  # Auto axes: XLA propagates shardings from the annotated params, inputs and `constrain` points.
+  axis_types = (AxisType.Auto,) * len(MESH_AXES)
+  if devices == list(jax.devices()):
+    return jax.make_mesh(shape, MESH_AXES, axis_types=axis_types, devices=devices)
+  return Mesh(np.asarray(devices).reshape(shape), MESH_AXES, axis_types=axis_types)
+
+
+def logical_to_spec(names: Sequence[str | None], rules: dict | None = None) -> P:
+  rules = PARAM_RULES if rules is None else rules
+  out = []
+  for name in names:
+    if name is not None and name not in rules:
+      raise ValueError(f"no sharding rule for logical axis {name!r}")
+    out.append(None if name is None else rules[name])
+  return P(*out)
+
+
+def _checked_spec(path: str, shape: tuple[int, ...], spec: P, mesh: Mesh) -> P:
+  for dim, axes in zip(shape, spec):
+    if axes is None:
+      continue
+    size = math.prod(mesh.shape[a] for a in (axes if isinstance(axes, tuple) else (axes,)))
+    if dim % size:
+      raise ValueError(f"{path}: dimension {dim} of shape {shape} is not divisible by mesh axes {axes} "
+                       f"(size {size})")
+  return spec
+
+
+def state_shardings(abstract_state: Any, mesh: Mesh, rules: dict | None = None) -> Any:
+  """NamedShardings for an `nnx.State` of annotated Variables (params, router biases), as a pure dict."""
+  from flax import nnx
+
+  def one(path, variable):
+    shape = variable.value.shape
+    names = variable.get_metadata().get("out_sharding") or (None,) * len(shape)
+    spec = _checked_spec(jax.tree_util.keystr(path), shape, logical_to_spec(names, rules), mesh)
+    return NamedSharding(mesh, spec)
+
+  shardings = jax.tree_util.tree_map_with_path(one, abstract_state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+  return nnx.State(shardings).to_pure_dict() if isinstance(shardings, nnx.State) else shardings
+
+
+def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
+  """[B, S, ...] arrays: batch over every data-like axis."""
+  return NamedSharding(mesh, P(BATCH_AXES, *([None] * (ndim - 1))))
+
+
+def check_batch(batch_size: int, mesh: Mesh) -> None:
+  shards = math.prod(mesh.shape[a] for a in BATCH_AXES)
+  if batch_size % shards:
+    raise ValueError(f"batch size {batch_size} is not divisible by the {shards} batch shards of the mesh "
+                     f"({', '.join(f'{a}={mesh.shape[a]}' for a in BATCH_AXES)})")
+
+
+@contextlib.contextmanager
+def use_mesh(mesh: Mesh, rules: dict | None = None) -> Iterator[Mesh]:
+  """Make `mesh` current for `constrain` and for jax (jax.set_mesh)."""
+  _ACTIVE.append((mesh, PARAM_RULES if rules is None else rules))
+  try:
+    with jax.set_mesh(mesh):
+      yield mesh
+  finally:
+    _ACTIVE.pop()
+
+
+def active_mesh() -> Mesh | None:
+  return _ACTIVE[-1][0] if _ACTIVE else None
+
+
+def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
+  """Pin activation `x` to the logical axes `names` under the active mesh; identity without one."""
+  if not _ACTIVE:
+    return x
+  mesh, rules = _ACTIVE[-1]
+  return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, logical_to_spec(names, rules)))

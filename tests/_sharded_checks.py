@@ -1,0 +1,92 @@
+"""Run by tests/test_sharding.py in a subprocess with 8 fake CPU devices; prints one JSON line of results.
+
+For each mesh: max |logits − single-device logits| and max |grad − single-device grad| over all params, for a
+float32 tiny model, plus the same for a 2-microbatch train step against a 1-microbatch one.
+"""
+
+import json
+import os
+import sys
+
+os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+os.environ["JAX_PLATFORMS"] = "cpu"
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+from flax import nnx  # noqa: E402
+
+from kimi_jax import config, sharding  # noqa: E402
+from kimi_jax.model import KimiK2  # noqa: E402
+from kimi_jax.train import build_optimizer, cross_entropy, init_train_state, make_train_step  # noqa: E402
+from kimi_jax.train_config import base_config  # noqa: E402
+
+jax.config.update("jax_default_matmul_precision", "highest")
+MESHES = ("fsdp=2,expert=4", "data=2,expert=2,tensor=2", "expert=8")
+SMALL = dict(hidden_size=64, num_hidden_layers=3, intermediate_size=128, moe_intermediate_size=32)  # fast compiles
+
+
+def main():
+  cfg = config.tiny(dtype="float32").replace(**SMALL)
+  graphdef, params, rest = nnx.split(KimiK2(cfg, rngs=nnx.Rngs(0)), nnx.Param, ...)
+  params, rest = params.to_pure_dict(), rest.to_pure_dict()
+  rng = np.random.default_rng(0)
+  tokens = rng.integers(0, cfg.vocab_size, (8, 32), dtype=np.int32)
+  targets = rng.integers(0, cfg.vocab_size, (8, 32), dtype=np.int32)
+  segments = np.repeat(np.array([[1] * 20 + [2] * 10 + [0] * 2]), 8, axis=0).astype(np.int32)
+
+  def loss(params, rest, tokens):
+    logits, _ = nnx.merge(graphdef, nnx.State(params), nnx.State(rest))(tokens, segment_ids=segments)
+    nll, count = cross_entropy(logits, targets, (segments != 0).astype(jnp.float32))
+    return nll / count, logits
+
+  (ref_loss, ref_logits), ref_grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(params, rest, tokens)
+  abstract = nnx.state(nnx.eval_shape(lambda: KimiK2(cfg, rngs=nnx.Rngs(0))), nnx.Param, ...)
+
+  results = {}
+  for spec in MESHES:
+    mesh = sharding.make_mesh(spec)
+    p = jax.device_put(params, sharding.state_shardings(abstract[0], mesh))
+    r = jax.device_put(rest, sharding.state_shardings(abstract[1], mesh))
+    t = jax.device_put(tokens, sharding.batch_sharding(mesh))
+    with sharding.use_mesh(mesh):
+      (value, logits), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(p, r, t)
+    results[spec] = {
+        "logits": float(jnp.max(jnp.abs(logits - ref_logits))),
+        "loss": float(abs(value - ref_loss)),
+        "grads": max(float(jnp.max(jnp.abs(a - b))) for a, b in zip(jax.tree.leaves(grads),
+                                                                      jax.tree.leaves(ref_grads))),
+        "expert_spec": str(p["moe_layers"]["mlp"]["experts"]["gate"].sharding.spec),
+    }
+  results["microbatches"] = microbatch_check()
+  print(json.dumps(results))
+
+
+def microbatch_check():
+  """One train step with microbatches=2 against microbatches=1 on the expert=8 mesh (same data, same init)."""
+  out = {}
+  for micro in (1, 2):
+    c = base_config("tiny")
+    c.model.update(dtype="float32", **SMALL)
+    c.update(batch_size=8, seq_len=16, microbatches=micro, mesh="expert=8", optimizer="muon_clip")
+    cfg = config.ModelConfig.from_dict(c.model.to_dict())
+    tx = build_optimizer(c, cfg)
+    mesh = sharding.make_mesh(c.mesh)
+    graphdef, params, rest, opt_state, shardings = init_train_state(c, cfg, tx, mesh)
+    step = make_train_step(graphdef, tx, c, shardings)
+    rng = np.random.default_rng(1)
+    batch = {"inputs": rng.integers(0, 259, (8, 16)), "targets": rng.integers(0, 259, (8, 16)),
+             "segment_ids": np.ones((8, 16)), "positions": np.tile(np.arange(16), (8, 1)),
+             "loss_mask": np.ones((8, 16))}
+    batch = {k: jax.device_put(v.astype(np.float32 if k == "loss_mask" else np.int32),
+                               sharding.batch_sharding(mesh)) for k, v in batch.items()}
+    with sharding.use_mesh(mesh):
+      params, rest, _, metrics = step(params, rest, opt_state, batch)
+    out[micro] = (float(metrics["loss"]), jax.device_get(params))
+  (l1, p1), (l2, p2) = out[1], out[2]
+  return {"loss": abs(l1 - l2), "params": max(float(np.max(np.abs(a - b)))
+                                             for a, b in zip(jax.tree.leaves(p1), jax.tree.leaves(p2)))}
+
+
+if __name__ == "__main__":
+  sys.exit(main())

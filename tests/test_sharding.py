@@ -1,0 +1,54 @@
+"""Meshes, shardings and their errors. The multi-device checks run on 8 fake CPU devices in a subprocess."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from flax import nnx
+
+from kimi_jax import config, sharding
+from kimi_jax.model import KimiK2
+
+
+@pytest.fixture(scope="module")
+def sharded_results():
+  script = os.path.join(os.path.dirname(__file__), "_sharded_checks.py")
+  out = subprocess.run([sys.executable, script], capture_output=True, text=True)
+  assert out.returncode == 0, out.stderr[-3000:]
+  return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("spec", ["fsdp=2,expert=4", "data=2,expert=2,tensor=2", "expert=8"])
+def test_sharded_forward_and_gradients_equal_one_device(sharded_results, spec):
+  r = sharded_results[spec]
+  assert r["logits"] <= 1e-4 and r["loss"] <= 1e-5 and r["grads"] <= 1e-4, r
+  assert "expert" in r["expert_spec"]  # the experts really are split
+
+
+def test_microbatching_equals_one_batch(sharded_results):
+  r = sharded_results["microbatches"]
+  assert r["loss"] <= 1e-5 and r["params"] <= 1e-5, r
+
+
+def test_mesh_spec_parsing_and_errors():
+  assert sharding.parse_mesh_spec("fsdp=2,expert=-1", 8) == {"data": 1, "fsdp": 2, "expert": 4, "tensor": 1}
+  with pytest.raises(ValueError, match="has 6 devices but 8 are available"):
+    sharding.parse_mesh_spec("fsdp=2,expert=3", 8)
+  with pytest.raises(ValueError, match="unknown axis 'pipe'"):
+    sharding.parse_mesh_spec("pipe=2", 2)
+
+
+def test_indivisible_experts_and_batch_are_named():
+  import jax
+  import numpy as np
+  from jax.sharding import Mesh
+
+  devices = np.array(jax.devices() * 3)[:3].reshape(1, 1, 3, 1)  # 3 "devices" on the expert axis
+  mesh = Mesh(devices, sharding.MESH_AXES)
+  abstract = nnx.state(nnx.eval_shape(lambda: KimiK2(config.tiny(), rngs=nnx.Rngs(0))), nnx.Param)
+  with pytest.raises(ValueError, match=r"\['moe_layers'\]\['mlp'\]\['experts'\]\['down'\].*8.*expert"):
+    sharding.state_shardings(abstract, mesh)
+  with pytest.raises(ValueError, match="batch size 4 is not divisible by the 3 batch shards"):
+    sharding.check_batch(4, mesh)
