@@ -21,10 +21,14 @@ setup(
         "numpy>=2.0",
         "ml-dtypes>=0.5",
         "tqdm>=4.66",
+        "tiktoken>=0.7",
+        "array-record>=0.8",
     ],
     extras_require={
         # jax[tpu] brings the libtpu that matches jax: the tests compile the TPU kernels ahead of time on CPU.
-        "test": ["pytest>=8", "jax[tpu]>=0.12.0"],
+        "test": ["pytest>=8", "jax[tpu]>=0.12.0", "pyarrow>=15"],
+        "parquet": ["pyarrow>=15"],
+        "bench": ["matplotlib>=3.8"],
         "tpu": ["jax[tpu]>=0.12.0"],
         "cuda": ["jax[cuda12]>=0.12.0"],
         # Only for regenerating reference fixtures (tests/reference/); never needed by CI or the package.

@@ -6,7 +6,7 @@ Dimension letters used across the package:
   Dn / Dr / Dv per-head nope / rope / value dims.
 
 Architecture fields mirror the Hugging Face config.json names where one exists. The last group
-(`dtype`, `param_dtype`, `moe_impl`, `attention_impl`, `remat`) says how to run the model, not what it is:
+(`dtype`, `param_dtype`, `moe_impl`, `attention_impl`, `remat`, `moe_capacity_factor`) says how to run the model, not what it is:
 `architecture()` leaves it out, and HF conversion ignores it.
 """
 
@@ -20,7 +20,7 @@ _DTYPES = ("float32", "bfloat16")
 MOE_IMPLS = ("auto", "dense", "ragged", "blocked", "pallas")
 ATTENTION_IMPLS = ("auto", "xla", "pallas")
 REMAT_POLICIES = ("none", "full", "dots")
-_RUNTIME_FIELDS = ("dtype", "param_dtype", "moe_impl", "attention_impl", "remat")
+_RUNTIME_FIELDS = ("dtype", "param_dtype", "moe_impl", "attention_impl", "remat", "moe_capacity_factor")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -63,6 +63,7 @@ class ModelConfig:
   moe_impl: str = "auto"  # see kimi_jax/layers/kernels.py
   attention_impl: str = "auto"  # see kimi_jax/layers/kernels.py
   remat: str = "none"
+  moe_capacity_factor: float | None = None  # expert-parallel receive buffers; None: dropless (worst case)
 
   def __post_init__(self):
     positive = ("vocab_size", "hidden_size", "num_hidden_layers", "intermediate_size", "moe_intermediate_size",
@@ -96,6 +97,8 @@ class ModelConfig:
     _check(self.attention_impl in ATTENTION_IMPLS, "attention_impl",
            f"{self.attention_impl!r} not in {ATTENTION_IMPLS}")
     _check(self.remat in REMAT_POLICIES, "remat", f"{self.remat!r} not in {REMAT_POLICIES}")
+    _check(self.moe_capacity_factor is None or self.moe_capacity_factor > 0, "moe_capacity_factor",
+           f"must be > 0 or None, got {self.moe_capacity_factor!r}")
 
   # Derived sizes ------------------------------------------------------------------------------------------
   @property

@@ -1,43 +1,429 @@
-"""Sampling from the model by full forward passes over a fixed-size token buffer (one compile).
+"""Generation: prefill, then one jit-compiled decode step per token over the MLA cache; sampling; streaming.
 
-Letters: B batch, N buffer length (prompt + new tokens), V vocab.
+    python -m kimi_jax.generate --checkpoint DIR --prompt "In the beginning" --max_new_tokens 64
+    python -m kimi_jax.generate --checkpoint DIR --tokenizer tiktoken.model --chat --prompt "Hi" --temperature 0.6
+    python -m kimi_jax.generate --checkpoint DIR --prompt_tokens P.npy --max_new_tokens 16 --out OUT.npy
 
-This is the simple path used by the demo; decoding with the MLA latent cache replaces it for real use.
+Letters: B batch, S prompt buffer length, T cache length, V vocab, L stacked layers, D model.
+
+Batching: prompts are **right-padded** into one [B, S] buffer. Row b holds its n_b prompt tokens at positions
+0..n_b-1, and its cache holds n_b valid entries; every decode step writes each row's new entry at its own
+position `lengths[b]` and attends to the first `lengths[b] + 1` entries. Cache buffers have a fixed size
+[L, B, T, ...] and lengths are data, so one compiled step serves every row and every step.
+
+Cache kinds (`kimi_jax.layers.mla_decode`): "latent" (default; the normalised latent and the rope key,
+kv_lora_rank + qk_rope_head_dim values per token per layer, decoded with absorbed weights) and "expanded"
+(per-head k and v; the baseline for `benchmarks/generate.py`).
+
+The CLI encodes `--prompt` with `--tokenizer` (byte-level by default, or Kimi's tiktoken.model), optionally as
+one user turn of Kimi's chat template (`--chat`), streams the text, and reports prefill time and decode tokens/s.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+import sys
+import time
+from collections.abc import Callable, Iterator, Sequence
+from typing import NamedTuple
+
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import app, flags
 from flax import nnx
 
+from kimi_jax.config import MOE_IMPLS, ModelConfig
+from kimi_jax.layers.kernels import resolve_attention_impl
+from kimi_jax.layers.mla_decode import CACHE_KINDS, cache_entry, cache_spec, decode_attention
+from kimi_jax.layers.rope import rope_cos_sin
+from kimi_jax.model import LAYER_GROUPS, KimiK2, check_tokens
 
-def sample(model, prompt: list[int], *, max_new_tokens: int, temperature: float = 0.0, seed: int = 0,
-           stop_token: int | None = None) -> list[int]:
-  """Continue `prompt` by up to `max_new_tokens` tokens (greedy when temperature == 0). Returns new tokens."""
-  if not prompt:
-    raise ValueError("sample() needs a non-empty prompt")
-  total = len(prompt) + max_new_tokens
-  buffer = jnp.zeros((1, total), jnp.int32).at[0, :len(prompt)].set(jnp.asarray(prompt, jnp.int32))
+PROMPT_BUCKET = 64  # prompt buffers are padded to a multiple of this, so similar prompts share one compile
+CACHE_BUCKET = 256  # the default cache length is rounded up to a multiple of this
 
-  @nnx.jit
-  def step(model, buffer, cursor, key):
-    logits, _ = model(buffer)
-    last = jax.lax.dynamic_index_in_dim(logits[0], cursor - 1, keepdims=False)  # [V]
-    if temperature > 0:
-      token = jax.random.categorical(key, last / temperature)
-    else:
-      token = jnp.argmax(last)
-    return buffer.at[0, cursor].set(token.astype(jnp.int32)), token
+Cache = dict[str, dict[str, jax.Array]]  # {layer group: {name: [L, B, T, ...]}}
 
-  key = jax.random.key(seed)
-  out = []
-  for cursor in range(len(prompt), total):
-    key, sub = jax.random.split(key)
-    buffer, token = step(model, buffer, cursor, sub)
-    token = int(token)
-    if token == stop_token:
-      break
-    out.append(token)
+
+class DecodeState(NamedTuple):
+  cache: Cache
+  lengths: jax.Array  # [B] int32: valid cache entries per row = the position of the row's next token
+
+
+@dataclasses.dataclass(frozen=True)
+class Sampling:
+  """temperature 0 is greedy; top_k 0 and top_p 1 switch those filters off."""
+
+  temperature: float = 0.0
+  top_k: int = 0
+  top_p: float = 1.0
+
+  def __post_init__(self):
+    if self.temperature < 0:
+      raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+    if self.top_k < 0:
+      raise ValueError(f"top_k must be >= 0, got {self.top_k}")
+    if not 0 < self.top_p <= 1:
+      raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+
+
+# Cache, prefill and decode ------------------------------------------------------------------------------------
+
+def init_cache(cfg: ModelConfig, batch: int, max_len: int, kind: str = "latent") -> Cache:
+  """Zeroed cache {group: {name: [L, B, T, ...]}} in the compute dtype. Wrap in jax.eval_shape to size it."""
+  spec = cache_spec(cfg, kind)
+  layers = {"dense_layers": cfg.num_dense_layers, "moe_layers": cfg.num_moe_layers}
+  return {group: {name: jnp.zeros((layers[group], batch, max_len) + shape, jnp.dtype(cfg.dtype))
+                  for name, shape in spec.items()}
+          for group in LAYER_GROUPS if layers[group]}
+
+
+def prefill(model: KimiK2, tokens: jax.Array, lengths: jax.Array, *, max_len: int,
+            kind: str = "latent") -> tuple[jax.Array, DecodeState]:
+  """Full forward over right-padded prompts that also fills a new cache of length `max_len`.
+
+  tokens: [B, S] int (row b valid in [0, lengths[b])); lengths: [B] int32, 1 ≤ lengths ≤ S ≤ max_len.
+  Returns the logits at each row's last prompt token [B, V] float32 and the decode state.
+  """
+  if tokens.shape[1] > max_len:
+    raise ValueError(f"prompt buffer of {tokens.shape[1]} tokens does not fit a cache of max_len={max_len}")
+  graphdef, state = nnx.split(model)
+  return _prefill(graphdef, state, jnp.asarray(tokens, jnp.int32), jnp.asarray(lengths, jnp.int32),
+                  max_len=max_len, kind=kind)
+
+
+def decode_step(model: KimiK2, state: DecodeState, tokens: jax.Array, *,
+                impl: str = "auto") -> tuple[jax.Array, DecodeState]:
+  """Feed one token per row at position state.lengths[b]. tokens: [B] int -> (logits [B, V] f32, new state).
+
+  impl: decode attention, "xla" | "pallas" | "auto" (see `mla_decode.decode_attention`). `state` is donated.
+  """
+  graphdef, params = nnx.split(model)
+  return _decode(graphdef, params, state, jnp.asarray(tokens, jnp.int32), impl=resolve_attention_impl(impl))
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "max_len", "kind"))
+def _prefill(graphdef, params, tokens, lengths, *, max_len, kind):
+  return _prefill_logits(nnx.merge(graphdef, params), tokens, lengths, max_len, kind)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "impl"), donate_argnames=("state",))
+def _decode(graphdef, params, state, tokens, *, impl):
+  return _decode_logits(nnx.merge(graphdef, params), state, tokens, impl)
+
+
+def _prefill_logits(model: KimiK2, tokens: jax.Array, lengths: jax.Array, max_len: int,
+                    kind: str) -> tuple[jax.Array, DecodeState]:
+  cfg = model.cfg
+  b, s = tokens.shape
+  positions = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
+  segment_ids = (positions < lengths[:, None]).astype(jnp.int32)  # 0 marks padding
+  cos, sin = rope_cos_sin(positions, cfg)
+  x = model.embed(tokens, jnp.dtype(cfg.dtype))
+  cache = init_cache(cfg, b, max_len, kind)
+  for group in cache:
+    graphdef, layer_states = nnx.split(getattr(model, group))
+
+    def body(x, layer_state, graphdef=graphdef):
+      layer = nnx.merge(graphdef, layer_state)
+      entry = cache_entry(layer.attn, layer.attn_norm(x), cos, sin, kind)
+      return layer(x, cos, sin, segment_ids)[0], entry
+
+    x, entries = jax.lax.scan(body, x, layer_states)  # entries: {name: [L, B, S, ...]}
+    cache[group] = {name: jax.lax.dynamic_update_slice_in_dim(buf, entries[name], 0, axis=2)
+                    for name, buf in cache[group].items()}
+  last = x[jnp.arange(b), lengths - 1]  # [B, D]
+  return _logits(model, last), DecodeState(cache, lengths)
+
+
+def _decode_logits(model: KimiK2, state: DecodeState, tokens: jax.Array,
+                   impl: str) -> tuple[jax.Array, DecodeState]:
+  cfg = model.cfg
+  positions = state.lengths
+  cos, sin = rope_cos_sin(positions[:, None], cfg)  # [B, 1, Dr/2]
+  x = model.embed(tokens[:, None], jnp.dtype(cfg.dtype))  # [B, 1, D]
+  cache = {}
+  for group, group_cache in state.cache.items():
+    x, cache[group] = _decode_layers(getattr(model, group), x, cos, sin, group_cache, positions, impl)
+  return _logits(model, x[:, 0]), DecodeState(cache, positions + 1)
+
+
+def _decode_layers(layers, x, cos, sin, cache, positions, impl):
+  """Stacked layers on x [B, 1, D]; writes each layer's entry at `positions` [B] into cache {name: [L, B, T, ...]}.
+
+  The cache is carried through the scan, so each step updates one token per row in place.
+  """
+  graphdef, layer_states = nnx.split(layers)
+  kind = "latent" if "latent" in cache else "expanded"
+  rows = jnp.arange(x.shape[0])
+  num_layers = next(iter(cache.values())).shape[0]
+
+  def body(carry, xs):  # DecoderLayer.__call__ with its attention replaced by decode attention over the cache
+    x, cache = carry
+    layer_state, i = xs
+    layer = nnx.merge(graphdef, layer_state)
+    h = layer.attn_norm(x)
+    entry = cache_entry(layer.attn, h, cos, sin, kind)
+    cache = {name: buf.at[i, rows, positions].set(entry[name][:, 0]) for name, buf in cache.items()}
+    layer_cache = {name: buf[i] for name, buf in cache.items()}
+    x = x + decode_attention(layer.attn, h, cos, sin, layer_cache, positions + 1, kind, impl=impl).astype(x.dtype)
+    h = layer.mlp_norm(x)
+    mlp_out = layer.mlp(h, jnp.ones(h.shape[:2], bool))[0] if layer.moe else layer.mlp(h)
+    return (x + mlp_out.astype(x.dtype), cache), None
+
+  (x, cache), _ = jax.lax.scan(body, (x, cache), (layer_states, jnp.arange(num_layers)))
+  return x, cache
+
+
+def _logits(model: KimiK2, x: jax.Array) -> jax.Array:
+  """x: [B, D] last-layer output -> [B, V] float32, as the model's head computes them."""
+  x = model.final_norm(x)
+  return jnp.dot(x, model.lm_head.kernel[...].astype(x.dtype), preferred_element_type=jnp.float32)
+
+
+# Sampling -----------------------------------------------------------------------------------------------------
+
+def sample_logits(logits: jax.Array, key: jax.Array, sampling: Sampling) -> jax.Array:
+  """logits: [B, V] float32 -> tokens [B] int32: greedy, or temperature then top-k then top-p (nucleus)."""
+  if sampling.temperature == 0:
+    return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+  logits = logits / sampling.temperature
+  if sampling.top_k:
+    kth = jax.lax.top_k(logits, min(sampling.top_k, logits.shape[-1]))[0][:, -1:]
+    logits = jnp.where(logits < kth, -jnp.inf, logits)
+  if sampling.top_p < 1:
+    ordered = -jnp.sort(-logits, axis=-1)  # descending
+    probs = jax.nn.softmax(ordered, axis=-1)
+    keep = jnp.cumsum(probs, axis=-1) - probs < sampling.top_p  # mass before a token < top_p; first always kept
+    threshold = jnp.take_along_axis(ordered, keep.sum(-1, keepdims=True) - 1, axis=-1)
+    logits = jnp.where(logits < threshold, -jnp.inf, logits)
+  return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
+
+
+@functools.partial(jax.jit, static_argnames=("sampling", "stop_tokens"))
+def _pick(logits, done, key, *, sampling, stop_tokens):
+  """Sample, then mark rows done on a stop token. Returns (tokens [B], done [B], key)."""
+  key, sub = jax.random.split(key)
+  tokens = sample_logits(logits, sub, sampling)
+  return tokens, done | jnp.isin(tokens, jnp.asarray(stop_tokens, jnp.int32)), key
+
+
+# The generation loop ------------------------------------------------------------------------------------------
+
+def stream(model: KimiK2, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
+           sampling: Sampling = Sampling(), stop_tokens: Sequence[int] = (), seed: int = 0,
+           max_len: int | None = None, cache_kind: str = "latent",
+           attention_impl: str = "auto") -> Iterator[tuple[np.ndarray, np.ndarray]]:
+  """Generate for a batch of prompts of any lengths; yields after every step.
+
+  Yields (tokens [B] int32, emitted [B] bool): row b produced tokens[b] if emitted[b]. A row stops at its first
+  stop token, which is not emitted; the loop ends when every row has stopped or after max_new_tokens steps.
+  max_len: cache length T (default: longest prompt + max_new_tokens, rounded up to CACHE_BUCKET and capped at
+  max_position_embeddings). attention_impl: decode attention, see `mla_decode.decode_attention`.
+  Step t+1 is dispatched before step t's tokens are read back, so the host never idles the device.
+  """
+  tokens, lengths, max_len = pack_prompts(prompts, model.cfg, max_new_tokens, max_len)
+  if max_new_tokens <= 0:
+    return
+  graphdef, params = nnx.split(model)
+  impl = resolve_attention_impl(attention_impl)
+  pick = functools.partial(_pick, sampling=sampling, stop_tokens=tuple(int(t) for t in stop_tokens))
+  logits, state = _prefill(graphdef, params, tokens, lengths, max_len=max_len, kind=cache_kind)
+  new, done, key = pick(logits, jnp.zeros(len(prompts), bool), jax.random.key(seed))
+  for i in range(max_new_tokens):
+    last = i + 1 == max_new_tokens
+    if not last:  # dispatch the next step before reading this one back
+      logits, state = _decode(graphdef, params, state, new, impl=impl)
+      pending = pick(logits, done, key)
+    host_new, host_done = np.asarray(new), np.asarray(done)
+    yield host_new, ~host_done
+    if last or host_done.all():
+      return
+    new, done, key = pending
+
+
+def generate(model: KimiK2, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
+             on_step: Callable[[np.ndarray, np.ndarray], None] | None = None, **options) -> list[list[int]]:
+  """Like `stream` (same options), but returns each row's new tokens; `on_step(tokens, emitted)` sees each step."""
+  out = [[] for _ in prompts]
+  for new, emitted in stream(model, prompts, max_new_tokens=max_new_tokens, **options):
+    if on_step is not None:
+      on_step(new, emitted)
+    for row in np.flatnonzero(emitted):
+      out[row].append(int(new[row]))
   return out
+
+
+def sample(model: KimiK2, prompt: list[int], *, max_new_tokens: int, temperature: float = 0.0, seed: int = 0,
+           stop_token: int | None = None) -> list[int]:
+  """Continue one prompt by up to `max_new_tokens` tokens (greedy when temperature == 0); stops before
+  `stop_token`. Returns the new tokens."""
+  stop = () if stop_token is None else (stop_token,)
+  return generate(model, [prompt], max_new_tokens=max_new_tokens, sampling=Sampling(temperature=temperature),
+                  stop_tokens=stop, seed=seed)[0]
+
+
+def pack_prompts(prompts: Sequence[Sequence[int]], cfg: ModelConfig, max_new_tokens: int,
+                 max_len: int | None = None) -> tuple[np.ndarray, np.ndarray, int]:
+  """Checks prompts and right-pads them for `prefill`: (tokens [B, S] int32, lengths [B] int32, cache length T).
+
+  S is the longest prompt rounded up to PROMPT_BUCKET (at most T); T is `max_len` or the default of `stream`.
+  """
+  if len(prompts) == 0:
+    raise ValueError("no prompts given")
+  lengths = np.asarray([len(p) for p in prompts], np.int32)
+  if (lengths == 0).any():
+    raise ValueError(f"prompt {int(np.argmin(lengths))} is empty; every prompt needs at least one token")
+  if max_new_tokens < 0:
+    raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+  longest = int(lengths.max())
+  limit = cfg.max_position_embeddings
+  if max_len is None:
+    max_len = min(-(-(longest + max_new_tokens) // CACHE_BUCKET) * CACHE_BUCKET, limit)
+  if max_len > limit:
+    raise ValueError(f"max_len={max_len} exceeds the model's max_position_embeddings={limit}")
+  if longest + max_new_tokens > max_len:
+    row = int(np.argmax(lengths))
+    raise ValueError(f"prompt {row} has {longest} tokens; with max_new_tokens={max_new_tokens} it needs a cache of "
+                     f"{longest + max_new_tokens} > {max_len} positions (max_len / max_position_embeddings)")
+  width = min(-(-longest // PROMPT_BUCKET) * PROMPT_BUCKET, max_len)
+  tokens = np.zeros((len(prompts), width), np.int32)
+  for row, prompt in enumerate(prompts):
+    ids = np.asarray(prompt)
+    check_tokens(ids[None], cfg)
+    tokens[row, :len(ids)] = ids
+  return tokens, lengths, max_len
+
+
+# CLI ----------------------------------------------------------------------------------------------------------
+
+def _read_prompt_tokens(path: str) -> list[list[int]]:
+  """P.npy: int [S] (one prompt) or [B, S] with shorter rows right-padded with -1."""
+  arr = np.load(path)
+  if arr.ndim == 1:
+    arr = arr[None]
+  if arr.ndim != 2 or not np.issubdtype(arr.dtype, np.integer):
+    raise ValueError(f"{path}: expected an integer array [S] or [B, S], got {arr.dtype} {arr.shape}")
+  prompts = []
+  for row in arr:
+    n = len(row)
+    while n and row[n - 1] == -1:
+      n -= 1
+    prompts.append(row[:n].tolist())
+  return prompts
+
+
+def _define_flags() -> None:
+  flags.DEFINE_string("checkpoint", None, "Model checkpoint or training workdir.", required=True)
+  flags.DEFINE_string("prompt", None, "Prompt text, encoded with --tokenizer after its BOS id.")
+  flags.DEFINE_bool("chat", False, "Wrap --prompt as one user turn of Kimi's chat template (needs a Kimi "
+                    "tiktoken --tokenizer); also stops on <|im_end|>.")
+  flags.DEFINE_string("prompt_tokens", None, "Prompt ids, .npy int [S] or [B, S] (shorter rows padded with -1).")
+  flags.DEFINE_string("tokenizer", "byte", "'byte' or the path of Kimi's tiktoken.model.")
+  flags.DEFINE_integer("max_new_tokens", 64, "Tokens to generate per prompt.")
+  flags.DEFINE_float("temperature", 0.0, "Sampling temperature; 0 is greedy.")
+  flags.DEFINE_integer("top_k", 0, "Keep the k most likely tokens (0: off).")
+  flags.DEFINE_float("top_p", 1.0, "Nucleus sampling mass (1: off).")
+  flags.DEFINE_list("stop_tokens", None, "Stop token ids (default: the model's EOS id, and <|im_end|> with --chat).")
+  flags.DEFINE_integer("seed", 0, "Sampling seed.")
+  flags.DEFINE_integer("max_len", None, "Cache length (default: longest prompt + max_new_tokens, rounded up).")
+  flags.DEFINE_enum("dtype", None, ["float32", "bfloat16"], "Compute and parameter dtype (default: checkpoint's).")
+  flags.DEFINE_enum("moe_impl", None, list(MOE_IMPLS), "Expert compute implementation.")
+  flags.DEFINE_enum("cache", "latent", list(CACHE_KINDS), "KV cache layout.")
+  flags.DEFINE_enum("attention_impl", "auto", ["auto", "xla", "pallas"], "Decode attention implementation.")
+  flags.DEFINE_string("out", None, "Write generated ids to this .npy, int32 [B, N] padded with -1.")
+
+
+def _cli_prompts(f, cfg: ModelConfig):
+  """(prompts, stop ids, tokenizer or None for --prompt_tokens) from the flags."""
+  from kimi_jax.data.tokenizer import KimiTokenizer, load_tokenizer
+
+  if (f.prompt is None) == (f.prompt_tokens is None):
+    raise app.UsageError("give exactly one of --prompt and --prompt_tokens")
+  stops = [cfg.eos_token_id]
+  if f.prompt_tokens is not None:
+    if f.chat:
+      raise app.UsageError("--chat applies to --prompt text")
+    return _read_prompt_tokens(f.prompt_tokens), stops, None
+  tokenizer = load_tokenizer(f.tokenizer)
+  if not f.chat:
+    return [tokenizer.encode(f.prompt, add_bos=True)], stops, tokenizer
+  if not isinstance(tokenizer, KimiTokenizer):
+    raise app.UsageError("--chat needs Kimi's tiktoken tokenizer: pass --tokenizer PATH/tiktoken.model")
+  from kimi_jax.data.chat import STOP_TOKEN, encode_chat
+
+  prompt = encode_chat(tokenizer, [{"role": "user", "content": f.prompt}])
+  return [prompt], stops + [tokenizer.special_id(STOP_TOKEN)], tokenizer
+
+
+class _TextStream:
+  """Prints `prefix`, then row 0's new text as it arrives, holding back a possibly incomplete UTF-8 character."""
+
+  def __init__(self, tokenizer, prefix: str):
+    self.tokenizer, self.prefix, self.ids, self.shown = tokenizer, prefix, [], 0
+
+  def __call__(self, new: np.ndarray, emitted: np.ndarray) -> None:
+    print(self.prefix, end="", flush=True)
+    self.prefix = ""
+    if emitted[0]:
+      self.ids.append(int(new[0]))
+      self._show(self.tokenizer.decode(self.ids).rstrip("\ufffd"))
+
+  def close(self) -> None:
+    self._show(self.tokenizer.decode(self.ids))
+    print(flush=True)
+
+  def _show(self, text: str) -> None:
+    print(text[self.shown:], end="", flush=True)
+    self.shown = max(self.shown, len(text))
+
+
+def main(argv):
+  del argv
+  from kimi_jax.checkpoint.model_io import load_any
+
+  f = flags.FLAGS
+  runtime = {k: v for k, v in (("dtype", f.dtype), ("param_dtype", f.dtype), ("moe_impl", f.moe_impl)) if v}
+  cfg, model = load_any(f.checkpoint, **runtime)
+  try:  # bad prompts, token ids or options: a one-line error, before any compute
+    prompts, stops, tokenizer = _cli_prompts(f, cfg)
+    pack_prompts(prompts, cfg, f.max_new_tokens, f.max_len)
+    sampling = Sampling(f.temperature, f.top_k, f.top_p)
+  except ValueError as e:
+    sys.exit(f"error: {e}")
+  if f.stop_tokens is not None:
+    stops = [int(t) for t in f.stop_tokens]
+  text = _TextStream(tokenizer, "" if f.chat else f.prompt) if tokenizer is not None else None
+  times = []
+
+  def on_step(new, emitted):
+    times.append(time.perf_counter())
+    if text is not None:
+      text(new, emitted)
+
+  start = time.perf_counter()
+  out = generate(model, prompts, max_new_tokens=f.max_new_tokens, on_step=on_step, sampling=sampling,
+                 stop_tokens=stops, seed=f.seed, max_len=f.max_len, cache_kind=f.cache,
+                 attention_impl=f.attention_impl)
+  if text is not None:
+    text.close()
+  else:
+    for row, new in enumerate(out):
+      print(f"[{row}] {new}")
+  if f.out:
+    width = max(len(new) for new in out)
+    np.save(f.out, np.asarray([new + [-1] * (width - len(new)) for new in out], np.int32).reshape(len(out), width))
+    print(f"wrote generated ids [{len(out)}, {width}] (-1 pads) to {f.out}")
+  if times:
+    print(f"prefill: {sum(map(len, prompts))} prompt tokens and the first new token in {times[0] - start:.2f}s "
+          f"(includes compiling)")
+  if len(times) > 1:
+    steps, seconds = len(times) - 1, times[-1] - times[0]
+    print(f"decode: {steps} steps x {len(prompts)} rows in {seconds:.2f}s = {steps * len(prompts) / seconds:.1f} "
+          f"tokens/s")
+
+
+if __name__ == "__main__":
+  _define_flags()
+  app.run(main)

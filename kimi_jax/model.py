@@ -50,12 +50,13 @@ class DecoderLayer(nnx.Module):
 
   def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array,
                segment_ids: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """x: [B, S, D] -> (x [B, S, D], stats: max_logits [H] and, for MoE, expert_load [E])."""
+    """x: [B, S, D] -> (x [B, S, D], stats: max_logits [H] and, for MoE, expert_load [E], dropped_pairs)."""
     attn_out, max_logits = self.attn(self.attn_norm(x), cos, sin, segment_ids)
     x = x + attn_out.astype(x.dtype)
     stats = {"max_logits": max_logits}
     if self.moe:
-      mlp_out, stats["expert_load"] = self.mlp(self.mlp_norm(x), segment_ids != 0)
+      mlp_out, moe_stats = self.mlp(self.mlp_norm(x), segment_ids != 0)
+      stats.update(moe_stats)
     else:
       mlp_out = self.mlp(self.mlp_norm(x))
     return x + mlp_out.astype(x.dtype), stats
@@ -101,6 +102,7 @@ class KimiK2(nnx.Module):
     Returns logits [B, S, V] float32 and aux:
       max_logits   {group: [L, H]} per layer and head, the largest scaled logit over unmasked pairs
       expert_load  [L_moe, E] int32 valid tokens routed to each expert (absent without MoE layers)
+      dropped_pairs  int32 (token, expert) pairs dropped by expert-parallel capacity, summed over layers
       hidden       [L + 1, B, S, D] embeddings then each layer's output (only with return_hidden)
     """
     cfg = self.cfg
@@ -121,6 +123,7 @@ class KimiK2(nnx.Module):
       aux["max_logits"][group] = stats["max_logits"]
       if "expert_load" in stats:
         aux["expert_load"] = stats["expert_load"]
+        aux["dropped_pairs"] = jnp.sum(stats["dropped_pairs"])
       hidden.append(layer_outputs)
     x = self.final_norm(x)
     logits = jnp.dot(x, self.lm_head.kernel[...].astype(x.dtype), preferred_element_type=jnp.float32)

@@ -27,7 +27,7 @@ BATCH_AXES = ("data", "fsdp", "expert")  # every axis but tensor splits the batc
 PARAM_RULES: dict[str, str | tuple[str, ...] | None] = {
     "layers": None,
     "vocab": "tensor",
-    "embed": "fsdp",
+    "embed": ("fsdp", "expert"),  # FSDP over the expert axis too (it is data parallel outside the MoE)
     "q_lora": None,
     "kv_lora": None,
     "heads": "tensor",
@@ -87,12 +87,17 @@ def make_mesh(spec: str = "", devices: Sequence[jax.Device] | None = None) -> Me
 
 
 def logical_to_spec(names: Sequence[str | None], rules: dict | None = None) -> P:
+  """Logical names -> PartitionSpec. A mesh axis already taken by an earlier dim is skipped, so expert
+  weights [L, E, D, F] give E the expert axis and D only fsdp, while dense weights' D gets both."""
   rules = PARAM_RULES if rules is None else rules
-  out = []
+  out, used = [], set()
   for name in names:
     if name is not None and name not in rules:
       raise ValueError(f"no sharding rule for logical axis {name!r}")
-    out.append(None if name is None else rules[name])
+    axes = rules[name] if name is not None else None
+    axes = tuple(a for a in ((axes,) if isinstance(axes, str) else axes or ()) if a not in used)
+    used.update(axes)
+    out.append(None if not axes else axes[0] if len(axes) == 1 else axes)
   return P(*out)
 
 
@@ -154,3 +159,33 @@ def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
     return x
   mesh, rules = _ACTIVE[-1]
   return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, logical_to_spec(names, rules)))
+
+
+def like_params(tree: Any, params: Any, param_shardings: Any, mesh: Mesh) -> Any:
+  """Shardings for an optimizer state: a leaf whose path ends with a parameter's path (and has its shape)
+  takes that parameter's sharding (moments, momentum); everything else (counters) is replicated.
+
+  Needed because optimizer states are built from zeros, which carry no sharding for XLA to propagate.
+  """
+
+  def names(path) -> tuple[str, ...]:
+    keys = []
+    for key in reversed(path):
+      if not isinstance(key, jax.tree_util.DictKey):
+        break
+      keys.append(key.key)
+    return tuple(reversed(keys))
+
+  by_path = {names(p): (leaf.shape, s) for (p, leaf), s in zip(jax.tree_util.tree_flatten_with_path(params)[0],
+                                                               jax.tree.leaves(param_shardings))}
+  replicated = NamedSharding(mesh, P())
+
+  def one(path, leaf):
+    keys = names(path)
+    for start in range(len(keys)):
+      shape, s = by_path.get(keys[start:], (None, None))
+      if shape == leaf.shape:
+        return s
+    return replicated
+
+  return jax.tree_util.tree_map_with_path(one, tree)

@@ -25,7 +25,6 @@ import numpy as np
 import optax
 from absl import app, flags, logging
 from flax import nnx
-from jax.sharding import NamedSharding, PartitionSpec
 from ml_collections import config_flags
 
 from kimi_jax import sharding
@@ -35,9 +34,6 @@ from kimi_jax.config import ModelConfig
 from kimi_jax.model import LAYER_GROUPS, KimiK2
 from kimi_jax.optim import kimi_muon_dims, kimi_qk_clip, muon_clip, warmup_stable_decay
 from kimi_jax.train_config import model_config
-
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Run configuration file (configs/*.py).")
-_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints and metrics.")
 
 
 def learning_rate_schedule(c: ml_collections.ConfigDict) -> optax.Schedule:
@@ -59,12 +55,17 @@ def build_optimizer(c: ml_collections.ConfigDict, cfg: ModelConfig) -> optax.Gra
     tx = optax.adamw(schedule, b1=c.adam_b1, b2=c.adam_b2, weight_decay=c.weight_decay)
   elif c.optimizer == "muon_clip":
     tx = muon_clip(schedule, weight_decay=c.weight_decay, adam_b1=c.adam_b1, adam_b2=c.adam_b2,
-                   qk_clip_tau=c.qk_clip_tau, muon_dims=kimi_muon_dims,
+                   qk_clip_tau=qk_clip_tau(c), muon_dims=kimi_muon_dims,
                    qk_clip=kimi_qk_clip(cfg.num_attention_heads, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim,
                                         cfg.v_head_dim))
   else:
     raise ValueError(f"config.optimizer {c.optimizer!r} is not supported (choose adamw or muon_clip)")
   return optax.chain(optax.clip_by_global_norm(c.grad_clip_norm), tx)
+
+
+def qk_clip_tau(c: ml_collections.ConfigDict) -> float | None:
+  """τ for MuonClip; None (no clip) when the config gives None or a value <= 0 (the CLI cannot say None)."""
+  return c.qk_clip_tau if c.qk_clip_tau is not None and c.qk_clip_tau > 0 else None
 
 
 def cross_entropy(logits: jax.Array, targets: jax.Array, mask: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -110,6 +111,7 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformationExtr
       merged_aux = {"max_logits": jax.tree.map(jnp.maximum, a0["max_logits"], aux["max_logits"])}
       if "expert_load" in aux:
         merged_aux["expert_load"] = a0["expert_load"] + aux["expert_load"]
+        merged_aux["dropped_pairs"] = a0["dropped_pairs"] + aux["dropped_pairs"]
       return (n0 + nll, c0 + count, merged_aux, jax.tree.map(jnp.add, g0, grads)), None
 
     first = body(None, jax.tree.map(lambda x: x[0], pieces))[0]
@@ -126,13 +128,14 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformationExtr
                                  if g in aux["max_logits"]])  # [L] max over heads
     metrics = {"loss": nll / count, "grad_norm": optax.global_norm(grads), "max_logit": jnp.max(per_layer),
                "max_logit_per_layer": per_layer}
-    if c.optimizer == "muon_clip" and c.qk_clip_tau is not None:
-      metrics["heads_clipped"] = sum(jnp.sum(v > c.qk_clip_tau) for v in aux["max_logits"].values())
+    if c.optimizer == "muon_clip" and qk_clip_tau(c) is not None:
+      metrics["heads_clipped"] = sum(jnp.sum(v > qk_clip_tau(c)) for v in aux["max_logits"].values())
     if "expert_load" in aux:
       router = rest["moe_layers"]["mlp"]["router"]
       router["bias"] = update_router_bias(router["bias"], aux["expert_load"], c.router_bias_update_rate)
       load = aux["expert_load"].astype(jnp.float32)
       metrics["expert_load_max_over_mean"] = jnp.max(load / jnp.mean(load, axis=-1, keepdims=True))
+      metrics["dropped_pairs"] = aux["dropped_pairs"]
     return params, rest, opt_state, metrics
 
   out_shardings = None if shardings is None else (*shardings, None)
@@ -155,14 +158,8 @@ def init_train_state(c: ml_collections.ConfigDict, cfg: ModelConfig, tx, mesh):
     return params.to_pure_dict(), rest.to_pure_dict()
 
   params, rest = create()
-  opt_state = jax.jit(tx.init)(params)  # moments follow their params' shardings
-
-  def on_mesh(x):  # step counters and other scalars: replicated
-    on = isinstance(x.sharding, NamedSharding) and x.sharding.mesh == mesh
-    return x.sharding if on else NamedSharding(mesh, PartitionSpec())
-
-  opt_shardings = jax.tree.map(on_mesh, opt_state)
-  opt_state = jax.device_put(opt_state, opt_shardings)
+  opt_shardings = sharding.like_params(jax.eval_shape(tx.init, params), params, param_shardings, mesh)
+  opt_state = jax.jit(tx.init, out_shardings=opt_shardings)(params)
   return graphdef, params, rest, opt_state, (param_shardings, rest_shardings, opt_shardings)
 
 
@@ -182,10 +179,11 @@ def _check_run_config(workdir: str, cfg: ModelConfig) -> None:
 def train(c: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Train per `c` in `workdir` (resuming if it holds checkpoints). Returns the last logged metrics."""
   from kimi_jax.data.pipeline import make_train_iterator
-  from kimi_jax.data.tokenizer import ByteTokenizer
+  from kimi_jax.data.sources import open_source
+  from kimi_jax.data.tokenizer import load_tokenizer
 
   cfg = model_config(c)
-  tokenizer = ByteTokenizer()
+  tokenizer = load_tokenizer(c.tokenizer)
   if tokenizer.vocab_size > cfg.vocab_size:
     raise ValueError(f"config.model.vocab_size={cfg.vocab_size} is smaller than the tokenizer's "
                      f"{tokenizer.vocab_size} ids")
@@ -201,8 +199,9 @@ def train(c: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                      f"({c.microbatches} × {jax.process_count()})")
   tx = build_optimizer(c, cfg)
   graphdef, params, rest, opt_state, shardings = init_train_state(c, cfg, tx, mesh)
-  data = make_train_iterator(tokenizer=tokenizer, seq_len=c.seq_len, batch_size=c.batch_size // jax.process_count(),
-                             seed=c.seed, process_index=jax.process_index(), process_count=jax.process_count())
+  data = make_train_iterator(tokenizer=tokenizer, source=open_source(c.data, tokenizer, text_field=c.text_field),
+                             seq_len=c.seq_len, batch_size=c.batch_size // jax.process_count(), seed=c.seed,
+                             process_index=jax.process_index(), process_count=jax.process_count())
   ckpt = TrainCheckpointer(workdir, keep=c.keep_checkpoints)
   start = ckpt.latest_step() or 0
   if start:
@@ -298,12 +297,19 @@ class _Progress:
 
 def main(argv):
   del argv
-  if _CONFIG.value is None or _WORKDIR.value is None:
+  config, workdir = flags.FLAGS.config, flags.FLAGS.workdir
+  if config is None or workdir is None:
     raise app.UsageError("give --config (e.g. configs/tiny.py) and --workdir")
+  from kimi_jax.distributed import initialize
+
+  initialize()  # joins a multi-process job (TPU pod, SLURM, launch.local); no-op for one process
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)  # Orbax logs every file it writes at INFO
-  train(_CONFIG.value, _WORKDIR.value)
+  train(config, workdir)
 
 
 if __name__ == "__main__":
+  # Defined here, not at import, so that tools importing the train step can define their own --config.
+  config_flags.DEFINE_config_file("config", None, "Run configuration file (configs/*.py).")
+  flags.DEFINE_string("workdir", None, "Directory for checkpoints and metrics.")
   app.run(main)

@@ -13,6 +13,9 @@ def base_config(model_preset: str) -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.model = preset(model_preset).to_dict()
   c.seed = 0
+  c.tokenizer = "byte"  # or the path of a tiktoken.model file (Kimi K2's tokenizer)
+  c.data = "corpus"  # "corpus", a `python -m kimi_jax.data.prepare` output dir, or .jsonl/.parquet/.array_record globs
+  c.text_field = "text"  # JSON field / Parquet column of text files
   c.steps = 1000
   c.batch_size = 8  # sequences per step, all processes together
   c.seq_len = 256
@@ -24,7 +27,7 @@ def base_config(model_preset: str) -> ml_collections.ConfigDict:
   c.warmup_steps = 100
   c.decay_steps = 0  # wsd only
   c.final_learning_rate_ratio = 0.1  # the schedule ends at peak × this
-  c.qk_clip_tau = 100.0  # muon_clip only; None disables the clip
+  c.qk_clip_tau = 100.0  # muon_clip only; <= 0 (or None) disables the clip
   c.weight_decay = 0.1
   c.adam_b1 = 0.9
   c.adam_b2 = 0.95

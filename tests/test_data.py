@@ -10,7 +10,7 @@ import grain
 import numpy as np
 import pytest
 
-from kimi_jax.data import pipeline
+from kimi_jax.data import pipeline, sources
 from kimi_jax.data.tokenizer import ByteTokenizer
 
 TOK = ByteTokenizer()
@@ -45,8 +45,10 @@ def reference_chunks(docs: list[str], seq_len: int) -> list[tuple[tuple[int, ...
 
 
 def epoch_chunks(docs, **kw) -> list[tuple[tuple[int, ...], tuple[int, ...]]]:
-  ds = pipeline.make_chunk_dataset(tokenizer=TOK, seq_len=S, seed=0, documents=docs, **kw)
-  return [(tuple(c["inputs"].tolist()), tuple(c["targets"].tolist())) for c in ds]
+  """(inputs, targets) of every chunk of one epoch of a process's documents."""
+  ds = pipeline.make_document_dataset(sources.TokenizedTexts(docs, TOK), seed=0, **kw)
+  split = pipeline.SplitIntoChunks(S, TOK.pad_id)
+  return [(tuple(c["inputs"].tolist()), tuple(c["targets"].tolist())) for doc in ds for c in split.flat_map(doc)]
 
 
 def segments(batch) -> list[tuple[tuple[int, ...], tuple[int, ...]]]:
@@ -106,11 +108,11 @@ def test_byte_tokenizer_round_trip():
 
 
 def test_corpus_is_embedded_public_domain_text():
-  docs = pipeline.load_corpus()
+  docs = sources.load_corpus()
   assert len(docs) == 1189 and docs[0].startswith("Genesis 1\n1 In the beginning God created")
   assert docs[-1].startswith("Revelation 22\n") and all(d and "\n\n" not in d for d in docs)
   assert sum(len(d) for d in docs) >= 2_000_000
-  assert pipeline.CORPUS_PATH.stat().st_size <= 2_000_000
+  assert sources.CORPUS_PATH.stat().st_size <= 2_000_000
 
 
 def test_chunks_cover_every_token_once_per_epoch(docs):
@@ -118,6 +120,7 @@ def test_chunks_cover_every_token_once_per_epoch(docs):
 
 
 def test_process_shards_are_disjoint_and_cover_one_process(docs):
+  """Documents are dealt to processes; each process's batches hold exactly the chunks of its documents."""
   shards = [epoch_chunks(docs, process_index=p, process_count=3) for p in range(3)]
   assert sum(len(s) for s in shards) == len(reference_chunks(docs, S))
   assert sorted(sum(shards, [])) == sorted(epoch_chunks(docs))
@@ -187,6 +190,12 @@ def test_invalid_arguments(docs):
   for bad in [dict(seq_len=0), dict(batch_size=0), dict(seed=-1), dict(process_index=1), dict(documents=[])]:
     with pytest.raises(ValueError, match=next(iter(bad))):
       pipeline.make_train_iterator(**kw | bad)
+  with pytest.raises(ValueError, match="documents or source, not both"):
+    pipeline.make_train_iterator(**kw, source=sources.TokenizedTexts(docs, TOK))
+  with pytest.raises(ValueError, match="source holds no documents"):
+    pipeline.make_train_iterator(**kw | dict(documents=None), source=sources.TokenizedTexts([], TOK))
+  with pytest.raises(ValueError, match="41 documents cannot be sharded over process_count=42"):
+    pipeline.make_train_iterator(**kw, process_index=0, process_count=42)
 
 
 def test_throughput_8x256():

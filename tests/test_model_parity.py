@@ -111,7 +111,9 @@ def test_routed_and_shared_experts(loaded, ref, i, impl):
   moe = layer(build(cfg, state, moe_impl=impl), i).mlp
   tokens = jnp.asarray(ref[f"layer{i}_mlp_in"]).reshape(-1, cfg.hidden_size)
   weights, idx = moe.router(tokens)
-  np.testing.assert_allclose(moe.experts(tokens, weights, idx), ref[f"layer{i}_routed_out"], atol=1e-5)
+  routed, dropped = moe.experts(tokens, weights, idx)
+  np.testing.assert_allclose(routed, ref[f"layer{i}_routed_out"], atol=1e-5)
+  assert int(dropped) == 0
   np.testing.assert_allclose(moe.shared(tokens), ref[f"layer{i}_shared_out"], atol=1e-5)
 
 

@@ -12,6 +12,9 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from jax.sharding import PartitionSpec as P
+
+from kimi_jax import sharding
 from kimi_jax.layers.kernels import pallas_options, resolve_attention_impl
 
 
@@ -34,12 +37,9 @@ def mla_attention(q_nope: jax.Array, q_rope: jax.Array, k_nope: jax.Array, k_rop
   kernel) counts every same-segment pair, padding included. "auto": see `kernels.resolve_attention_impl`.
   """
   if resolve_attention_impl(impl) == "pallas":
-    import pallas_kernels  # standalone package; imported only when this impl is chosen
-
     q = jnp.concatenate([q_nope, q_rope], axis=-1)
     k = jnp.concatenate([k_nope, jnp.broadcast_to(k_rope[:, :, None], k_nope.shape[:3] + k_rope.shape[-1:])], -1)
-    return pallas_kernels.flash_attention(q, k, v, segment_ids=segment_ids, causal=True, softmax_scale=scale,
-                                          return_max_logits=True, **pallas_options())
+    return _flash(q, k, v, segment_ids, scale)
   f32 = jnp.float32
   mask, query_valid = attention_mask(segment_ids), segment_ids != 0
   logits = jnp.einsum("bshd,bthd->bhst", q_nope, k_nope, preferred_element_type=f32)
@@ -52,3 +52,31 @@ def mla_attention(q_nope: jax.Array, q_rope: jax.Array, k_nope: jax.Array, k_rop
   probs = jax.nn.softmax(jnp.where(mask, logits, jnp.finfo(f32).min), axis=-1)
   out = jnp.einsum("bhst,bthd->bshd", probs.astype(v.dtype), v)
   return out, max_logits
+
+
+def _flash(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array,
+           scale: float) -> tuple[jax.Array, jax.Array]:
+  """The Pallas flash kernel; under a mesh, one call per (batch shard, head shard) via shard_map.
+
+  Kernels cannot be partitioned by XLA, so each device runs it on its local [B/b, S, H/t, ·] block, and the
+  per-head max logits are max-reduced over the batch shards.
+  """
+  import pallas_kernels  # standalone package; imported only when this impl is chosen
+
+  def local(q, k, v, segment_ids):
+    return pallas_kernels.flash_attention(q, k, v, segment_ids=segment_ids, causal=True, softmax_scale=scale,
+                                          return_max_logits=True, **pallas_options())
+
+  mesh = sharding.active_mesh()
+  if mesh is None:
+    return local(q, k, v, segment_ids)
+  batch, heads = sharding.BATCH_AXES, "tensor"
+  qkv = P(batch, None, heads, None)
+
+  def sharded(q, k, v, segment_ids):
+    out, max_logits = local(q, k, v, segment_ids)
+    return out, jax.lax.pmax(jax.lax.stop_gradient(max_logits), batch)  # no tangent: pmax has no JVP
+
+  # check_vma=False: pallas_call's outputs carry no varying-axes annotation.
+  return jax.shard_map(sharded, mesh=mesh, in_specs=(qkv, qkv, qkv, P(batch, None)),
+                       out_specs=(qkv, P(heads)), check_vma=False)(q, k, v, segment_ids)

@@ -17,39 +17,58 @@ e = idx[t,k], summed in float32 like transformers, and returns [T, D] in x's dty
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import jax
 import jax.numpy as jnp
 
-from kimi_jax.layers.kernels import pallas_options, resolve_moe_impl
+from kimi_jax import sharding
+from kimi_jax.layers.kernels import pallas_options, platform, resolve_moe_impl
 
 BLOCK_ROWS = 128  # M for the blocked impl: large enough for efficient matmuls, small enough to bound padding.
 
 
 def routed_experts(x: jax.Array, idx: jax.Array, weights: jax.Array, gate: jax.Array, up: jax.Array,
-                   down: jax.Array, *, impl: str) -> jax.Array:
-  """x: [T, D]; idx: [T, K] int; weights: [T, K] f32; gate, up: [E, D, F]; down: [E, F, D] -> [T, D]."""
+                   down: jax.Array, *, impl: str, capacity_factor: float | None = None
+                   ) -> tuple[jax.Array, jax.Array]:
+  """x: [T, D]; idx: [T, K] int; weights: [T, K] f32; gate, up: [E, D, F]; down: [E, F, D].
+
+  Returns ([T, D], dropped (token, expert) pairs: int32 scalar). Under a mesh whose `expert` axis has more
+  than one device, the experts run expert-parallel (`kimi_jax.expert_parallel`) with this impl's grouped
+  matmul on each device's local experts, dropping pairs only if `capacity_factor` bounds the buffers.
+  """
   impl = resolve_moe_impl(impl)
+  mesh = sharding.active_mesh()
+  if impl != "dense" and mesh is not None and mesh.shape["expert"] > 1:
+    from kimi_jax.expert_parallel import expert_parallel_moe
+
+    strategy = "all_to_all" if platform() == "cpu" else "ragged_all_to_all"
+    out, dropped = expert_parallel_moe(
+        x, idx, weights, gate, up, down, mesh=mesh, tensor_axis="tensor", token_axes=sharding.BATCH_AXES,
+        strategy=strategy, capacity_factor=capacity_factor, matmul=GROUPED_MATMULS[impl],
+        check_vma=impl != "pallas")  # pallas_call outputs carry no varying axes
+    return out.astype(x.dtype), dropped
+  no_drops = jnp.zeros((), jnp.int32)
   if impl == "dense":
-    return _dense(x, idx, weights, gate, up, down)
-  if impl not in ("ragged", "blocked", "pallas"):
+    return _dense(x, idx, weights, gate, up, down), no_drops
+  if impl not in GROUPED_MATMULS:
     raise ValueError(f"unknown moe impl {impl!r}")
   t, k = idx.shape
-  num_experts = gate.shape[0]
   flat_expert = idx.reshape(-1)
   order = jnp.argsort(flat_expert, stable=True)  # [N] pair ids sorted by expert
   token = order // k
-  group_sizes = jnp.bincount(flat_expert, length=num_experts).astype(jnp.int32)
+  group_sizes = jnp.bincount(flat_expert, length=gate.shape[0]).astype(jnp.int32)
   xs = x[token]  # [N, D]
   if impl == "blocked":
     ys = _blocked_ffn(xs, group_sizes, gate, up, down)
   else:
-    matmul = _ragged_dot if impl == "ragged" else _pallas_gmm
+    matmul = GROUPED_MATMULS[impl]
     hidden = jax.nn.silu(matmul(xs, gate, group_sizes)) * matmul(xs, up, group_sizes)
     ys = matmul(hidden, down, group_sizes)
   # Un-sort with the inverse permutation, then combine each token's K outputs in float32.
   inverse = jnp.zeros_like(order).at[order].set(jnp.arange(order.shape[0], dtype=order.dtype))
   ys = ys[inverse].reshape(t, k, -1).astype(jnp.float32)
-  return jnp.einsum("tkd,tk->td", ys, weights).astype(x.dtype)
+  return jnp.einsum("tkd,tk->td", ys, weights).astype(x.dtype), no_drops
 
 
 def _dense(x, idx, weights, gate, up, down):
@@ -70,23 +89,57 @@ def _pallas_gmm(xs, w, group_sizes):
   return pallas_kernels.gmm(xs, w, group_sizes, **pallas_options())
 
 
-def _blocked_ffn(xs: jax.Array, group_sizes: jax.Array, gate: jax.Array, up: jax.Array,
-                 down: jax.Array) -> jax.Array:
-  """xs: [N, D] sorted by expert with `group_sizes` [E] -> [N, D], the expert FFN of each row."""
-  n, d = xs.shape
-  num_experts = gate.shape[0]
+class _Tiles(NamedTuple):
+  """Where each of N expert-sorted rows sits when every expert's run is padded to whole M-row tiles."""
+  row: jax.Array  # [N] row in the tiled layout [G·M]
+  expert: jax.Array  # [G] expert of each tile (tiles past the last group: the last expert, rows all zero)
+  rows_per_tile: int
+
+
+def _tiles(group_sizes: jax.Array, n: int) -> _Tiles:
+  num_experts = group_sizes.shape[0]
   m = min(BLOCK_ROWS, max(8, n))
   num_tiles = -(-n // m) + num_experts  # static bound on sum_e ceil(size_e / M)
   padded_sizes = -(-group_sizes // m) * m
   padded_start = jnp.cumsum(padded_sizes) - padded_sizes
   start = jnp.cumsum(group_sizes) - group_sizes
   expert_of_row = jnp.repeat(jnp.arange(num_experts), group_sizes, total_repeat_length=n)
-  row = padded_start[expert_of_row] + jnp.arange(n) - start[expert_of_row]  # [N] row in the tiled layout
-  tiled = jnp.zeros((num_tiles * m, d), xs.dtype).at[row].set(xs).reshape(num_tiles, m, d)
-  # Expert of each tile; tiles past the last group hold zeros and reuse the last expert's weights.
+  row = padded_start[expert_of_row] + jnp.arange(n) - start[expert_of_row]
   tile_expert = jnp.searchsorted(jnp.cumsum(padded_sizes), jnp.arange(num_tiles) * m, side="right")
-  tile_expert = jnp.minimum(tile_expert, num_experts - 1)
-  hidden = jax.nn.silu(jnp.einsum("gmd,gdf->gmf", tiled, gate[tile_expert]))
-  hidden = hidden * jnp.einsum("gmd,gdf->gmf", tiled, up[tile_expert])
-  out = jnp.einsum("gmf,gfd->gmd", hidden, down[tile_expert])
-  return out.reshape(num_tiles * m, d)[row]
+  return _Tiles(row, jnp.minimum(tile_expert, num_experts - 1), m)
+
+
+def _to_tiles(xs: jax.Array, tiles: _Tiles) -> jax.Array:
+  """[N, D] -> [G, M, D], zero rows as padding."""
+  num_tiles = tiles.expert.shape[0]
+  out = jnp.zeros((num_tiles * tiles.rows_per_tile, xs.shape[1]), xs.dtype).at[tiles.row].set(xs)
+  return out.reshape(num_tiles, tiles.rows_per_tile, xs.shape[1])
+
+
+def _from_tiles(y: jax.Array, tiles: _Tiles) -> jax.Array:
+  """[G, M, D] -> [N, D]."""
+  return y.reshape(-1, y.shape[-1])[tiles.row]
+
+
+def _blocked_matmul(xs: jax.Array, w: jax.Array, group_sizes: jax.Array) -> jax.Array:
+  """Grouped matmul by tiles. xs: [N, K] sorted by group; w: [E, K, F] -> [N, F] (rows past the groups: 0)."""
+  n = xs.shape[0]
+  valid = jnp.arange(n) < jnp.sum(group_sizes)
+  # Rows past sum(group_sizes) join the last group here and are zeroed after.
+  sizes = group_sizes.at[-1].add(n - jnp.sum(group_sizes))
+  tiles = _tiles(sizes, n)
+  out = _from_tiles(jnp.einsum("gmk,gkf->gmf", _to_tiles(xs, tiles), w[tiles.expert]), tiles)
+  return jnp.where(valid[:, None], out, 0)
+
+
+def _blocked_ffn(xs: jax.Array, group_sizes: jax.Array, gate: jax.Array, up: jax.Array,
+                 down: jax.Array) -> jax.Array:
+  """xs: [N, D] sorted by expert with `group_sizes` [E] -> [N, D]: the expert FFN of each row, one tiling."""
+  tiles = _tiles(group_sizes, xs.shape[0])
+  tiled = _to_tiles(xs, tiles)
+  hidden = jax.nn.silu(jnp.einsum("gmd,gdf->gmf", tiled, gate[tiles.expert]))
+  hidden = hidden * jnp.einsum("gmd,gdf->gmf", tiled, up[tiles.expert])
+  return _from_tiles(jnp.einsum("gmf,gfd->gmd", hidden, down[tiles.expert]), tiles)
+
+
+GROUPED_MATMULS = {"ragged": _ragged_dot, "blocked": _blocked_matmul, "pallas": _pallas_gmm}

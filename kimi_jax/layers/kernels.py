@@ -8,11 +8,30 @@ the XLA paths until the Triton kernels have been measured on hardware.
 
 from __future__ import annotations
 
+import contextlib
+from typing import Iterator
+
 import jax
+
+_TARGET: list[str] = []
+
+
+@contextlib.contextmanager
+def target_platform(platform: str) -> Iterator[None]:
+  """Resolve `auto` and the kernels for `platform` instead of this host's backend (ahead-of-time compiles)."""
+  _TARGET.append(platform)
+  try:
+    yield
+  finally:
+    _TARGET.pop()
+
+
+def platform() -> str:
+  return _TARGET[-1] if _TARGET else jax.default_backend()
 
 
 def pallas_options() -> dict:
-  backend = jax.default_backend()
+  backend = platform()
   if backend in ("tpu", "gpu"):
     return {"impl": backend}
   return {"impl": "tpu", "interpret": True}
@@ -21,10 +40,10 @@ def pallas_options() -> dict:
 def resolve_moe_impl(impl: str) -> str:
   if impl != "auto":
     return impl
-  return {"cpu": "blocked", "tpu": "pallas"}.get(jax.default_backend(), "ragged")
+  return {"cpu": "blocked", "tpu": "pallas"}.get(platform(), "ragged")
 
 
 def resolve_attention_impl(impl: str) -> str:
   if impl != "auto":
     return impl
-  return "pallas" if jax.default_backend() == "tpu" else "xla"
+  return "pallas" if platform() == "tpu" else "xla"

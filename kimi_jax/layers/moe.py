@@ -65,11 +65,12 @@ class Experts(nnx.Module):
     self.down = param(rngs, (e, f, d), ("experts", "expert_mlp", "embed"), **kw)
     self.cfg = cfg
 
-  def __call__(self, x: jax.Array, weights: jax.Array, idx: jax.Array) -> jax.Array:
-    """x: [T, D]; weights, idx: [T, K] -> [T, D]."""
+  def __call__(self, x: jax.Array, weights: jax.Array, idx: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """x: [T, D]; weights, idx: [T, K] -> ([T, D], dropped pairs: int32 scalar)."""
     dtype = jnp.dtype(self.cfg.dtype)
     return routed_experts(x.astype(dtype), idx, weights, self.gate[...].astype(dtype), self.up[...].astype(dtype),
-                          self.down[...].astype(dtype), impl=self.cfg.moe_impl)
+                          self.down[...].astype(dtype), impl=self.cfg.moe_impl,
+                          capacity_factor=self.cfg.moe_capacity_factor)
 
 
 class MoE(nnx.Module):
@@ -80,17 +81,18 @@ class MoE(nnx.Module):
     self.shared = (MLP(cfg.hidden_size, cfg.shared_intermediate_size, std=cfg.initializer_range, dtype=dtype,
                        param_dtype=param_dtype, rngs=rngs) if cfg.n_shared_experts else None)
 
-  def __call__(self, x: jax.Array, valid: jax.Array) -> tuple[jax.Array, jax.Array]:
+  def __call__(self, x: jax.Array, valid: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
     """x: [B, S, D]; valid: [B, S] bool (False on padding).
 
-    Returns (out [B, S, D], expert_load [E] int32: valid tokens routed to each expert).
+    Returns (out [B, S, D], stats: expert_load [E] int32, valid tokens routed to each expert; dropped_pairs,
+    (token, expert) pairs dropped by a bounded expert-parallel capacity).
     """
     b, s, d = x.shape
     tokens = x.reshape(b * s, d)
     weights, idx = self.router(tokens)
-    out = self.experts(tokens, weights, idx)
+    out, dropped = self.experts(tokens, weights, idx)
     if self.shared is not None:
       out = out + self.shared(tokens)
     counted = jnp.broadcast_to(valid.reshape(b * s, 1), idx.shape).reshape(-1).astype(jnp.int32)
     load = jnp.bincount(idx.reshape(-1), weights=counted, length=self.router.bias.shape[0])
-    return out.reshape(b, s, d), load.astype(jnp.int32)
+    return out.reshape(b, s, d), {"expert_load": load.astype(jnp.int32), "dropped_pairs": dropped}

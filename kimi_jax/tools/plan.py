@@ -68,18 +68,14 @@ def train_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
   return 3 * forward
 
 
-_PRESET = flags.DEFINE_enum("preset", "kimi_k2", sorted(PRESETS), "Model preset to plan.")
-_SEQ_LEN = flags.DEFINE_integer("seq_len", 4096, "Sequence length for the FLOP count.")
-_JSON = flags.DEFINE_bool("json", False, "Print one JSON line instead of a table.")
-
-
 def main(argv):
   del argv
-  cfg = preset(_PRESET.value)
+  f = flags.FLAGS
+  cfg = preset(f.preset)
   report = count_params(cfg)
-  report["train_flops_per_token"] = train_flops_per_token(cfg, _SEQ_LEN.value)
-  report["seq_len"] = _SEQ_LEN.value
-  if _JSON.value:
+  report["train_flops_per_token"] = train_flops_per_token(cfg, f.seq_len)
+  report["seq_len"] = f.seq_len
+  if f.json:
     print(json.dumps(report))
   else:
     for key, value in report.items():
@@ -88,4 +84,7 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  flags.DEFINE_enum("preset", "kimi_k2", sorted(PRESETS), "Model preset to plan.")
+  flags.DEFINE_integer("seq_len", 4096, "Sequence length for the FLOP count.")
+  flags.DEFINE_bool("json", False, "Print one JSON line instead of a table.")
   app.run(main)

@@ -1,0 +1,114 @@
+r"""Tokenise JSONL / Parquet text files into ArrayRecord shards of documents for training.
+
+    python -m kimi_jax.data.prepare --input 'data/*.jsonl.gz,more.parquet' --tokenizer PATH/tiktoken.model \
+        --output DIR [--shard_size 50000] [--text_field text]
+
+Each document (the `text_field` of a JSON line or Parquet row) becomes one record of int32 tokens, BOS + text +
+EOS; shards DIR/tokens-00000.array_record, ... hold --shard_size documents each. DIR/metadata.json, written
+last, names the tokenizer and the shards. Train on it with `config.data = DIR` (see `sources.open_source`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+import json
+import os
+from typing import Any
+
+from absl import app, flags
+from array_record.python.array_record_module import ArrayRecordWriter
+from tqdm import tqdm
+
+from kimi_jax.data import sources
+from kimi_jax.data.tokenizer import Tokenizer, load_tokenizer
+
+
+class _ShardWriter:
+  """Writes records to DIR/tokens-{i:05d}.array_record, starting a new shard every `shard_size` records."""
+
+  def __init__(self, directory: str, shard_size: int):
+    self.directory = directory
+    self.shard_size = shard_size
+    self.shards: list[dict[str, Any]] = []
+    self._writer: ArrayRecordWriter | None = None
+
+  def write(self, tokens: list[int]) -> None:
+    if self._writer is None or self.shards[-1]["num_documents"] == self.shard_size:
+      self.close()
+      name = f"tokens-{len(self.shards):05d}{sources.SHARD_SUFFIX}"
+      self._writer = ArrayRecordWriter(os.path.join(self.directory, name), "group_size:1")
+      if not self._writer.ok():
+        raise OSError(f"cannot create {os.path.join(self.directory, name)}")
+      self.shards.append({"name": name, "num_documents": 0, "num_tokens": 0})
+    self._writer.write(sources.encode_record(tokens))
+    self.shards[-1]["num_documents"] += 1
+    self.shards[-1]["num_tokens"] += len(tokens)
+
+  def close(self) -> None:
+    if self._writer is not None:
+      self._writer.close()
+      self._writer = None
+
+
+def prepare(inputs: str | Sequence[str], tokenizer: Tokenizer, output_dir: str, *, tokenizer_name: str,
+            shard_size: int = 50_000, text_field: str = "text", progress: bool = True) -> dict[str, Any]:
+  """Tokenises every document of `inputs` (paths / globs) into shards in `output_dir`; returns the metadata."""
+  if shard_size < 1:
+    raise ValueError(f"shard_size must be >= 1, got {shard_size}")
+  paths = sources.expand_paths(inputs)
+  if os.path.exists(os.path.join(output_dir, sources.METADATA_FILE)):
+    raise FileExistsError(f"{output_dir} already holds prepared shards; choose another --output")
+  os.makedirs(output_dir, exist_ok=True)
+  writer = _ShardWriter(output_dir, shard_size)
+  total = sum(sources.count_documents(p) for p in paths)
+  num_documents = num_tokens = 0
+  try:
+    with tqdm(total=total, unit="doc", disable=not progress, dynamic_ncols=True) as bar:
+      for path in paths:
+        for text in sources.read_texts(path, text_field):
+          tokens = tokenizer.encode(text, add_bos=True, add_eos=True)
+          writer.write(tokens)
+          num_documents, num_tokens = num_documents + 1, num_tokens + len(tokens)
+          bar.update()
+          if num_documents % 1000 == 0:
+            bar.set_postfix(tokens=f"{num_tokens:,}", refresh=False)
+  finally:
+    writer.close()
+  if not num_documents:
+    raise ValueError(f"{inputs!r} holds no documents")
+  metadata = {
+      "tokenizer": tokenizer_name,
+      **sources.tokenizer_ids(tokenizer),
+      "dtype": "int32",
+      "text_field": text_field,
+      "inputs": paths,
+      "num_documents": num_documents,
+      "num_tokens": num_tokens,
+      "shards": writer.shards,
+  }
+  with open(os.path.join(output_dir, sources.METADATA_FILE), "w") as f:
+    json.dump(metadata, f, indent=2)
+  return metadata
+
+
+def _define_flags() -> None:
+  flags.DEFINE_list("input", None, "Text files, comma-separated, globs allowed: .jsonl, .jsonl.gz, .parquet.",
+                    required=True)
+  flags.DEFINE_string("tokenizer", "byte", '"byte" or the path of a tiktoken.model file.')
+  flags.DEFINE_string("output", None, "Directory for the shards and metadata.json.", required=True)
+  flags.DEFINE_integer("shard_size", 50_000, "Documents per shard.", lower_bound=1)
+  flags.DEFINE_string("text_field", "text", "JSON field / Parquet column holding each document's text.")
+
+
+def main(argv: Sequence[str]) -> None:
+  del argv
+  f = flags.FLAGS
+  meta = prepare(f.input, load_tokenizer(f.tokenizer), f.output, tokenizer_name=f.tokenizer,
+                 shard_size=f.shard_size, text_field=f.text_field)
+  print(f"{meta['num_documents']:,} documents, {meta['num_tokens']:,} tokens in {len(meta['shards'])} shards "
+        f"-> {f.output}")
+
+
+if __name__ == "__main__":
+  _define_flags()
+  app.run(main)

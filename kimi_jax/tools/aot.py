@@ -1,0 +1,111 @@
+"""Compile the real training step for a TPU topology on this (CPU) host and report whether it fits.
+
+    python -m kimi_jax.tools.aot --config configs/kimi_k2.py --topology v5p:8x8x8 [--json] [--config.X=...]
+
+Builds the abstract model, optimizer state and batch with their shardings over a mesh of the topology's chips
+(nothing is allocated), lowers and compiles `train.make_train_step` with libtpu, and reports per-chip bytes
+(arguments, temporaries, peak), FLOPs per step and the step time at a stated MFU.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import jax
+import numpy as np
+from absl import app, flags
+from flax import nnx
+from ml_collections import config_flags
+
+from kimi_jax import sharding
+from kimi_jax.layers.kernels import target_platform
+from kimi_jax.model import KimiK2
+from kimi_jax.tools.plan import count_params, train_flops_per_token
+from kimi_jax.train import build_optimizer, make_train_step
+from kimi_jax.train_config import model_config
+
+# Per chip: bf16 dense peak FLOP/s and HBM bytes (public spec sheets).
+CHIPS = {
+    "v4": (275e12, 32 << 30),
+    "v5e": (197e12, 16 << 30),
+    "v5p": (459e12, 95 << 30),
+    "v6e": (918e12, 32 << 30),
+}
+
+def compile_train_step(c, topology: str, mfu: float = 0.4) -> dict:
+  """Lower and compile the train step for `topology`; returns the report dict."""
+  from jax.experimental import topologies
+
+  os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+  devices = topologies.get_topology_desc(topology, "tpu").devices
+  chip = topology.split(":")[0]
+  if chip not in CHIPS:
+    raise ValueError(f"unknown chip {chip!r} in topology {topology!r}; known: {sorted(CHIPS)}")
+  peak_flops, hbm = CHIPS[chip]
+  mesh = sharding.make_mesh(c.mesh, devices=devices)
+  sharding.check_batch(c.batch_size, mesh)
+  cfg = model_config(c)
+  tx = build_optimizer(c, cfg)
+
+  abstract = nnx.eval_shape(lambda: KimiK2(cfg, rngs=nnx.Rngs(0)))
+  graphdef, params, rest = nnx.split(abstract, nnx.Param, ...)
+  param_sh, rest_sh = sharding.state_shardings(params, mesh), sharding.state_shardings(rest, mesh)
+  with_sharding = lambda tree, sh: jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                                                tree, sh)
+  params = with_sharding(params.to_pure_dict(), param_sh)
+  rest = with_sharding(rest.to_pure_dict(), rest_sh)
+  opt_state = jax.eval_shape(tx.init, params)
+  opt_sh = sharding.like_params(opt_state, params, param_sh, mesh)
+  opt_state = with_sharding(opt_state, opt_sh)
+  batch_sh = sharding.batch_sharding(mesh)
+  shape = (c.batch_size, c.seq_len)
+  batch = {k: jax.ShapeDtypeStruct(shape, np.float32 if k == "loss_mask" else np.int32, sharding=batch_sh)
+           for k in ("inputs", "targets", "segment_ids", "positions", "loss_mask")}
+
+  step = make_train_step(graphdef, tx, c, (param_sh, rest_sh, opt_sh))
+  with target_platform("tpu"), sharding.use_mesh(mesh):
+    compiled = step.lower(params, rest, opt_state, batch).compile()
+  memory = compiled.memory_analysis()
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  tokens = c.batch_size * c.seq_len
+  model_flops = train_flops_per_token(cfg, c.seq_len) * tokens
+  peak_bytes = (memory.argument_size_in_bytes + memory.output_size_in_bytes - memory.alias_size_in_bytes
+                + memory.temp_size_in_bytes)
+  chips = len(devices)
+  return {
+      "topology": topology, "chips": chips, "mesh": dict(mesh.shape), "global_batch_tokens": tokens,
+      "microbatches": c.microbatches, "total_params": count_params(cfg)["total_params"],
+      "argument_bytes_per_chip": memory.argument_size_in_bytes, "temp_bytes_per_chip": memory.temp_size_in_bytes,
+      "output_bytes_per_chip": memory.output_size_in_bytes, "peak_bytes_per_chip": peak_bytes,
+      "hbm_bytes_per_chip": hbm, "fits": peak_bytes <= hbm,
+      "flops_per_step": model_flops, "compiled_flops_per_step": float(cost.get("flops", 0.0)) * chips,
+      "mfu_assumed": mfu, "step_seconds_at_mfu": model_flops / (chips * peak_flops * mfu),
+  }
+
+
+def main(argv):
+  del argv
+  f = flags.FLAGS
+  if f.config is None:
+    raise app.UsageError("give --config (e.g. configs/kimi_k2.py)")
+  report = compile_train_step(f.config, f.topology, f.mfu)
+  if f.json:
+    print(json.dumps(report))
+    return
+  gib = 1 << 30
+  for key, value in report.items():
+    if key.endswith("bytes_per_chip"):
+      value = f"{value / gib:,.2f} GiB"
+    elif isinstance(value, float):
+      value = f"{value:,.4g}"
+    print(f"{key:>26}  {value}")
+
+
+if __name__ == "__main__":
+  config_flags.DEFINE_config_file("config", None, "Run configuration file (configs/*.py).")
+  flags.DEFINE_string("topology", "v5p:8x8x8", "TPU topology, e.g. v5p:8x8x8 (512 chips), v6e:16x16.")
+  flags.DEFINE_float("mfu", 0.4, "Model FLOPs utilisation assumed for the step-time estimate.")
+  flags.DEFINE_bool("json", False, "Print one JSON line instead of a table.")
+  app.run(main)
