@@ -143,7 +143,8 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformationExtr
 
 
 def init_train_state(c: ml_collections.ConfigDict, cfg: ModelConfig, tx, mesh):
-  """Params, router biases and optimizer state, created directly in their shards (no host holds the model).
+  """Params, router biases and optimizer state, created directly in their shards (no host holds the model),
+  from `c.init_from` when set.
 
   Returns (graphdef, params, rest, opt_state, shardings) with params/rest/opt_state as pure dicts.
   """
@@ -157,7 +158,12 @@ def init_train_state(c: ml_collections.ConfigDict, cfg: ModelConfig, tx, mesh):
     _, params, rest = nnx.split(KimiK2(cfg, rngs=nnx.Rngs(c.seed)), nnx.Param, ...)
     return params.to_pure_dict(), rest.to_pure_dict()
 
-  params, rest = create()
+  if c.init_from:  # each host reads only its shards; no random copy is ever made
+    from kimi_jax.checkpoint.model_io import init_state_from
+
+    params, rest = init_state_from(c.init_from, cfg, shardings=(param_shardings, rest_shardings))
+  else:
+    params, rest = create()
   opt_shardings = sharding.like_params(jax.eval_shape(tx.init, params), params, param_shardings, mesh)
   opt_state = jax.jit(tx.init, out_shardings=opt_shardings)(params)
   return graphdef, params, rest, opt_state, (param_shardings, rest_shardings, opt_shardings)
@@ -178,7 +184,7 @@ def _check_run_config(workdir: str, cfg: ModelConfig) -> None:
 
 def train(c: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Train per `c` in `workdir` (resuming if it holds checkpoints). Returns the last logged metrics."""
-  from kimi_jax.data.pipeline import make_train_iterator
+  from kimi_jax.data.pipeline import ShardedBatches
   from kimi_jax.data.sources import open_source
   from kimi_jax.data.tokenizer import load_tokenizer
 
@@ -199,10 +205,11 @@ def train(c: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                      f"({c.microbatches} × {jax.process_count()})")
   tx = build_optimizer(c, cfg)
   graphdef, params, rest, opt_state, shardings = init_train_state(c, cfg, tx, mesh)
-  data = make_train_iterator(tokenizer=tokenizer, source=open_source(c.data, tokenizer, text_field=c.text_field),
-                             seq_len=c.seq_len, batch_size=c.batch_size // jax.process_count(), seed=c.seed,
-                             process_index=jax.process_index(), process_count=jax.process_count())
-  ckpt = TrainCheckpointer(workdir, keep=c.keep_checkpoints)
+  data = ShardedBatches(num_shards=c.data_shards or jax.process_count(), global_batch_size=c.batch_size,
+                        process_index=jax.process_index(), process_count=jax.process_count(), tokenizer=tokenizer,
+                        source=open_source(c.data, tokenizer, text_field=c.text_field), seq_len=c.seq_len,
+                        seed=c.seed)
+  ckpt = TrainCheckpointer(workdir, keep=c.keep_checkpoints, keep_period=c.keep_period or None)
   start = ckpt.latest_step() or 0
   if start:
     abstract = lambda tree: jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding), tree)

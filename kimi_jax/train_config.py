@@ -16,6 +16,8 @@ def base_config(model_preset: str) -> ml_collections.ConfigDict:
   c.tokenizer = "byte"  # or the path of a tiktoken.model file (Kimi K2's tokenizer)
   c.data = "corpus"  # "corpus", a `python -m kimi_jax.data.prepare` output dir, or .jsonl/.parquet/.array_record globs
   c.text_field = "text"  # JSON field / Parquet column of text files
+  c.data_shards = 0  # independent data streams making up the batch; 0: one per process. Fix it (e.g. 8) to
+  #                   get the same batches whatever the number of processes.
   c.steps = 1000
   c.batch_size = 8  # sequences per step, all processes together
   c.seq_len = 256
@@ -36,6 +38,8 @@ def base_config(model_preset: str) -> ml_collections.ConfigDict:
   c.log_every = 10
   c.checkpoint_every = 500
   c.keep_checkpoints = 3
+  c.keep_period = 0  # also keep every checkpoint whose step is a multiple of this (0: none)
+  c.init_from = ""  # a model checkpoint (e.g. `kimi_jax.convert hf-to-orbax` output) to start from
   c.sample_tokens = 200  # tokens sampled from the trained model at the end (0: none)
   c.sample_prompt = "And God said, "
   c.sample_temperature = 0.7

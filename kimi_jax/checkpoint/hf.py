@@ -1,21 +1,29 @@
-"""Hugging Face Kimi K2 / DeepSeek-V3 checkpoints: the name mapping and tensor-by-tensor reading and writing.
+"""Hugging Face Kimi K2 / DeepSeek-V3 checkpoints: the name mapping and tensor-by-tensor (or row-block) reading.
 
 Our tree holds stacked kernels [L, (E,) in, out]; the release holds one [out, in] tensor per layer (and per
-expert). `tensor_map(cfg)` lists every HF tensor with the slice of our tree it fills, so loading, writing and
-(later) streaming conversion are loops over the same list. RoPE rows keep the checkpoint's interleaved layout
-(the model rotates pairs in place), so no row permutation happens either way.
+expert). `tensor_map(cfg)` lists every HF tensor with the slice of our tree it fills, so loading, streaming
+conversion and writing are loops over the same list. RoPE rows keep the checkpoint's interleaved layout (the
+model rotates pairs in place), so no row permutation happens either way.
+
+Reading dequantises FP8 (block-scaled) and INT4 (compressed-tensors) weights to float32 (see quant.py); the
+unit of reading is rows [r0, r1) of one HF tensor, so no tensor need ever be whole in memory.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
-from typing import Any, Iterator
+import threading
+from typing import Any
 
+import ml_dtypes
 import numpy as np
 
-from kimi_jax.checkpoint.safetensors import SafetensorsFile, write
+from kimi_jax.checkpoint import quant
+from kimi_jax.checkpoint.host_ops import transpose_cast
+from kimi_jax.checkpoint.safetensors import SafetensorsFile
 from kimi_jax.config import ModelConfig
 
 INDEX_FILE = "model.safetensors.index.json"
@@ -32,6 +40,23 @@ class TensorMap:
   path: tuple[str, ...]  # leaf in our tree, e.g. ("moe_layers", "mlp", "experts", "gate")
   index: tuple[int, ...]  # leading (layer,) or (layer, expert) of the stacked leaf; () for unstacked
   transpose: bool  # HF linear weights are [out, in]; our kernels [in, out]
+
+  def hf_shape(self, leaf_shape: tuple[int, ...]) -> tuple[int, ...]:
+    """The HF tensor's shape, given the full shape of our (stacked) leaf."""
+    shape = tuple(leaf_shape[len(self.index):])
+    return shape[::-1] if self.transpose else shape
+
+  def target(self, leaf_ndim: int, rows: tuple[int, int]) -> tuple[Any, ...]:
+    """Index into our leaf of HF rows [r0, r1) (HF axis 0 is our last axis when transposed)."""
+    k = len(self.index)
+    idx: list[Any] = list(self.index) + [slice(None)] * (leaf_ndim - k)
+    idx[leaf_ndim - 1 if self.transpose else k] = slice(*rows)
+    return tuple(idx)
+
+  @property
+  def fp8_exportable(self) -> bool:
+    """Quantised in the FP8 release: every linear weight except the router and lm_head."""
+    return self.transpose and self.path[-2:] != ("router", "kernel") and self.path[0] != "lm_head"
 
 
 def tensor_map(cfg: ModelConfig) -> list[TensorMap]:
@@ -71,8 +96,19 @@ def tensor_map(cfg: ModelConfig) -> list[TensorMap]:
   return out
 
 
+@dataclasses.dataclass(frozen=True)
+class _Stored:
+  """How one logical tensor is stored: kind "plain" | "fp8" | "int4", its logical [R, C] shape."""
+  kind: str
+  shape: tuple[int, ...]
+
+
 class HFCheckpoint:
-  """A released-layout directory: config.json + safetensors shards (+ index). Reads one tensor at a time."""
+  """A released-layout directory: config.json + safetensors shards (+ index). Reads one tensor (or rows) at a time.
+
+  `read(name)` returns float32 for quantised weights (dequantised) and the stored dtype otherwise.
+  Thread-safe.
+  """
 
   def __init__(self, directory: str):
     self.directory = directory
@@ -81,6 +117,13 @@ class HFCheckpoint:
       raise CheckpointError(f"{directory}: no config.json")
     with open(config_path) as f:
       self.hf_config = json.load(f)
+    try:
+      scheme = quant.scheme_from_hf(self.hf_config, config_path)
+    except ValueError as e:
+      raise CheckpointError(str(e)) from e
+    # A release's tensors say how they are stored; the config only supplies the block / group sizes.
+    self._fp8 = scheme if isinstance(scheme, quant.Fp8Scheme) else quant.Fp8Scheme()
+    self._int4 = scheme if isinstance(scheme, quant.Int4Scheme) else quant.Int4Scheme()
     index_path = os.path.join(directory, INDEX_FILE)
     if os.path.isfile(index_path):
       with open(index_path) as f:
@@ -90,31 +133,112 @@ class HFCheckpoint:
     else:
       raise CheckpointError(f"{directory}: neither {INDEX_FILE} nor {SINGLE_FILE} found")
     self._files: dict[str, SafetensorsFile] = {}
+    self._stored: dict[str, _Stored] = {}
+    self._lock = threading.Lock()
 
   def config(self, **runtime: Any) -> ModelConfig:
     return ModelConfig.from_hf(self.hf_config, **runtime)
+
+  def where(self, name: str) -> str:
+    return os.path.join(self.directory, self.weight_map.get(name, "?"))
+
+  def shape(self, name: str) -> tuple[int, ...]:
+    """The logical (dequantised) shape; validates the quantisation tensors' shapes and dtypes."""
+    return self._describe(name).shape
+
+  def nbytes(self, name: str) -> int:
+    """Bytes stored for the tensor (its scales and packing included)."""
+    names = [name]
+    if self._describe(name).kind == "fp8":
+      names.append(name + quant.FP8_SCALE_SUFFIX)
+    elif self._describe(name).kind == "int4":
+      names = [name + s for s in quant.INT4_SUFFIXES]
+    total = 0
+    for n in names:
+      dtype, shape = self._file(n).info(n)
+      total += math.prod(shape) * dtype.itemsize
+    return total
+
+  def read(self, name: str, rows: tuple[int, int] | None = None, *, transpose: bool = False,
+           dtype: np.dtype | None = None) -> np.ndarray:
+    """Rows [r0, r1) of the tensor (all by default), [r, C] or [C, r] with `transpose`, C-contiguous, in `dtype`
+    (default: float32 if quantised, else the stored dtype)."""
+    stored = self._describe(name)
+    if stored.kind == "plain":
+      return transpose_cast(self._file(name).get(name, rows), dtype, transpose)
+    if stored.kind == "fp8":
+      scale_name = name + quant.FP8_SCALE_SUFFIX
+      scale = self._file(scale_name).get(scale_name)
+      out = quant.fp8_dequantize(self._file(name).get(name, rows), scale, self._fp8.block,
+                                 rows[0] if rows else 0, transpose=transpose)
+    else:
+      packed, scale = (name + s for s in quant.INT4_SUFFIXES[:2])
+      out = quant.int4_dequantize(self._file(packed).get(packed, rows), self._file(scale).get(scale, rows),
+                                  stored.shape[1], self._int4.group, transpose=transpose)
+    return out if dtype is None else out.astype(dtype, copy=False)
+
+  def _describe(self, name: str) -> _Stored:
+    if name not in self._stored:
+      self._stored[name] = self._inspect(name)
+    return self._stored[name]
+
+  def _inspect(self, name: str) -> _Stored:
+    scale_name = name + quant.FP8_SCALE_SUFFIX
+    if name in self.weight_map:
+      dtype, shape = self._file(name).info(name)
+      if dtype != quant.FP8_DTYPE:
+        if scale_name in self.weight_map:
+          raise CheckpointError(f"tensor {name!r} in {self.where(name)} has a {scale_name!r} but dtype {dtype}, "
+                                "not float8_e4m3fn")
+        return _Stored("plain", shape)
+      if scale_name not in self.weight_map:
+        raise CheckpointError(f"FP8 tensor {name!r} in {self.where(name)} has no {scale_name!r}")
+      if len(shape) != 2:
+        raise CheckpointError(f"FP8 tensor {name!r} in {self.where(name)} has shape {shape}; expected 2-D")
+      self._expect(scale_name, self._fp8.scale_shape(shape), "float",
+                   f"[ceil({shape[0]}/{self._fp8.block[0]}), ceil({shape[1]}/{self._fp8.block[1]})]")
+      return _Stored("fp8", shape)
+    packed, scale, shape_name = (name + s for s in quant.INT4_SUFFIXES)
+    if packed not in self.weight_map:
+      raise CheckpointError(f"{self.directory}: tensor {name!r} is missing from the checkpoint")
+    for n in (scale, shape_name):
+      if n not in self.weight_map:
+        raise CheckpointError(f"INT4 tensor {packed!r} in {self.where(packed)} has no {n!r}")
+    self._expect(shape_name, (2,), "int", "[2]")
+    r, c = (int(v) for v in self._file(shape_name).get(shape_name))
+    group = self._int4.group
+    if c % group:
+      raise CheckpointError(f"{shape_name!r} in {self.where(shape_name)} says {c} columns, not a multiple of the "
+                            f"group size {group}")
+    self._expect(packed, (r, math.ceil(c / 8)), "int32", f"[{r}, ceil({c}/8)] from {shape_name!r}")
+    self._expect(scale, (r, c // group), "float", f"[{r}, {c}/{group}] from {shape_name!r}")
+    return _Stored("int4", (r, c))
+
+  def _expect(self, name: str, shape: tuple[int, ...], kind: str, rule: str) -> None:
+    dtype, actual = self._file(name).info(name)
+    ok_dtype = {"float": np.issubdtype(dtype, np.floating) or dtype == np.dtype(ml_dtypes.bfloat16),
+                "int": np.issubdtype(dtype, np.integer), "int32": dtype == np.int32}[kind]
+    if not ok_dtype:
+      raise CheckpointError(f"tensor {name!r} in {self.where(name)} has dtype {dtype}; expected {kind}")
+    if tuple(actual) != tuple(shape):
+      raise CheckpointError(f"tensor {name!r} in {self.where(name)} has shape {tuple(actual)}; expected "
+                            f"{tuple(shape)} = {rule}")
 
   def _file(self, name: str) -> SafetensorsFile:
     if name not in self.weight_map:
       raise CheckpointError(f"{self.directory}: tensor {name!r} is missing from the checkpoint")
     shard = self.weight_map[name]
-    if shard not in self._files:
-      path = os.path.join(self.directory, shard)
-      if not os.path.isfile(path):
-        raise CheckpointError(f"{self.directory}: shard {shard} (holding {name!r}) is missing")
-      self._files[shard] = SafetensorsFile(path)
-    return self._files[shard]
+    with self._lock:
+      if shard not in self._files:
+        path = os.path.join(self.directory, shard)
+        if not os.path.isfile(path):
+          raise CheckpointError(f"{self.directory}: shard {shard} (holding {name!r}) is missing")
+        self._files[shard] = SafetensorsFile(path)
+      return self._files[shard]
 
-  def read(self, name: str) -> np.ndarray:
-    """The tensor as stored (bf16/f32), as a memory-mapped array."""
-    quantised = (name + "_scale_inv", name + "_packed")  # FP8 block scales; INT4 compressed-tensors
-    if any(q in self.weight_map for q in quantised):
-      raise CheckpointError(f"{self.directory}: tensor {name!r} is quantised (FP8 or INT4); dequantisation is "
-                            "not supported by this version")
-    return self._file(name).get(name)
-
-  def where(self, name: str) -> str:
-    return os.path.join(self.directory, self.weight_map.get(name, "?"))
+  def close(self) -> None:
+    for f in self._files.values():
+      f.close()
 
 
 def abstract_state(cfg: ModelConfig) -> dict[str, Any]:
@@ -126,73 +250,55 @@ def abstract_state(cfg: ModelConfig) -> dict[str, Any]:
   return nnx.state(abstract_model(cfg), nnx.Variable).to_pure_dict()
 
 
+def leaf_dtype(path: tuple[str, ...], dtype: np.dtype) -> np.dtype:
+  """The stored dtype of a leaf: the router bias stays float32 (it steers routing in fine steps)."""
+  return np.dtype(np.float32) if path[-1] == "bias" else np.dtype(dtype)
+
+
+def checked_entries(ckpt: HFCheckpoint, cfg: ModelConfig,
+                    leaves: dict[tuple[str, ...], Any]) -> list[tuple[TensorMap, tuple[int, ...]]]:
+  """Every tensor_map entry with its full leaf shape, after checking each HF tensor against the config.
+
+  leaves: flatten(abstract_state(cfg)).
+  """
+  out = []
+  for entry in tensor_map(cfg):
+    leaf_shape = tuple(leaves[entry.path].shape)
+    expected, actual = entry.hf_shape(leaf_shape), ckpt.shape(entry.hf_name)
+    if tuple(actual) != expected:
+      raise CheckpointError(f"tensor {entry.hf_name!r} in {ckpt.where(entry.hf_name)} has shape "
+                            f"{tuple(actual)}, but the config needs {expected}")
+    out.append((entry, leaf_shape))
+  return out
+
+
 def load_state(ckpt: HFCheckpoint, cfg: ModelConfig, dtype: np.dtype | None = None) -> dict[str, Any]:
-  """Read every tensor into host numpy arrays shaped like `abstract_state(cfg)`.
+  """Read every tensor into host numpy arrays shaped like `abstract_state(cfg)` (for small models and tests).
 
   Float leaves take `dtype` (default: the config's param_dtype); the router bias stays float32.
   """
-  import ml_dtypes
-
-  target = abstract_state(cfg)
   float_dtype = np.dtype(dtype or (ml_dtypes.bfloat16 if cfg.param_dtype == "bfloat16" else np.float32))
-
-  def alloc(path, leaf):
-    is_bias = path[-1] == "bias"
-    return np.zeros(leaf.shape, np.float32 if is_bias else float_dtype)
-
-  state = _map_leaves(target, alloc)
-  for entry in tensor_map(cfg):
-    leaf = _get(state, entry.path)
-    expected = leaf.shape[len(entry.index):]
-    if entry.transpose:
-      expected = expected[::-1]
-    tensor = ckpt.read(entry.hf_name)
-    if tuple(tensor.shape) != tuple(expected):
-      raise CheckpointError(f"tensor {entry.hf_name!r} in {ckpt.where(entry.hf_name)} has shape "
-                            f"{tuple(tensor.shape)}, but the config needs {tuple(expected)}")
-    leaf[entry.index] = (tensor.T if entry.transpose else tensor).astype(leaf.dtype)
-  return state
+  leaves = flatten(abstract_state(cfg))
+  entries = checked_entries(ckpt, cfg, leaves)
+  state = {path: np.zeros(leaf.shape, leaf_dtype(path, float_dtype)) for path, leaf in leaves.items()}
+  for entry, _ in entries:
+    leaf = state[entry.path]
+    leaf[entry.index] = ckpt.read(entry.hf_name, transpose=entry.transpose, dtype=leaf.dtype)
+  return unflatten(state)
 
 
-def save_state(state: dict[str, Any], cfg: ModelConfig, directory: str, *, dtype: np.dtype | None = None,
-               max_shard_bytes: int = 4 << 30) -> None:
-  """Write `state` in the released layout: config.json, shards and index. Weights in `dtype` (default bf16)."""
-  import ml_dtypes
-
-  dtype = np.dtype(dtype or ml_dtypes.bfloat16)
-  os.makedirs(directory, exist_ok=True)
-
-  def tensors() -> Iterator[tuple[str, np.ndarray]]:
-    for entry in tensor_map(cfg):
-      value = np.asarray(_get(state, entry.path)[entry.index])
-      value = value.T if entry.transpose else value
-      yield entry.hf_name, value if entry.path[-1] == "bias" else value.astype(dtype)
-
-  shards: list[list[tuple[str, np.ndarray]]] = [[]]
-  size = 0
-  for name, value in tensors():
-    if shards[-1] and size + value.nbytes > max_shard_bytes:
-      shards.append([])
-      size = 0
-    shards[-1].append((name, value))
-    size += value.nbytes
-  weight_map, total = {}, 0
-  for i, shard in enumerate(shards):
-    filename = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-    total += write(os.path.join(directory, filename), shard, metadata={"format": "pt"})
-    weight_map.update({name: filename for name, _ in shard})
-  with open(os.path.join(directory, INDEX_FILE), "w") as f:
-    json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
-  with open(os.path.join(directory, "config.json"), "w") as f:
-    json.dump(cfg.to_hf(), f, indent=2)
+def flatten(tree: dict[str, Any], prefix: tuple[str, ...] = ()) -> dict[tuple[str, ...], Any]:
+  out = {}
+  for k, v in tree.items():
+    out.update(flatten(v, prefix + (k,)) if isinstance(v, dict) else {prefix + (k,): v})
+  return out
 
 
-def _get(tree: dict[str, Any], path: tuple[str, ...]) -> Any:
-  for key in path:
-    tree = tree[key]
+def unflatten(flat: dict[tuple[str, ...], Any]) -> dict[str, Any]:
+  tree: dict[str, Any] = {}
+  for path, v in flat.items():
+    node = tree
+    for k in path[:-1]:
+      node = node.setdefault(k, {})
+    node[path[-1]] = v
   return tree
-
-
-def _map_leaves(tree: dict[str, Any], fn, path: tuple[str, ...] = ()) -> dict[str, Any]:
-  return {k: _map_leaves(v, fn, path + (k,)) if isinstance(v, dict) else fn(path + (k,), v)
-          for k, v in tree.items()}

@@ -1,7 +1,10 @@
-"""Minimal safetensors reading (one tensor at a time, memory-mapped) and writing.
+"""Minimal safetensors reading (one tensor, or a block of its rows, at a time) and streaming writing.
 
 Format: 8-byte little-endian header length N, N bytes of JSON {name: {dtype, shape, data_offsets}}, then the
-raw little-endian tensor bytes. Reading never loads a whole file: each tensor is a view into a memory map.
+raw little-endian, row-major tensor bytes. Reads use `pread` into fresh buffers rather than a memory map: pages
+of a mapped file count toward the process's resident set for as long as the map lives, so converting a 1 TB
+checkpoint through maps looks (and, under memory pressure, behaves) like loading it. Rows [r0, r1) of a tensor
+are one contiguous byte range, which is what lets converters stream tensors larger than host memory.
 """
 
 from __future__ import annotations
@@ -10,7 +13,8 @@ import json
 import math
 import os
 import struct
-from typing import Iterable, Mapping
+import threading
+from typing import Callable, Iterable, Iterator, Mapping, Sequence
 
 import ml_dtypes
 import numpy as np
@@ -29,10 +33,15 @@ class SafetensorsError(ValueError):
 
 
 class SafetensorsFile:
-  """Lazy reader: `names()`, `info(name)` -> (dtype, shape), `get(name)` -> read-only memory-mapped array."""
+  """Lazy reader: `names()`, `info(name)` -> (dtype, shape), `get(name, rows=(r0, r1))` -> a fresh array.
+
+  Thread-safe: reads are positional (`os.pread`) on one descriptor.
+  """
 
   def __init__(self, path: str):
     self.path = path
+    self._fd: int | None = None
+    self._lock = threading.Lock()
     try:
       size = os.path.getsize(path)
       with open(path, "rb") as f:
@@ -43,7 +52,7 @@ class SafetensorsFile:
     except (OSError, struct.error, json.JSONDecodeError, UnicodeDecodeError) as e:
       raise SafetensorsError(f"{path}: cannot read the safetensors header ({e})") from e
     header.pop("__metadata__", None)
-    self._base, self._header, self._size = 8 + n, header, size
+    self._base, self._header = 8 + n, header
     for name, entry in header.items():
       dtype, shape = self.info(name)
       begin, end = entry["data_offsets"]
@@ -53,7 +62,6 @@ class SafetensorsFile:
       if self._base + end > size:
         raise SafetensorsError(f"{path}: tensor {name!r} ends at byte {self._base + end} beyond the file size "
                                f"{size} (truncated file?)")
-    self._mmap = None
 
   def names(self) -> list[str]:
     return list(self._header)
@@ -61,15 +69,42 @@ class SafetensorsFile:
   def info(self, name: str) -> tuple[np.dtype, tuple[int, ...]]:
     entry = self._entry(name)
     if entry["dtype"] not in DTYPES:
-      raise SafetensorsError(f"{self.path}: tensor {name!r} has unknown dtype {entry['dtype']!r}")
+      raise SafetensorsError(f"{self.path}: tensor {name!r} has unknown dtype {entry['dtype']!r} "
+                             f"(known: {', '.join(DTYPES)})")
     return DTYPES[entry["dtype"]], tuple(entry["shape"])
 
-  def get(self, name: str) -> np.ndarray:
+  def get(self, name: str, rows: tuple[int, int] | None = None) -> np.ndarray:
+    """The tensor, or rows [r0, r1) of its first axis, read into a new array."""
     dtype, shape = self.info(name)
-    begin, end = self._entry(name)["data_offsets"]
-    if self._mmap is None:
-      self._mmap = np.memmap(self.path, dtype=np.uint8, mode="r")
-    return self._mmap[self._base + begin:self._base + end].view(dtype).reshape(shape)
+    begin, _ = self._entry(name)["data_offsets"]
+    r0, r1 = rows if rows is not None else (0, shape[0] if shape else 1)
+    if shape and not 0 <= r0 <= r1 <= shape[0]:
+      raise SafetensorsError(f"{self.path}: rows [{r0}, {r1}) outside tensor {name!r} of shape {shape}")
+    row_bytes = math.prod(shape[1:]) * dtype.itemsize
+    out = np.empty((r1 - r0,) + shape[1:] if shape else (), dtype)
+    self._pread_into(out.reshape(-1).view(np.uint8), self._base + begin + r0 * row_bytes)
+    return out
+
+  def _pread_into(self, buf: np.ndarray, offset: int) -> None:
+    if self._fd is None:
+      with self._lock:
+        if self._fd is None:
+          self._fd = os.open(self.path, os.O_RDONLY)
+    view, done = memoryview(buf), 0
+    while done < len(view):  # one call reads at most ~2 GiB
+      n = os.preadv(self._fd, [view[done:]], offset + done)
+      if n == 0:
+        raise SafetensorsError(f"{self.path}: unexpected end of file at byte {offset + done}")
+      done += n
+
+  def close(self) -> None:
+    if self._fd is not None:
+      os.close(self._fd)
+      self._fd = None
+
+  def __del__(self, _close=os.close):  # bound at definition: os may be gone at interpreter exit
+    if self._fd is not None:
+      _close(self._fd)
 
   def _entry(self, name: str) -> dict:
     if name not in self._header:
@@ -77,24 +112,59 @@ class SafetensorsFile:
     return self._header[name]
 
 
-def write(path: str, tensors: Mapping[str, np.ndarray] | Iterable[tuple[str, np.ndarray]],
-          metadata: Mapping[str, str] | None = None) -> int:
-  """Write tensors (in the given order) to `path`; returns the number of data bytes."""
-  items = list(tensors.items() if isinstance(tensors, Mapping) else tensors)
+class TensorSpec:
+  """One tensor of a file being written: its name, dtype, shape and a producer of its bytes in row order."""
+
+  def __init__(self, name: str, dtype: np.dtype, shape: Sequence[int],
+               blocks: Callable[[], Iterable[np.ndarray]]):
+    self.name, self.dtype, self.shape, self.blocks = name, np.dtype(dtype), tuple(shape), blocks
+    if self.dtype not in _NAMES:
+      raise SafetensorsError(f"tensor {name!r} has unsupported dtype {self.dtype}")
+
+  @property
+  def nbytes(self) -> int:
+    return math.prod(self.shape) * self.dtype.itemsize
+
+
+def write_streaming(path: str, specs: Sequence[TensorSpec], metadata: Mapping[str, str] | None = None) -> int:
+  """Write tensors in order, each from its producer's row blocks, holding one block at a time.
+
+  The header needs only names, dtypes and shapes, so it is written first. The file appears at `path` only when
+  complete (written to `path + ".tmp"`, then renamed), so a killed writer leaves no half file behind.
+  Returns the number of data bytes.
+  """
   header, offset = {}, 0
-  for name, arr in items:
-    if arr.dtype not in _NAMES:
-      raise SafetensorsError(f"{path}: tensor {name!r} has unsupported dtype {arr.dtype}")
-    header[name] = {"dtype": _NAMES[arr.dtype], "shape": list(arr.shape),
-                    "data_offsets": [offset, offset + arr.nbytes]}
-    offset += arr.nbytes
+  for spec in specs:
+    header[spec.name] = {"dtype": _NAMES[spec.dtype], "shape": list(spec.shape),
+                         "data_offsets": [offset, offset + spec.nbytes]}
+    offset += spec.nbytes
   if metadata:
     header["__metadata__"] = dict(metadata)
   blob = json.dumps(header, separators=(",", ":")).encode()
   blob += b" " * (-len(blob) % 8)  # align the data to 8 bytes
-  with open(path, "wb") as f:
+  tmp = path + ".tmp"
+  with open(tmp, "wb") as f:
     f.write(struct.pack("<Q", len(blob)))
     f.write(blob)
-    for _, arr in items:
-      f.write(np.ascontiguousarray(arr).tobytes())
+    for spec in specs:
+      written = 0
+      for block in spec.blocks():
+        if block.dtype != spec.dtype:
+          raise SafetensorsError(f"{path}: tensor {spec.name!r} produced {block.dtype}, declared {spec.dtype}")
+        f.write(np.ascontiguousarray(block).reshape(-1).view(np.uint8).data)
+        written += block.nbytes
+      if written != spec.nbytes:
+        raise SafetensorsError(f"{path}: tensor {spec.name!r} produced {written} bytes, declared {spec.nbytes}")
+  os.replace(tmp, path)
   return offset
+
+
+def write(path: str, tensors: Mapping[str, np.ndarray] | Iterable[tuple[str, np.ndarray]],
+          metadata: Mapping[str, str] | None = None) -> int:
+  """Write in-memory tensors (in the given order) to `path`; returns the number of data bytes."""
+  items = list(tensors.items() if isinstance(tensors, Mapping) else tensors)
+  return write_streaming(path, [TensorSpec(n, a.dtype, a.shape, _single(a)) for n, a in items], metadata)
+
+
+def _single(array: np.ndarray) -> Callable[[], Iterator[np.ndarray]]:
+  return lambda: iter((array,))

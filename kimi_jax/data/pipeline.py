@@ -142,3 +142,43 @@ def _to_model_batch(packed: dict[str, np.ndarray], *, pad_id: int) -> dict[str, 
       "positions": packed["inputs_positions"],
       "loss_mask": (packed["targets"] != pad_id).astype(np.float32),
   }
+
+
+class ShardedBatches:
+  """Global batches built from `num_shards` independent streams, each process owning a contiguous range.
+
+  Stream v is `make_train_iterator(..., process_index=v, process_count=num_shards)` with B / num_shards rows
+  per batch, so what row r of the global batch holds depends on `num_shards`, not on how many processes
+  read it: 1 process × 8 devices and 2 processes × 4 devices train on identical data. Yields this process's
+  rows, [B / process_count, S] per field; `get_state` / `set_state` cover all of its streams.
+  """
+
+  def __init__(self, *, num_shards: int, global_batch_size: int, process_index: int, process_count: int,
+               **stream_kwargs):
+    if num_shards % process_count:
+      raise ValueError(f"data_shards={num_shards} is not divisible by the {process_count} processes")
+    if global_batch_size % num_shards:
+      raise ValueError(f"batch_size={global_batch_size} is not divisible by data_shards={num_shards}")
+    per_process = num_shards // process_count
+    self._streams = [
+        make_train_iterator(batch_size=global_batch_size // num_shards, process_index=v, process_count=num_shards,
+                            **stream_kwargs)
+        for v in range(process_index * per_process, (process_index + 1) * per_process)
+    ]
+
+  def __iter__(self):
+    return self
+
+  def __next__(self) -> dict[str, np.ndarray]:
+    parts = [next(stream) for stream in self._streams]
+    return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+
+  def get_state(self) -> dict:
+    return {"streams": [stream.get_state() for stream in self._streams]}
+
+  def set_state(self, state: dict) -> None:
+    if len(state["streams"]) != len(self._streams):
+      raise ValueError(f"checkpointed data state has {len(state['streams'])} streams for this process, the "
+                       f"config gives {len(self._streams)} (data_shards or the process count changed)")
+    for stream, s in zip(self._streams, state["streams"]):
+      stream.set_state(s)

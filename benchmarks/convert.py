@@ -1,0 +1,119 @@
+"""Checkpoint conversion speed and memory on a synthetic K2-layout release, next to the raw read speed of the
+same files.
+
+    python benchmarks/convert.py [--gb 3] [--format fp8] [--workers 1,4] [--dir /tmp] [--keep]
+
+Writes a synthetic release (kimi_jax/checkpoint/synthetic.py: K2 shapes scaled down to hidden 2048 and 64
+experts, random bytes in the release format) of about --gb GB, then times, each in a fresh process:
+  raw read      every shard file read once with large sequential reads (the disk/page-cache ceiling)
+  hf-to-orbax   python -m kimi_jax.convert hf-to-orbax --dtype bfloat16 --workers N
+  orbax-to-hf   python -m kimi_jax.convert orbax-to-hf (BF16, and --fp8)
+The source files' pages are dropped from the page cache before each read of them (posix_fadvise DONTNEED),
+so reads come from the disk, as with a real 1 TB release that cannot stay cached. GB/s is source bytes
+(what was read) per second; RSS is the converting process's peak resident set.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+
+from kimi_jax.checkpoint.synthetic import FORMATS, k2_shaped, write_synthetic  # noqa: E402
+
+_MEASURE = ("import resource, subprocess, sys, time; t = time.perf_counter(); "
+            "subprocess.run(sys.argv[1:], check=True, stdout=subprocess.DEVNULL); "
+            "print(time.perf_counter() - t, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)")
+
+
+def drop_cache(directory: str) -> None:
+  for path in glob.glob(os.path.join(directory, "**", "*"), recursive=True):
+    if os.path.isfile(path):
+      fd = os.open(path, os.O_RDONLY)
+      os.fsync(fd)
+      os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+      os.close(fd)
+
+
+def raw_read(directory: str) -> tuple[float, int]:
+  """(seconds, bytes) to read every safetensors file once in 64 MiB reads."""
+  buf = bytearray(64 << 20)
+  total, start = 0, time.perf_counter()
+  for path in sorted(glob.glob(os.path.join(directory, "*.safetensors"))):
+    with open(path, "rb", buffering=0) as f:
+      while n := f.readinto(buf):
+        total += n
+  return time.perf_counter() - start, total
+
+
+def measure(cmd: list[str]) -> tuple[float, float]:
+  """(seconds, peak RSS GiB) of `cmd` run in a fresh process."""
+  out = subprocess.run([sys.executable, "-c", _MEASURE, *cmd], capture_output=True, text=True, check=True,
+                       env={**os.environ, "JAX_PLATFORMS": "cpu"})
+  seconds, rss_kib = out.stdout.split()
+  return float(seconds), int(rss_kib) / 2**20
+
+
+def dir_bytes(directory: str) -> int:
+  return sum(os.path.getsize(p) for p in glob.glob(os.path.join(directory, "**", "*"), recursive=True)
+             if os.path.isfile(p))
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--gb", type=float, default=3.0, help="approximate size of the routed experts")
+  parser.add_argument("--format", choices=FORMATS, default="fp8")
+  parser.add_argument("--workers", default="1,4", help="comma-separated worker counts for hf-to-orbax")
+  parser.add_argument("--dir", default=tempfile.gettempdir(), help="where to write (needs ~4x --gb of space)")
+  parser.add_argument("--keep", action="store_true", help="keep the files")
+  args = parser.parse_args()
+
+  work = tempfile.mkdtemp(prefix="kimi_convert_bench_", dir=args.dir)
+  convert = [sys.executable, "-m", "kimi_jax.convert"]
+  rows = []
+  try:
+    hf = os.path.join(work, "hf")
+    cfg = k2_shaped(args.gb, args.format)
+    start = time.perf_counter()
+    size = write_synthetic(hf, cfg, args.format, max_shard_bytes=1 << 30)
+    print(f"synthetic {args.format} release: {size / 1e9:.2f} GB, {cfg.num_hidden_layers} layers, "
+          f"{cfg.n_routed_experts} experts, written in {time.perf_counter() - start:.1f} s", flush=True)
+    drop_cache(hf)
+    seconds, nbytes = raw_read(hf)
+    rows.append(("raw read (1 thread)", nbytes, seconds, None))
+    ckpt = None
+    for workers in (int(w) for w in args.workers.split(",")):
+      ckpt = os.path.join(work, f"orbax_{workers}")
+      drop_cache(hf)
+      seconds, rss = measure([*convert, "hf-to-orbax", "--hf_dir", hf, "--out_dir", ckpt, "--dtype", "bfloat16",
+                              "--workers", str(workers), "--noprogress"])
+      rows.append((f"hf-to-orbax bf16, {workers} worker(s)", size, seconds, rss))
+      print(rows[-1], flush=True)
+    for fp8 in (False, True):
+      out = os.path.join(work, f"hf_{fp8}")
+      drop_cache(ckpt)
+      seconds, rss = measure([*convert, "orbax-to-hf", "--checkpoint", ckpt, "--out_dir", out, "--workers", "4",
+                              "--noprogress", *(["--fp8"] if fp8 else [])])
+      rows.append((f"orbax-to-hf {'fp8' if fp8 else 'bf16'}, 4 workers", dir_bytes(os.path.join(ckpt, "state")),
+                   seconds, rss))
+      shutil.rmtree(out)
+  finally:
+    if not args.keep:
+      shutil.rmtree(work, ignore_errors=True)
+  print(f"\n| {'what':34s} | {'GB read':>7s} | {'seconds':>7s} | {'GB/s':>5s} | {'peak RSS GiB':>12s} |")
+  print(f"|{'-' * 36}|{'-' * 9}|{'-' * 9}|{'-' * 7}|{'-' * 14}|")
+  for what, nbytes, seconds, rss in rows:
+    rss = "-" if rss is None else f"{rss:.2f}"
+    print(f"| {what:34s} | {nbytes / 1e9:7.2f} | {seconds:7.1f} | {nbytes / 1e9 / seconds:5.2f} | {rss:>12s} |")
+  print(f"\n{os.cpu_count()} CPUs; load average {os.getloadavg()[0]:.1f} at the end")
+
+
+if __name__ == "__main__":
+  main()

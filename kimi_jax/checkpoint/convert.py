@@ -1,0 +1,257 @@
+"""Streaming conversion between Hugging Face releases and kimi-jax model checkpoints (config.json + state/).
+
+hf_to_orbax: the work is a list of pieces, each rows [r0, r1) of one HF tensor (at most `piece_elements`
+elements). A worker reads a piece (pread), dequantises it (FP8/INT4 → f32), transposes and casts it, and writes
+it as whole chunks of its stacked target array in the Orbax item `OUT/state` (orbax_arrays.py): chunks are
+(1, 1, in, rows) for experts, so a (layer, expert) slice goes to disk as soon as it is read. Peak host memory
+is about workers × a piece's working set (~12 bytes per element), not the model: K2's 1 TB needs no more RAM
+than a 1 GB model. Each finished piece is appended to `OUT/conversion.log`; a rerun skips those, and the
+item's `_METADATA` (which makes it restorable) and `config.json` are written last.
+
+orbax_to_hf: shards are planned from the config alone (names, dtypes, shapes); each shard file is filled
+tensor by tensor in row blocks read from the Orbax arrays (optionally re-quantised to FP8 with 128×128 blocks),
+written to `.tmp` and renamed, so a rerun skips complete shards. Workers write different shards.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import threading
+import time
+from typing import Any, Callable, Iterator
+
+import ml_dtypes
+import numpy as np
+
+from kimi_jax.checkpoint import orbax_arrays, quant
+from kimi_jax.checkpoint.hf import (CheckpointError, HFCheckpoint, TensorMap, abstract_state, checked_entries,
+                                    flatten, leaf_dtype, tensor_map)
+from kimi_jax.checkpoint.host_ops import transpose_cast
+from kimi_jax.checkpoint.hf_write import write_release
+from kimi_jax.checkpoint.io_util import progress_bar, run_bounded, write_json
+from kimi_jax.checkpoint.safetensors import TensorSpec
+from kimi_jax.config import ModelConfig
+
+PIECE_ELEMENTS = 1 << 22  # 4 Mi elements: 16 MiB as f32; a K2 expert matrix (14.7 Mi) is 4 pieces
+STATUS_FILE = "conversion.json"
+LOG_FILE = "conversion.log"
+_DTYPES = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(ml_dtypes.bfloat16)}
+
+
+@dataclasses.dataclass
+class Stats:
+  bytes_read: int = 0
+  bytes_written: int = 0
+  seconds: float = 0.0
+
+  def add(self, read: int, written: int) -> None:
+    self.bytes_read += read
+    self.bytes_written += written
+
+
+def block_rows(hf_shape: tuple[int, ...], max_elements: int, align: int = 128) -> int:
+  """Rows per piece for a tensor of `hf_shape`: all of it if small, else a multiple of `align` (FP8 block rows)."""
+  rows, row_size = hf_shape[0], math.prod(hf_shape[1:])
+  if len(hf_shape) < 2 or rows * row_size <= max_elements:
+    return rows
+  return min(rows, max(align, max_elements // row_size // align * align))
+
+
+def _row_ranges(rows: int, step: int) -> list[tuple[int, int]]:
+  return [(r, min(r + step, rows)) for r in range(0, rows, step)]
+
+
+# HF → Orbax ----------------------------------------------------------------------------------------------------
+
+def hf_to_orbax(hf_dir: str, out_dir: str, *, dtype: str = "float32", workers: int = 4,
+                piece_elements: int = PIECE_ELEMENTS, progress: bool = False) -> Stats:
+  """Convert the HF checkpoint at `hf_dir` into the model checkpoint `out_dir` (config.json + state/).
+
+  Weights are stored in `dtype` (the router bias in float32); the saved config's param_dtype is `dtype`.
+  Rerunning after an interruption resumes; rerunning a finished conversion does nothing.
+  """
+  from kimi_jax.checkpoint.model_io import STATE_DIR, save_config
+
+  if dtype not in _DTYPES:
+    raise ValueError(f"dtype {dtype!r} not in {sorted(_DTYPES)}")
+  start = time.perf_counter()
+  ckpt = HFCheckpoint(hf_dir)
+  cfg = ckpt.config(param_dtype=dtype)
+  leaves = flatten(abstract_state(cfg))
+  entries = checked_entries(ckpt, cfg, leaves)  # every tensor is checked before anything is written
+  out_dir = os.path.abspath(out_dir)
+  state_dir = os.path.join(out_dir, STATE_DIR)
+  status = {"source": os.path.abspath(hf_dir), "dtype": dtype, "piece_elements": piece_elements}
+  done = _start_or_resume(out_dir, status, state_dir)
+  if done is None:
+    return Stats()
+
+  rows_of = {entry.path: block_rows(entry.hf_shape(shape), piece_elements) for entry, shape in entries}
+  arrays = _create_targets(state_dir, leaves, entries, rows_of, _DTYPES[dtype], workers)
+  pieces = [(entry, rows) for entry, shape in entries
+            for rows in _row_ranges(entry.hf_shape(shape)[0], rows_of[entry.path])]
+  stored = {entry.hf_name: ckpt.nbytes(entry.hf_name) / entry.hf_shape(shape)[0] for entry, shape in entries}
+  todo = [(e, r) for e, r in pieces if _key(e, r) not in done]
+  total = sum(stored[e.hf_name] * (r[1] - r[0]) for e, r in pieces)
+  bar = progress_bar(progress, total, total - sum(stored[e.hf_name] * (r[1] - r[0]) for e, r in todo),
+                     "hf-to-orbax")
+  stats, log_lock = Stats(), threading.Lock()
+
+  with open(os.path.join(out_dir, LOG_FILE), "a") as log:
+    def convert(piece: tuple[TensorMap, tuple[int, int]]) -> None:
+      entry, rows = piece
+      target = arrays[entry.path]
+      value = ckpt.read(entry.hf_name, rows, transpose=entry.transpose, dtype=target.dtype.numpy_dtype)
+      target[entry.target(target.rank, rows)].write(value).result()
+      read = int(stored[entry.hf_name] * (rows[1] - rows[0]))
+      with log_lock:  # logged only once committed: a rerun redoes anything not logged
+        log.write(_key(entry, rows) + "\n")
+        log.flush()
+        stats.add(read, value.nbytes)
+        bar.update(read)
+
+    run_bounded(convert, todo, workers)
+  bar.close()
+  os.sync()
+  orbax_arrays.write_tree_metadata(state_dir, leaves)
+  save_config(out_dir, cfg)
+  stats.seconds = time.perf_counter() - start
+  write_json(os.path.join(out_dir, STATUS_FILE), {**status, "complete": True, "seconds": stats.seconds})
+  os.remove(os.path.join(out_dir, LOG_FILE))
+  ckpt.close()
+  return stats
+
+
+def _create_targets(state_dir: str, leaves: dict, entries: list[tuple[TensorMap, tuple[int, ...]]],
+                    rows_of: dict, dtype: np.dtype, workers: int) -> dict:
+  """The zarr array of every leaf, chunked so that each piece is whole chunks: one (layer, expert) and the
+  piece's rows (our last axis when transposed) per chunk."""
+  entry_of = {}
+  for entry, _ in entries:
+    entry_of.setdefault(entry.path, entry)
+  missing = sorted(".".join(p) for p in set(leaves) - set(entry_of))
+  if missing:
+    raise CheckpointError(f"no HF tensor maps to {', '.join(missing)}")
+  # No fsync per chunk: a killed process loses nothing (the kernel holds the data), and hf_to_orbax syncs once
+  # before writing the metadata that makes the checkpoint complete.
+  ctx = orbax_arrays.context(concurrency=workers, sync=False)
+  arrays = {}
+  for path, leaf in leaves.items():
+    entry, shape = entry_of[path], tuple(leaf.shape)
+    chunks = [1] * len(entry.index) + list(shape[len(entry.index):])
+    chunks[len(shape) - 1 if entry.transpose else len(entry.index)] = rows_of[path]
+    arrays[path] = orbax_arrays.create_array(state_dir, path, shape, leaf_dtype(path, dtype), tuple(chunks), ctx)
+  return arrays
+
+
+def _key(entry: TensorMap, rows: tuple[int, int]) -> str:
+  return f"{entry.hf_name}[{rows[0]}:{rows[1]}]"
+
+
+def _start_or_resume(out_dir: str, status: dict[str, Any], state_dir: str) -> set[str] | None:
+  """The keys of pieces already converted (None: the conversion is complete). Refuses foreign directories."""
+  status_path = os.path.join(out_dir, STATUS_FILE)
+  if os.path.isfile(status_path):
+    with open(status_path) as f:
+      previous = json.load(f)
+    changed = {k: (previous.get(k), v) for k, v in status.items() if previous.get(k) != v}
+    if changed:
+      raise ValueError(f"{out_dir} holds a conversion with other settings ({changed}); use another --out_dir")
+    if previous.get("complete"):
+      return None
+  elif os.path.exists(state_dir):
+    raise ValueError(f"{out_dir} already holds a checkpoint that is not a conversion in progress; "
+                     "use another --out_dir")
+  os.makedirs(state_dir, exist_ok=True)
+  write_json(status_path, {**status, "complete": False})
+  log_path = os.path.join(out_dir, LOG_FILE)
+  if not os.path.isfile(log_path):
+    return set()
+  with open(log_path) as f:
+    return {line[:-1] for line in f if line.endswith("\n")}  # a line cut by a kill is not a finished piece
+
+
+# Orbax → HF ----------------------------------------------------------------------------------------------------
+
+def orbax_to_hf(checkpoint: str, out_dir: str, *, dtype: str = "bfloat16", fp8: bool = False, workers: int = 4,
+                max_shard_bytes: int = 4 << 30, piece_elements: int = PIECE_ELEMENTS,
+                progress: bool = False) -> Stats:
+  """Write the model checkpoint (or training workdir) `checkpoint` in the released per-expert layout.
+
+  Weights in `dtype` (the router bias in float32); with `fp8`, every linear weight but the router and lm_head is
+  quantised to float8_e4m3fn with a `_scale_inv` per 128×128 block, as in Kimi-K2-Instruct.
+  """
+  if dtype not in _DTYPES:
+    raise ValueError(f"dtype {dtype!r} not in {sorted(_DTYPES)}")
+  start = time.perf_counter()
+  cfg, item_dir, names = _locate_state(checkpoint)
+  leaves = flatten(abstract_state(cfg))
+  ctx = orbax_arrays.context(cache_bytes=128 << 20, concurrency=workers)
+  arrays: dict[tuple[str, ...], Any] = {}
+  arrays_lock = threading.Lock()
+
+  def array(path):
+    with arrays_lock:
+      if path not in arrays:
+        if path not in names:
+          raise CheckpointError(f"{item_dir}: no array for {'.'.join(path)} (config/checkpoint mismatch)")
+        arrays[path] = orbax_arrays.open_array(item_dir, names[path], ctx)
+        if tuple(arrays[path].shape) != tuple(leaves[path].shape):
+          raise CheckpointError(f"{item_dir}: array {'.'.join(names[path])} has shape {tuple(arrays[path].shape)}, "
+                                f"but the config needs {tuple(leaves[path].shape)}")
+      return arrays[path]
+
+  def read(entry: TensorMap, rows: tuple[int, int], dtype: np.dtype) -> np.ndarray:
+    arr = array(entry.path)
+    return transpose_cast(arr[entry.target(arr.rank, rows)].read().result(), dtype, entry.transpose)
+
+  scheme = quant.Fp8Scheme() if fp8 else None
+  groups = [_export_specs(entry, entry.hf_shape(tuple(leaves[entry.path].shape)), read,
+                          leaf_dtype(entry.path, _DTYPES[dtype]), scheme if entry.fp8_exportable else None,
+                          piece_elements)
+            for entry in tensor_map(cfg)]
+  hf_config = cfg.to_hf()
+  if scheme:
+    hf_config["quantization_config"] = scheme.hf_config()
+  bar = progress_bar(progress, sum(s.nbytes for g in groups for s in g), 0, "orbax-to-hf")
+  _, written = write_release(out_dir, groups, hf_config, max_shard_bytes=max_shard_bytes, workers=workers,
+                             on_written=bar.update)
+  bar.close()
+  return Stats(written, written, time.perf_counter() - start)
+
+
+def _export_specs(entry: TensorMap, shape: tuple[int, ...], read: Callable, dtype: np.dtype,
+                  scheme: quant.Fp8Scheme | None, piece_elements: int) -> list[TensorSpec]:
+  """The spec of one HF tensor (plus its `_scale_inv` when FP8), producing row blocks from `read`."""
+  ranges = _row_ranges(shape[0], block_rows(shape, piece_elements, scheme.block[0] if scheme else 128))
+  if scheme is None:
+    return [TensorSpec(entry.hf_name, dtype, shape, lambda: (read(entry, r, dtype) for r in ranges))]
+  scales: list[np.ndarray] = []  # filled while the weight is written; the scale follows it in the same shard
+
+  def weight() -> Iterator[np.ndarray]:
+    scales.clear()
+    for r in ranges:
+      wq, scale = quant.fp8_quantize(read(entry, r, np.float32), scheme.block)
+      scales.append(scale)
+      yield wq
+
+  scale_name = entry.hf_name + quant.FP8_SCALE_SUFFIX
+  return [TensorSpec(entry.hf_name, quant.FP8_DTYPE, shape, weight),
+          TensorSpec(scale_name, np.float32, scheme.scale_shape(shape), lambda: iter([np.concatenate(scales)]))]
+
+
+def _locate_state(directory: str) -> tuple[ModelConfig, str, dict[tuple[str, ...], tuple[str, ...]]]:
+  """(config, Orbax item dir, our leaf path -> stored leaf path) of a model checkpoint or training workdir."""
+  from kimi_jax.checkpoint.model_io import STATE_DIR, load_config, workdir_state
+
+  if os.path.isdir(os.path.join(directory, STATE_DIR)):
+    cfg, item_dir = load_config(directory), os.path.join(directory, STATE_DIR)
+  else:
+    cfg, item_dir = workdir_state(directory)
+  stored = orbax_arrays.read_tree_paths(item_dir)
+  # Training checkpoints split the state into {"params": ..., "rest": ...}.
+  names = {p[1:] if p[0] in ("params", "rest") else p: p for p in stored}
+  return cfg, item_dir, names
