@@ -87,3 +87,24 @@ def test_muon_clip_training_logs_clipping(tmp_path):
   assert all(len(r["max_logit_per_layer"]) == 2 for r in rows)
   assert sum(r["heads_clipped"] for r in rows) > 0
   assert all(r["heads_clipped"] <= 4 for r in rows)  # 2 layers x 2 heads
+
+
+def test_init_from_a_model_checkpoint(uninterrupted, tmp_path):
+  """A run started from a saved model begins at that model's loss, not at a random init's."""
+  from flax import nnx
+
+  from kimi_jax.checkpoint.model_io import load_any, save_model
+
+  cfg, model = load_any(str(uninterrupted))
+  save_model(str(tmp_path / "model"), cfg, nnx.state(model, nnx.Variable).to_pure_dict())
+  c = small_config(1)
+  c.init_from = str(tmp_path / "model")
+  train(c, str(tmp_path / "run"))
+  first = read_metrics(tmp_path / "run")[0]["loss"]
+  full = read_metrics(uninterrupted)
+  assert first < full[0]["loss"] - 0.5  # far below a fresh start: it begins from the trained weights
+  with pytest.raises(ValueError, match="hidden_size"):
+    c2 = small_config(1)
+    c2.model.hidden_size = 48
+    c2.init_from = str(tmp_path / "model")
+    train(c2, str(tmp_path / "bad"))
