@@ -27,6 +27,7 @@ test: $(STAMP)
 	JAX_PLATFORMS=$${JAX_PLATFORMS:-cpu} $(PY) -m pytest -q $(PYTEST_ARGS)
 
 test-slow: $(STAMP)
+	$(PY) -m pip install -q -e '.[test,notebook,bench]'
 	JAX_PLATFORMS=$${JAX_PLATFORMS:-cpu} $(PY) -m pytest -q -m slow $(PYTEST_ARGS)
 
 bench: $(STAMP)

@@ -29,6 +29,7 @@ setup(
         "test": ["pytest>=8", "jax[tpu]>=0.12.0", "pyarrow>=15"],
         "parquet": ["pyarrow>=15"],
         "bench": ["matplotlib>=3.8"],
+        "notebook": ["nbclient>=0.10", "nbformat>=5.10", "ipykernel>=6.29", "treescope>=0.1.7", "matplotlib>=3.8"],
         "tpu": ["jax[tpu]>=0.12.0"],
         "cuda": ["jax[cuda12]>=0.12.0"],
         # Only for regenerating reference fixtures (tests/reference/); never needed by CI or the package.
