@@ -20,8 +20,6 @@ os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")  
 
 import argparse  # noqa: E402
 import math  # noqa: E402
-import statistics  # noqa: E402
-import time  # noqa: E402
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -29,16 +27,7 @@ import numpy as np  # noqa: E402
 
 from kimi_jax.expert_parallel import expert_parallel_moe  # noqa: E402
 from kimi_jax.layers.experts import routed_experts  # noqa: E402
-
-
-def _time_ms(fn, args, iters):
-  jax.block_until_ready(fn(*args))  # compile + warm-up
-  times = []
-  for _ in range(iters):
-    t0 = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    times.append((time.perf_counter() - t0) * 1e3)
-  return statistics.median(times)
+from _timing import time_ms  # noqa: E402
 
 
 def _step(moe):
@@ -98,7 +87,7 @@ def main():
   print(f"backend {jax.default_backend()}, {jax.device_count()} devices; T={t} D={d} F={f} E={e} K={k} {dtype.name}")
 
   reference = _step(lambda x, w, g, u, dn: (routed_experts(x, idx, w, g, u, dn, impl="auto"), jnp.int32(0)))
-  rows = [("1 device", "routed_experts(auto)", "-", _time_ms(reference, params, args.iters), 0, 0.0)]
+  rows = [("1 device", "routed_experts(auto)", "-", time_ms(reference, params, args.iters), 0, 0.0)]
   meshes = args.meshes or ("expert=8;data=2,expert=4;data=4,expert=2" if jax.device_count() == 8
                             else f"expert={jax.device_count()}")
   for spec in meshes.split(";"):
@@ -112,7 +101,7 @@ def main():
           continue
         step = _step(lambda x, w, g, u, dn, mesh=mesh, strategy=strategy, factor=factor: expert_parallel_moe(
             x, idx, w, g, u, dn, mesh=mesh, strategy=strategy, capacity_factor=factor))
-        rows.append((spec, strategy, label, _time_ms(step, params, args.iters), int(step(*params)[1]), moved))
+        rows.append((spec, strategy, label, time_ms(step, params, args.iters), int(step(*params)[1]), moved))
 
   header = ("mesh", "strategy", "capacity", "ms fwd+bwd", "dropped", "MB moved")
   table = [header] + [(m, s, c, "n/a" if ms is None else f"{ms:.1f}", "-" if dr is None else str(dr), f"{mb:.1f}")

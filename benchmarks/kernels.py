@@ -15,8 +15,6 @@ C latent rank, R rope dim, T cache length.
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import jax
 import jax.numpy as jnp
@@ -24,17 +22,7 @@ import numpy as np
 
 import pallas_kernels as pk
 from pallas_kernels._common import resolve_impl
-
-
-def _time_ms(fn, args, iters):
-  out = fn(*args)
-  jax.block_until_ready(out)  # compile + warm-up
-  times = []
-  for _ in range(iters):
-    t0 = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    times.append((time.perf_counter() - t0) * 1e3)
-  return statistics.median(times)
+from _timing import time_ms  # noqa: E402
 
 
 def _gmm_cases(big):
@@ -54,8 +42,8 @@ def bench_gmm(impls, big, iters, rng):
       grad = jax.jit(jax.grad(lambda a, b, impl=impl: pk.gmm(a, b, sizes, impl=impl)
                               .astype(jnp.float32).sum(), argnums=(0, 1)))
       shape = f"M={m} K={k} N={n} G={g}"
-      rows.append(("gmm fwd", shape, impl, _time_ms(fwd, (lhs, rhs), iters), flops))
-      rows.append(("gmm fwd+bwd", shape, impl, _time_ms(grad, (lhs, rhs), iters), 3 * flops))
+      rows.append(("gmm fwd", shape, impl, time_ms(fwd, (lhs, rhs), iters), flops))
+      rows.append(("gmm fwd+bwd", shape, impl, time_ms(grad, (lhs, rhs), iters), 3 * flops))
   return rows
 
 
@@ -70,8 +58,8 @@ def bench_attention(impls, big, iters, rng):
     grad = jax.jit(jax.grad(lambda q, k, v, impl=impl: pk.flash_attention(q, k, v, impl=impl)
                             .astype(jnp.float32).sum(), argnums=(0, 1, 2)))
     shape = f"B={b} S={s} H={h} Dqk={dqk} Dv={dv}"
-    rows.append(("attention fwd", shape, impl, _time_ms(fwd, (q, k, v), iters), flops))
-    rows.append(("attention fwd+bwd", shape, impl, _time_ms(grad, (q, k, v), iters),
+    rows.append(("attention fwd", shape, impl, time_ms(fwd, (q, k, v), iters), flops))
+    rows.append(("attention fwd+bwd", shape, impl, time_ms(grad, (q, k, v), iters),
                  int(3.5 * flops)))
   return rows
 
@@ -85,7 +73,7 @@ def bench_mla_decode(impls, big, iters, rng):
   for impl in impls:
     fn = jax.jit(lambda *a, impl=impl: pk.mla_decode(*a, 0.13, impl=impl))
     rows.append(("mla_decode", f"B={b} H={h} C={c} R={r} T={t}", impl,
-                 _time_ms(fn, args, iters), flops))
+                 time_ms(fn, args, iters), flops))
   return rows
 
 
