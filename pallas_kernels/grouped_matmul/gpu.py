@@ -24,8 +24,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from pallas_kernels._common import round_up
 from pallas_kernels.grouped_matmul import metadata
+from pallas_kernels.grouped_matmul.operands import gmm_operands, precision, tgmm_operands
 
 
 def default_tiling(m: int, k: int, n: int, dtype) -> tuple[int, int, int]:
@@ -36,17 +36,6 @@ def default_tiling(m: int, k: int, n: int, dtype) -> tuple[int, int, int]:
   return tm, tk, 128
 
 
-def _pad_to(x, axis, size):
-  if x.shape[axis] == size:
-    return x
-  pad = [(0, 0)] * x.ndim
-  pad[axis] = (0, size - x.shape[axis])
-  return jnp.pad(x, pad)
-
-
-def _precision(dtype):
-  # f32 inputs: IEEE f32 (not TF32) to match the reference; bf16 uses tensor cores.
-  return lax.Precision.HIGHEST if jnp.dtype(dtype) == jnp.float32 else lax.Precision.DEFAULT
 
 
 def _params(num_warps=4, num_stages=3):
@@ -59,22 +48,16 @@ def gmm(lhs, rhs, group_sizes, *, group_offset=0, out_dtype=None, tiling=None,
 
   lhs: [M, K]; rhs: [G, K, N] ([G, N, K] if transpose_rhs); group_sizes: [GT] int32.
   """
-  m, k = lhs.shape
   num_local = rhs.shape[0]
-  n = rhs.shape[1] if transpose_rhs else rhs.shape[2]
-  cdt = jnp.result_type(lhs.dtype, rhs.dtype)
-  out_dtype = out_dtype or cdt
-  tm, tk, tn = tiling or default_tiling(m, k, n, cdt)
-  mp, kp, np_ = round_up(m, tm), round_up(k, tk), round_up(n, tn)
-  lhs = _pad_to(_pad_to(lhs.astype(cdt), 0, mp), 1, kp)
-  rhs = rhs.astype(cdt)
-  rhs = _pad_to(_pad_to(rhs, 1, np_ if transpose_rhs else kp), 2, kp if transpose_rhs else np_)
+  ops = gmm_operands(lhs, rhs, transpose_rhs=transpose_rhs, tiling=tiling, default_tiling=default_tiling,
+                     out_dtype=out_dtype)
+  lhs, rhs, (tm, tk, tn), (m, k, n), (mp, kp, np_), out_dtype = ops
 
   bounds = metadata.local_group_bounds(group_sizes, group_offset, num_local, m)
   items = metadata.gmm_work_items(bounds, tm=tm, tiles_m=mp // tm)
   meta = (items.kind, items.group, items.tile, items.lo, items.hi, items.glo, items.ghi)
   kernel = functools.partial(_gmm_kernel, tm=tm, tk=tk, tn=tn, nk=kp // tk,
-                             transpose_rhs=transpose_rhs, precision=_precision(cdt))
+                             transpose_rhs=transpose_rhs, precision=precision(lhs.dtype))
   out = pl.pallas_call(
       kernel,
       out_shape=jax.ShapeDtypeStruct((mp, np_), out_dtype),
@@ -124,17 +107,11 @@ def tgmm(lhs, dout, group_sizes, *, num_groups, group_offset=0, out_dtype=None,
 
   lhs: [M, K]; dout: [M, N]; group_sizes: [GT] int32; num_groups = G.
   """
-  m, k = lhs.shape
-  n = dout.shape[1]
-  cdt = jnp.result_type(lhs.dtype, dout.dtype)
-  out_dtype = out_dtype or cdt
-  tm, tk, tn = tiling or default_tiling(m, k, n, cdt)
-  mp, kp, np_ = round_up(m, tm), round_up(k, tk), round_up(n, tn)
-  lhs = _pad_to(_pad_to(lhs.astype(cdt), 0, mp), 1, kp)
-  dout = _pad_to(_pad_to(dout.astype(cdt), 0, mp), 1, np_)
+  ops = tgmm_operands(lhs, dout, tiling=tiling, default_tiling=default_tiling, out_dtype=out_dtype)
+  lhs, dout, (tm, tk, tn), (m, k, n), (mp, kp, np_), out_dtype = ops
   gs, ge = metadata.local_group_bounds(group_sizes, group_offset, num_groups, m)
 
-  kernel = functools.partial(_tgmm_kernel, tm=tm, tk=tk, tn=tn, precision=_precision(cdt))
+  kernel = functools.partial(_tgmm_kernel, tm=tm, tk=tk, tn=tn, precision=precision(lhs.dtype))
   out = pl.pallas_call(
       kernel,
       out_shape=jax.ShapeDtypeStruct((num_groups, kp, np_), out_dtype),

@@ -26,6 +26,7 @@ from jax.experimental.pallas import tpu as pltpu
 
 from pallas_kernels._common import pick_tile, round_up
 from pallas_kernels.grouped_matmul import metadata
+from pallas_kernels.grouped_matmul.operands import gmm_operands, precision, tgmm_operands
 
 
 def default_tiling(m: int, k: int, n: int, dtype) -> tuple[int, int, int]:
@@ -37,13 +38,6 @@ def default_tiling(m: int, k: int, n: int, dtype) -> tuple[int, int, int]:
   return tm, tk, tn
 
 
-def _pad_to(x, axis, size):
-  if x.shape[axis] == size:
-    return x
-  pad = [(0, 0)] * x.ndim
-  pad[axis] = (0, size - x.shape[axis])
-  return jnp.pad(x, pad)
-
 
 def _fetch_indices(items: metadata.WorkItems):
   """Tile/group to fetch per item: the item's own for compute items, else the last
@@ -54,11 +48,6 @@ def _fetch_indices(items: metadata.WorkItems):
   return ftile, fgroup
 
 
-def _precision(dtype):
-  # f32 inputs get a true f32 matmul (the reference's numerics); bf16 uses the MXU natively.
-  # Explicit, so a global jax_default_matmul_precision cannot change the kernel.
-  return lax.Precision.HIGHEST if jnp.dtype(dtype) == jnp.float32 else lax.Precision.DEFAULT
-
 
 def gmm(lhs, rhs, group_sizes, *, group_offset=0, out_dtype=None, tiling=None,
         transpose_rhs=False, interpret=False):
@@ -67,16 +56,10 @@ def gmm(lhs, rhs, group_sizes, *, group_offset=0, out_dtype=None, tiling=None,
   lhs: [M, K]; rhs: [G, K, N] ([G, N, K] if transpose_rhs); group_sizes: [GT] int32;
   group_offset: scalar (first local group). Accumulates in f32.
   """
-  m, k = lhs.shape
   num_local = rhs.shape[0]
-  n = rhs.shape[1] if transpose_rhs else rhs.shape[2]
-  cdt = jnp.result_type(lhs.dtype, rhs.dtype)
-  out_dtype = out_dtype or cdt
-  tm, tk, tn = tiling or default_tiling(m, k, n, cdt)
-  mp, kp, np_ = round_up(m, tm), round_up(k, tk), round_up(n, tn)
-  lhs = _pad_to(_pad_to(lhs.astype(cdt), 0, mp), 1, kp)
-  rhs = rhs.astype(cdt)
-  rhs = _pad_to(_pad_to(rhs, 1, np_ if transpose_rhs else kp), 2, kp if transpose_rhs else np_)
+  ops = gmm_operands(lhs, rhs, transpose_rhs=transpose_rhs, tiling=tiling, default_tiling=default_tiling,
+                     out_dtype=out_dtype)
+  lhs, rhs, (tm, tk, tn), (m, k, n), (mp, kp, np_), out_dtype = ops
   tiles_m, nk = mp // tm, kp // tk
 
   bounds = metadata.local_group_bounds(group_sizes, group_offset, num_local, m)
@@ -101,7 +84,7 @@ def gmm(lhs, rhs, group_sizes, *, group_offset=0, out_dtype=None, tiling=None,
 
   rhs_block = (None, tn, tk) if transpose_rhs else (None, tk, tn)
   kernel = functools.partial(_gmm_kernel, tm=tm, nk=nk, rhs_contract=1 if transpose_rhs else 0,
-                             precision=_precision(cdt))
+                             precision=precision(lhs.dtype))
   out = pl.pallas_call(
       kernel,
       out_shape=jax.ShapeDtypeStruct((mp, np_), out_dtype),
@@ -157,14 +140,8 @@ def tgmm(lhs, dout, group_sizes, *, num_groups, group_offset=0, out_dtype=None,
 
   lhs: [M, K]; dout: [M, N]; group_sizes: [GT] int32; num_groups = G (local groups).
   """
-  m, k = lhs.shape
-  n = dout.shape[1]
-  cdt = jnp.result_type(lhs.dtype, dout.dtype)
-  out_dtype = out_dtype or cdt
-  tm, tk, tn = tiling or default_tiling(m, k, n, cdt)
-  mp, kp, np_ = round_up(m, tm), round_up(k, tk), round_up(n, tn)
-  lhs = _pad_to(_pad_to(lhs.astype(cdt), 0, mp), 1, kp)
-  dout = _pad_to(_pad_to(dout.astype(cdt), 0, mp), 1, np_)
+  ops = tgmm_operands(lhs, dout, tiling=tiling, default_tiling=default_tiling, out_dtype=out_dtype)
+  lhs, dout, (tm, tk, tn), (m, k, n), (mp, kp, np_), out_dtype = ops
 
   bounds = metadata.local_group_bounds(group_sizes, group_offset, num_groups, m)
   items = metadata.tgmm_work_items(bounds, tm=tm, tiles_m=mp // tm)
@@ -180,7 +157,7 @@ def tgmm(lhs, dout, group_sizes, *, num_groups, group_offset=0, out_dtype=None,
   def out_map(kb, nb, i, kind, group, *_):
     return group[i], kb, nb
 
-  kernel = functools.partial(_tgmm_kernel, tm=tm, precision=_precision(cdt))
+  kernel = functools.partial(_tgmm_kernel, tm=tm, precision=precision(lhs.dtype))
   out = pl.pallas_call(
       kernel,
       out_shape=jax.ShapeDtypeStruct((num_groups, kp, np_), out_dtype),
