@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 
 import jax
 import numpy as np
@@ -64,24 +65,33 @@ def compile_train_step(c, topology: str, mfu: float = 0.4) -> dict:
            for k in ("inputs", "targets", "segment_ids", "positions", "loss_mask")}
 
   step = make_train_step(graphdef, tx, c, (param_sh, rest_sh, opt_sh))
+  tokens = c.batch_size * c.seq_len
+  model_flops = train_flops_per_token(cfg, c.seq_len) * tokens
+  report = {"topology": topology, "chips": len(devices), "mesh": dict(mesh.shape), "global_batch_tokens": tokens,
+            "microbatches": c.microbatches, "total_params": count_params(cfg)["total_params"],
+            "hbm_bytes_per_chip": hbm, "flops_per_step": model_flops}
   with target_platform("tpu"), sharding.use_mesh(mesh):
-    compiled = step.lower(params, rest, opt_state, batch).compile()
+    lowered = step.lower(params, rest, opt_state, batch)
+    try:
+      compiled = lowered.compile()
+    except jax.errors.JaxRuntimeError as e:  # libtpu refuses programs that cannot fit; report, don't crash
+      needed = re.search(r"HLO temporaries \(([\d.]+)([GT])\)", str(e))
+      if "CompileTimeHbmOom" not in str(e) or not needed:
+        raise
+      temp = float(needed.group(1)) * (1e9 if needed.group(2) == "G" else 1e12)
+      return {**report, "temp_bytes_per_chip": int(temp), "fits": False, "error": "CompileTimeHbmOom"}
   memory = compiled.memory_analysis()
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-  tokens = c.batch_size * c.seq_len
-  model_flops = train_flops_per_token(cfg, c.seq_len) * tokens
   peak_bytes = (memory.argument_size_in_bytes + memory.output_size_in_bytes - memory.alias_size_in_bytes
                 + memory.temp_size_in_bytes)
-  chips = len(devices)
   return {
-      "topology": topology, "chips": chips, "mesh": dict(mesh.shape), "global_batch_tokens": tokens,
-      "microbatches": c.microbatches, "total_params": count_params(cfg)["total_params"],
-      "argument_bytes_per_chip": memory.argument_size_in_bytes, "temp_bytes_per_chip": memory.temp_size_in_bytes,
-      "output_bytes_per_chip": memory.output_size_in_bytes, "peak_bytes_per_chip": peak_bytes,
-      "hbm_bytes_per_chip": hbm, "fits": peak_bytes <= hbm,
-      "flops_per_step": model_flops, "compiled_flops_per_step": float(cost.get("flops", 0.0)) * chips,
-      "mfu_assumed": mfu, "step_seconds_at_mfu": model_flops / (chips * peak_flops * mfu),
+      **report, "argument_bytes_per_chip": memory.argument_size_in_bytes,
+      "temp_bytes_per_chip": memory.temp_size_in_bytes, "output_bytes_per_chip": memory.output_size_in_bytes,
+      "peak_bytes_per_chip": peak_bytes, "fits": peak_bytes <= hbm,
+      # XLA's count for the compiled program; kernels' own estimates included where they give one.
+      "compiled_flops_per_step": float(cost.get("flops", 0.0)) * len(devices),
+      "mfu_assumed": mfu, "step_seconds_at_mfu": model_flops / (len(devices) * peak_flops * mfu),
   }
 
 
@@ -96,7 +106,7 @@ def main(argv):
     return
   gib = 1 << 30
   for key, value in report.items():
-    if key.endswith("bytes_per_chip"):
+    if key.endswith("bytes_per_chip") and isinstance(value, int):
       value = f"{value / gib:,.2f} GiB"
     elif isinstance(value, float):
       value = f"{value:,.4g}"
