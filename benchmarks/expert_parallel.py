@@ -86,7 +86,7 @@ def main():
   params = (x, weights, gate, up, down)
   print(f"backend {jax.default_backend()}, {jax.device_count()} devices; T={t} D={d} F={f} E={e} K={k} {dtype.name}")
 
-  reference = _step(lambda x, w, g, u, dn: (routed_experts(x, idx, w, g, u, dn, impl="auto"), jnp.int32(0)))
+  reference = _step(lambda x, w, g, u, dn: routed_experts(x, idx, w, g, u, dn, impl="auto"))
   rows = [("1 device", "routed_experts(auto)", "-", time_ms(reference, params, args.iters), 0, 0.0)]
   meshes = args.meshes or ("expert=8;data=2,expert=4;data=4,expert=2" if jax.device_count() == 8
                             else f"expert={jax.device_count()}")

@@ -151,7 +151,7 @@ def _dense_value_and_grads(inputs, mask=None):
 
   def loss(x, weights, gate, up, down):
     kept = weights if mask is None else jnp.where(mask, weights, 0.0)
-    out = routed_experts(x, idx, kept, gate, up, down, impl="dense")
+    out, _ = routed_experts(x, idx, kept, gate, up, down, impl="dense")
     return jnp.sum(out * cotangent), out
 
   return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3, 4), has_aux=True))(x, weights, gate, up, down)
