@@ -23,6 +23,7 @@ setup(
         "tqdm>=4.66",
         "tiktoken>=0.7",
         "array-record>=0.8",
+        "tensorboardX>=2.6",
     ],
     extras_require={
         # jax[tpu] brings the libtpu that matches jax: the tests compile the TPU kernels ahead of time on CPU.

@@ -33,6 +33,7 @@ from kimi_jax.checkpoint.model_io import RUN_CONFIG_FILE
 from kimi_jax.config import ModelConfig
 from kimi_jax.model import LAYER_GROUPS, KimiK2
 from kimi_jax.optim import kimi_muon_dims, kimi_qk_clip, muon_clip, warmup_stable_decay
+from kimi_jax.tools.plan import count_params, device_peak_flops, train_flops_per_token
 from kimi_jax.train_config import model_config
 
 
@@ -136,6 +137,7 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformationExtr
       load = aux["expert_load"].astype(jnp.float32)
       metrics["expert_load_max_over_mean"] = jnp.max(load / jnp.mean(load, axis=-1, keepdims=True))
       metrics["dropped_pairs"] = aux["dropped_pairs"]
+      metrics["expert_load"] = aux["expert_load"]  # [L, E]; the writer turns it into histograms
     return params, rest, opt_state, metrics
 
   out_shardings = None if shardings is None else (*shardings, None)
@@ -224,7 +226,7 @@ def train(c: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   batch_sharding = sharding.batch_sharding(mesh)
   schedule = learning_rate_schedule(c)
   tokens_per_step = c.batch_size * c.seq_len
-  metrics_path = os.path.join(workdir, "metrics.jsonl")
+  writer = MetricsWriter(workdir, flops_per_token=train_flops_per_token(cfg, c.seq_len))
   first, last = None, {}
   progress = _Progress(start, c.steps)
   window_start, window_steps = time.perf_counter(), 0
@@ -234,13 +236,9 @@ def train(c: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
       params, rest, opt_state, metrics = step_fn(params, rest, opt_state, batch)
     window_steps += 1
     if step % c.log_every == 0 or step in (1, c.steps):  # step 1 shows the starting loss
-      metrics = jax.device_get(metrics)
       elapsed = time.perf_counter() - window_start
-      last = {"step": step, **{k: v.tolist() for k, v in metrics.items()},
-              "learning_rate": float(schedule(step - 1)), "tokens_per_sec": window_steps * tokens_per_step / elapsed}
-      if jax.process_index() == 0:
-        with open(metrics_path, "a") as f:
-          f.write(json.dumps(last) + "\n")
+      last = writer.write(step, metrics, learning_rate=float(schedule(step - 1)),
+                          tokens_per_sec=window_steps * tokens_per_step / elapsed)
       progress.update(step, last)
       first = first or last
       window_start, window_steps = time.perf_counter(), 0
@@ -248,6 +246,7 @@ def train(c: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
       ckpt.save(step, {"params": params, "rest": rest}, opt_state, data.get_state())
   ckpt.wait()
   ckpt.close()
+  writer.close()
   progress.close()
   if first is not None and jax.process_index() == 0:
     print(f"loss {first['loss']:.3f} (step {first['step']}) -> {last['loss']:.3f} (step {last['step']})")
@@ -264,8 +263,6 @@ def train(c: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
 
 
 def _print_summary(cfg: ModelConfig, c: ml_collections.ConfigDict, workdir: str, start: int, mesh) -> None:
-  from kimi_jax.tools.plan import count_params, train_flops_per_token
-
   counts = count_params(cfg)
   tokens = c.batch_size * c.seq_len
   print(f"kimi-jax train: {counts['total_params']:,} params ({counts['active_params']:,} active), "
@@ -278,6 +275,50 @@ def _print_summary(cfg: ModelConfig, c: ml_collections.ConfigDict, workdir: str,
         f"{jax.process_count()} process(es)")
   print(f"  workdir {workdir}: " + (f"resuming at step {start}" if start else "starting fresh")
         + f", {c.steps} steps", flush=True)
+
+
+class MetricsWriter:
+  """Process 0 logs each logged step to WORKDIR/metrics.jsonl and to TensorBoard (WORKDIR/tensorboard).
+
+  Adds `mfu` (model FLOPs utilisation against the devices' bf16 peak, when the device kind is known) and an
+  expert-load histogram per MoE layer (TensorBoard only; metrics.jsonl keeps the max/mean summary).
+  """
+
+  def __init__(self, workdir: str, *, flops_per_token: float):
+    self._path = os.path.join(workdir, "metrics.jsonl")
+    self._flops_per_token = flops_per_token
+    peak = device_peak_flops(jax.devices()[0].device_kind)
+    self._peak = peak * jax.device_count() if peak else None
+    self._tb = None
+    if jax.process_index() == 0:
+      from tensorboardX import SummaryWriter
+
+      self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+
+  def write(self, step: int, metrics: dict[str, jax.Array], **host_metrics: float) -> dict[str, Any]:
+    metrics = jax.device_get(metrics)
+    load = metrics.pop("expert_load", None)
+    row = {"step": step, **{k: v.tolist() for k, v in metrics.items()}, **host_metrics}
+    if self._peak:
+      row["mfu"] = row["tokens_per_sec"] * self._flops_per_token / self._peak
+    if self._tb is None:
+      return row
+    with open(self._path, "a") as f:
+      f.write(json.dumps(row) + "\n")
+    for key, value in row.items():
+      if isinstance(value, list):
+        for i, v in enumerate(value):
+          self._tb.add_scalar(f"{key}/layer_{i}", v, step)
+      elif key != "step":
+        self._tb.add_scalar(key, value, step)
+    if load is not None:  # [L, E]: tokens per expert, as a histogram over experts per layer
+      for i, layer_load in enumerate(load):
+        self._tb.add_histogram(f"expert_load/moe_layer_{i}", np.asarray(layer_load, np.float64), step)
+    return row
+
+  def close(self) -> None:
+    if self._tb is not None:
+      self._tb.close()
 
 
 class _Progress:

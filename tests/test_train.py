@@ -43,6 +43,9 @@ def test_loss_falls_and_metrics_are_written(uninterrupted):
     assert all(np.isfinite(r[key]) for r in rows), key
   assert rows[-1]["loss"] < 0.8 * rows[0]["loss"]
   assert sorted(p.name for p in (uninterrupted / "checkpoints").iterdir() if p.name.isdigit()) == ["12", "4", "8"]
+  events = list((uninterrupted / "tensorboard").glob("events.out.tfevents.*"))
+  assert len(events) == 1 and events[0].stat().st_size > 0
+  assert b"expert_load/moe_layer_0" in events[0].read_bytes()  # the per-layer load histogram
 
 
 def test_resume_after_checkpoint_matches_uninterrupted(uninterrupted, tmp_path):
@@ -108,3 +111,12 @@ def test_init_from_a_model_checkpoint(uninterrupted, tmp_path):
     c2.model.hidden_size = 48
     c2.init_from = str(tmp_path / "model")
     train(c2, str(tmp_path / "bad"))
+
+
+def test_device_peak_flops_table():
+  from kimi_jax.tools.plan import device_peak_flops
+
+  assert device_peak_flops("TPU v5p") == 459e12
+  assert device_peak_flops("TPU v5 lite") == 197e12
+  assert device_peak_flops("NVIDIA H100 80GB HBM3") == 989e12
+  assert device_peak_flops("cpu") is None  # no MFU is logged on CPU

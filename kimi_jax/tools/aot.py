@@ -22,17 +22,11 @@ from ml_collections import config_flags
 from kimi_jax import sharding
 from kimi_jax.layers.kernels import target_platform
 from kimi_jax.model import KimiK2
-from kimi_jax.tools.plan import count_params, train_flops_per_token
+from kimi_jax.tools.plan import PEAK_FLOPS, count_params, train_flops_per_token
 from kimi_jax.train import build_optimizer, make_train_step
 from kimi_jax.train_config import model_config
 
-# Per chip: bf16 dense peak FLOP/s and HBM bytes (public spec sheets).
-CHIPS = {
-    "v4": (275e12, 32 << 30),
-    "v5e": (197e12, 16 << 30),
-    "v5p": (459e12, 95 << 30),
-    "v6e": (918e12, 32 << 30),
-}
+HBM_BYTES = {"v4": 32 << 30, "v5e": 16 << 30, "v5p": 95 << 30, "v6e": 32 << 30}  # per chip (spec sheets)
 
 def compile_train_step(c, topology: str, mfu: float = 0.4) -> dict:
   """Lower and compile the train step for `topology`; returns the report dict."""
@@ -41,9 +35,9 @@ def compile_train_step(c, topology: str, mfu: float = 0.4) -> dict:
   os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
   devices = topologies.get_topology_desc(topology, "tpu").devices
   chip = topology.split(":")[0]
-  if chip not in CHIPS:
-    raise ValueError(f"unknown chip {chip!r} in topology {topology!r}; known: {sorted(CHIPS)}")
-  peak_flops, hbm = CHIPS[chip]
+  if chip not in HBM_BYTES:
+    raise ValueError(f"unknown chip {chip!r} in topology {topology!r}; known: {sorted(HBM_BYTES)}")
+  peak_flops, hbm = PEAK_FLOPS[chip], HBM_BYTES[chip]
   mesh = sharding.make_mesh(c.mesh, devices=devices)
   sharding.check_batch(c.batch_size, mesh)
   cfg = model_config(c)

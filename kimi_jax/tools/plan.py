@@ -33,6 +33,23 @@ def _leaves_with_paths(cfg: ModelConfig):
   return jax.tree_util.tree_flatten_with_path(state.to_pure_dict())[0]
 
 
+# bf16 dense peak FLOP/s per chip (public spec sheets), keyed by a short chip name.
+PEAK_FLOPS = {"v4": 275e12, "v5e": 197e12, "v5p": 459e12, "v6e": 918e12, "a100": 312e12, "h100": 989e12,
+              "h200": 989e12}
+_DEVICE_KINDS = {"tpu v4": "v4", "tpu v5 lite": "v5e", "tpu v5e": "v5e", "tpu v5p": "v5p", "tpu v5": "v5p",
+                 "tpu v6 lite": "v6e", "tpu v6e": "v6e", "a100": "a100", "h100": "h100", "h200": "h200"}
+
+
+def device_peak_flops(device_kind: str) -> float | None:
+  """Peak bf16 FLOP/s of a `jax.Device.device_kind` (e.g. "TPU v5p", "NVIDIA H100 80GB HBM3"); None if unknown
+  (CPUs)."""
+  kind = device_kind.lower()
+  for name in sorted(_DEVICE_KINDS, key=len, reverse=True):
+    if name in kind:
+      return PEAK_FLOPS[_DEVICE_KINDS[name]]
+  return None
+
+
 def count_params(cfg: ModelConfig) -> dict[str, int]:
   """total_params (router biases included) and active_params (K of E routed experts per token)."""
   total = routed = 0
