@@ -236,6 +236,7 @@ def train(c: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
       params, rest, opt_state, metrics = step_fn(params, rest, opt_state, batch)
     window_steps += 1
     if step % c.log_every == 0 or step in (1, c.steps):  # step 1 shows the starting loss
+      jax.block_until_ready(metrics)  # dispatch is async: time the finished steps, not their launch
       elapsed = time.perf_counter() - window_start
       last = writer.write(step, metrics, learning_rate=float(schedule(step - 1)),
                           tokens_per_sec=window_steps * tokens_per_step / elapsed)

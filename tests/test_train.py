@@ -120,3 +120,4 @@ def test_device_peak_flops_table():
   assert device_peak_flops("TPU v5 lite") == 197e12
   assert device_peak_flops("NVIDIA H100 80GB HBM3") == 989e12
   assert device_peak_flops("cpu") is None  # no MFU is logged on CPU
+
