@@ -136,10 +136,10 @@ BATCH, SEQ = 2, 12
 BIAS_STD = 0.15  # e_score_correction_bias ~ N(0, 0.15^2): comparable to the spread of sigmoid scores
 
 
-def _gen_weights() -> dict[str, torch.Tensor]:
-    """Random weights in the released layout, generated in a fixed order (float32 -> bf16)."""
-    c = CONFIG
-    g = torch.Generator().manual_seed(SEED)
+def gen_weights(c: dict, seed: int) -> dict[str, torch.Tensor]:
+    """Random weights for config `c` in the released layout, generated in a fixed order (float32 -> bf16).
+    Shared with make_quant_fixture.py and make_generate_fixture.py."""
+    g = torch.Generator().manual_seed(seed)
     D, H = c["hidden_size"], c["num_attention_heads"]
     nope, rope, vdim = c["qk_nope_head_dim"], c["qk_rope_head_dim"], c["v_head_dim"]
     qr, kvr = c["q_lora_rank"], c["kv_lora_rank"]
@@ -406,7 +406,7 @@ def main() -> None:
     L, H, rope = c["num_hidden_layers"], c["num_attention_heads"], c["qk_rope_head_dim"]
     E, K = c["n_routed_experts"], c["num_experts_per_tok"]
 
-    w = _gen_weights()
+    w = gen_weights(CONFIG, SEED)
     _write_checkpoint(w)
 
     model = _load_and_verify(w, "kimi_capture_eager")

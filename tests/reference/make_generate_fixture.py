@@ -46,7 +46,7 @@ def main() -> None:
   torch.manual_seed(SEED)
   torch.use_deterministic_algorithms(True)
   torch.set_num_threads(1)
-  weights = make_fixture._gen_weights()
+  weights = make_fixture.gen_weights(make_fixture.CONFIG, make_fixture.SEED)
   on_disk = {}
   for shard in sorted(make_fixture.OUT_DIR.glob("model-*.safetensors")):
     on_disk.update(load_file(str(shard)))

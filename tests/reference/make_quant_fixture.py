@@ -31,6 +31,7 @@ import copy
 import json
 import math
 import os
+import sys
 import tempfile
 from pathlib import Path
 
@@ -38,7 +39,11 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
-from transformers.conversion_mapping import get_checkpoint_conversion_mapping, register_checkpoint_conversion_mapping
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+# One weight generator for every fixture; importing make_fixture also registers the kimi_k2 -> deepseek_v3
+# expert mapping that transformers 5.23 needs to load per-expert tensors.
+from make_fixture import gen_weights  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 SEED = 20250801
@@ -79,53 +84,6 @@ INT4_CONFIG = {
         "ignore": ["lm_head", "re:.*self_attn.*", "re:.*shared_experts.*", "re:.*mlp\\.(gate|up|gate_up|down)_proj.*"],
         "kv_cache_scheme": None, "quant_method": "compressed-tensors", "quantization_status": "compressed"},
 }
-
-
-def gen_weights(c: dict, seed: int) -> dict[str, torch.Tensor]:
-  """Float weights in the released layout (BF16-rounded, as a BF16 master would be), fixed generation order."""
-  g = torch.Generator().manual_seed(seed)
-  d, h = c["hidden_size"], c["num_attention_heads"]
-  nope, rope, vd = c["qk_nope_head_dim"], c["qk_rope_head_dim"], c["v_head_dim"]
-  w: dict[str, torch.Tensor] = {}
-
-  def lin(name, out_f, in_f):
-    w[name] = (torch.randn(out_f, in_f, generator=g) / in_f ** 0.5).to(torch.bfloat16)
-
-  def norm(name, n):
-    w[name] = (1.0 + 0.1 * torch.randn(n, generator=g)).to(torch.bfloat16)
-
-  w["model.embed_tokens.weight"] = torch.randn(c["vocab_size"], d, generator=g).to(torch.bfloat16)
-  for n in range(c["num_hidden_layers"]):
-    p = f"model.layers.{n}."
-    norm(p + "input_layernorm.weight", d)
-    norm(p + "post_attention_layernorm.weight", d)
-    a = p + "self_attn."
-    lin(a + "q_a_proj.weight", c["q_lora_rank"], d)
-    norm(a + "q_a_layernorm.weight", c["q_lora_rank"])
-    lin(a + "q_b_proj.weight", h * (nope + rope), c["q_lora_rank"])
-    lin(a + "kv_a_proj_with_mqa.weight", c["kv_lora_rank"] + rope, d)
-    norm(a + "kv_a_layernorm.weight", c["kv_lora_rank"])
-    lin(a + "kv_b_proj.weight", h * (nope + vd), c["kv_lora_rank"])
-    lin(a + "o_proj.weight", d, h * vd)
-    m = p + "mlp."
-    if n < c["first_k_dense_replace"]:
-      for proj, (o, i) in {"gate": (c["intermediate_size"], d), "up": (c["intermediate_size"], d),
-                           "down": (d, c["intermediate_size"])}.items():
-        lin(m + f"{proj}_proj.weight", o, i)
-      continue
-    lin(m + "gate.weight", c["n_routed_experts"], d)
-    w[m + "gate.e_score_correction_bias"] = 0.15 * torch.randn(c["n_routed_experts"], generator=g)
-    f = c["moe_intermediate_size"]
-    for e in range(c["n_routed_experts"]):
-      lin(m + f"experts.{e}.gate_proj.weight", f, d)
-      lin(m + f"experts.{e}.up_proj.weight", f, d)
-      lin(m + f"experts.{e}.down_proj.weight", d, f)
-    lin(m + "shared_experts.gate_proj.weight", f * c["n_shared_experts"], d)
-    lin(m + "shared_experts.up_proj.weight", f * c["n_shared_experts"], d)
-    lin(m + "shared_experts.down_proj.weight", d, f * c["n_shared_experts"])
-  norm("model.norm.weight", d)
-  w["lm_head.weight"] = (torch.randn(c["vocab_size"], d, generator=g) / d ** 0.5).to(torch.bfloat16)
-  return w
 
 
 # Quantisation (the release formats) ------------------------------------------------------------------------------
@@ -286,8 +244,6 @@ def main() -> None:
   torch.manual_seed(SEED)
   torch.use_deterministic_algorithms(True)
   torch.set_num_threads(1)
-  # transformers 5.23 knows no kimi_k2 model type: without this, routed experts silently load at random.
-  register_checkpoint_conversion_mapping("kimi_k2", get_checkpoint_conversion_mapping("deepseek_v3"))
   make("fp8", FP8_CONFIG, SEED, ["model.layers.0.self_attn.q_a_proj.weight",
                                  "model.layers.1.mlp.experts.2.down_proj.weight"])
   make("int4", INT4_CONFIG, SEED + 1, ["model.layers.1.mlp.experts.3.gate_proj.weight",
