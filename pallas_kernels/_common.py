@@ -6,6 +6,7 @@ This package never imports kimi_jax; it depends on jax only.
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 
 IMPLS = ("auto", "xla", "tpu", "gpu")
 
@@ -22,6 +23,32 @@ def resolve_impl(impl: str) -> str:
   if platform in ("gpu", "cuda", "rocm"):
     return "gpu"
   return "xla"
+
+
+# What every kernel (TPU Mosaic, GPU Triton) and its XLA reference accept for float operands.
+FLOAT_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16))
+
+
+def check_float(**operands: jax.Array) -> None:
+  """Raises ValueError naming the operand unless all are float32 or all bfloat16 (one dtype, so that backends
+  agree on precision: the kernels would otherwise promote differently from XLA)."""
+  for name, x in operands.items():
+    if jnp.dtype(x.dtype) not in FLOAT_DTYPES:
+      raise ValueError(f"{name} has dtype {jnp.dtype(x.dtype).name}; supported: float32, bfloat16")
+  names = list(operands)
+  first = operands[names[0]].dtype
+  for name in names[1:]:
+    if operands[name].dtype != first:
+      raise ValueError(f"{name} is {jnp.dtype(operands[name].dtype).name} but {names[0]} is "
+                       f"{jnp.dtype(first).name}: cast them to one dtype")
+
+
+def check_int(name: str, x, ndim: int | None = None) -> None:
+  """Raises ValueError naming the operand unless it is an integer array (of `ndim` axes if given)."""
+  if not jnp.issubdtype(jnp.asarray(x).dtype, jnp.integer):
+    raise ValueError(f"{name} must be an integer array, got dtype {jnp.asarray(x).dtype}")
+  if ndim is not None and jnp.ndim(x) != ndim:
+    raise ValueError(f"{name} must have {ndim} axes, got shape {jnp.shape(x)}")
 
 
 def cdiv(a: int, b: int) -> int:

@@ -13,7 +13,7 @@ import math
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels._common import resolve_impl, round_up
+from pallas_kernels._common import check_float, check_int, resolve_impl, round_up
 from pallas_kernels.flash_attention import gpu, tpu
 from pallas_kernels.flash_attention.reference import attention_reference
 
@@ -48,6 +48,9 @@ def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, segment_ids=Non
   if segment_ids is not None and segment_ids.shape != q.shape[:2]:
     raise ValueError(f"segment_ids must be [B, S] = {list(q.shape[:2])}, got "
                      f"{list(segment_ids.shape)}")
+  check_float(q=q, k=k, v=v)
+  if segment_ids is not None:
+    check_int("segment_ids", segment_ids)
   scale = float(q.shape[-1] ** -0.5 if softmax_scale is None else softmax_scale)
   impl = resolve_impl(impl)
   if impl == "xla":

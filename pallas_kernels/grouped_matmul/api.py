@@ -15,7 +15,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels._common import resolve_impl
+from pallas_kernels._common import check_float, check_int, resolve_impl
 from pallas_kernels.grouped_matmul import gpu, reference, tpu
 
 _KERNELS = {"tpu": tpu, "gpu": gpu}
@@ -27,6 +27,8 @@ def _check(lhs, rhs, group_sizes, group_offset, rhs_name="rhs"):
   if group_sizes.ndim != 1 or group_sizes.dtype != jnp.int32:
     raise ValueError(f"group_sizes must be a 1-D int32 array, got {group_sizes.dtype}"
                      f"{list(group_sizes.shape)}")
+  if group_offset is not None:
+    check_int("group_offset", group_offset, ndim=0)
   if rhs is not None and rhs.shape[0] > group_sizes.shape[0]:
     raise ValueError(f"{rhs_name} has {rhs.shape[0]} groups but group_sizes only "
                      f"{group_sizes.shape[0]}")
@@ -59,6 +61,7 @@ def gmm(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, *, impl: str = "
     out: [M, N].
   """
   _check(lhs, rhs, group_sizes, group_offset)
+  check_float(lhs=lhs, rhs=rhs)
   if rhs.ndim != 3 or rhs.shape[1] != lhs.shape[1]:
     raise ValueError(f"rhs must be [G, K={lhs.shape[1]}, N], got shape {rhs.shape}")
   impl = resolve_impl(impl)
@@ -86,6 +89,7 @@ def tgmm(lhs: jax.Array, dout: jax.Array, group_sizes: jax.Array, *,
   _check(lhs, None, group_sizes, group_offset)
   if dout.ndim != 2 or dout.shape[0] != lhs.shape[0]:
     raise ValueError(f"dout must be [M={lhs.shape[0]}, N], got shape {dout.shape}")
+  check_float(lhs=lhs, dout=dout)
   num_groups = group_sizes.shape[0] if num_groups is None else num_groups
   impl = resolve_impl(impl)
   out_dtype = jnp.dtype(preferred_element_type or jnp.result_type(lhs.dtype, dout.dtype))

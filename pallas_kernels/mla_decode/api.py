@@ -10,7 +10,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels._common import resolve_impl, round_up
+from pallas_kernels._common import check_float, check_int, resolve_impl, round_up
 from pallas_kernels.mla_decode import gpu, tpu
 from pallas_kernels.mla_decode.reference import mla_decode_reference
 
@@ -41,6 +41,8 @@ def mla_decode(q_latent: jax.Array, q_rope: jax.Array, cache_latent: jax.Array,
     raise ValueError(f"shape mismatch: q_latent {q_latent.shape}, q_rope {q_rope.shape}, "
                      f"cache_latent {cache_latent.shape}, cache_rope {cache_rope.shape}, "
                      f"lengths {lengths.shape}")
+  check_float(q_latent=q_latent, q_rope=q_rope, cache_latent=cache_latent, cache_rope=cache_rope)
+  check_int("lengths", lengths)
   impl = resolve_impl(impl)
   lengths = jnp.minimum(lengths.astype(jnp.int32), t)
   if impl == "xla":
