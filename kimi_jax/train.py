@@ -49,14 +49,20 @@ def learning_rate_schedule(c: ml_collections.ConfigDict) -> optax.Schedule:
   raise ValueError(f"config.schedule {c.schedule!r} is not supported (choose cosine or wsd)")
 
 
-def build_optimizer(c: ml_collections.ConfigDict, cfg: ModelConfig) -> optax.GradientTransformationExtraArgs:
-  """Global-norm clipping, then AdamW or MuonClip (whose qk-clip reads the forward pass's max logits)."""
+def build_optimizer(c: ml_collections.ConfigDict, cfg: ModelConfig,
+                    param_shardings: Any = None) -> optax.GradientTransformationExtraArgs:
+  """Global-norm clipping, then AdamW or MuonClip (whose qk-clip reads the forward pass's max logits).
+
+  param_shardings (the params' NamedShardings) lets MuonClip lay Newton–Schulz out over the mesh when
+  `c.spread_newton_schulz` is on.
+  """
   schedule = learning_rate_schedule(c)
   if c.optimizer == "adamw":
     tx = optax.adamw(schedule, b1=c.adam_b1, b2=c.adam_b2, weight_decay=c.weight_decay)
   elif c.optimizer == "muon_clip":
     tx = muon_clip(schedule, weight_decay=c.weight_decay, adam_b1=c.adam_b1, adam_b2=c.adam_b2,
-                   qk_clip_tau=qk_clip_tau(c), muon_dims=kimi_muon_dims,
+                   qk_clip_tau=qk_clip_tau(c), muon_dims=kimi_muon_dims, ns_dtype=jnp.dtype(c.muon_ns_dtype),
+                   param_shardings=param_shardings if c.spread_newton_schulz else None,
                    qk_clip=kimi_qk_clip(cfg.num_attention_heads, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim,
                                         cfg.v_head_dim))
   else:
@@ -144,6 +150,12 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformationExtr
   return jax.jit(step, donate_argnums=(0, 1, 2), out_shardings=out_shardings)
 
 
+def param_shardings(cfg: ModelConfig, mesh) -> dict:
+  """The params' NamedShardings on `mesh`, as a pure dict (from the abstract model; nothing is allocated)."""
+  abstract = nnx.eval_shape(lambda: KimiK2(cfg, rngs=nnx.Rngs(0)))
+  return sharding.state_shardings(nnx.split(abstract, nnx.Param, ...)[1], mesh)
+
+
 def init_train_state(c: ml_collections.ConfigDict, cfg: ModelConfig, tx, mesh):
   """Params, router biases and optimizer state, created directly in their shards (no host holds the model),
   from `c.init_from` when set.
@@ -205,7 +217,7 @@ def train(c: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   if c.batch_size % (c.microbatches * jax.process_count()):
     raise ValueError(f"config.batch_size={c.batch_size} is not divisible by microbatches × processes "
                      f"({c.microbatches} × {jax.process_count()})")
-  tx = build_optimizer(c, cfg)
+  tx = build_optimizer(c, cfg, param_shardings(cfg, mesh) if mesh.size > 1 else None)
   graphdef, params, rest, opt_state, shardings = init_train_state(c, cfg, tx, mesh)
   data = ShardedBatches(num_shards=c.data_shards or jax.process_count(), global_batch_size=c.batch_size,
                         process_index=jax.process_index(), process_count=jax.process_count(), tokenizer=tokenizer,

@@ -18,7 +18,8 @@ from flax import nnx  # noqa: E402
 
 from kimi_jax import config, sharding  # noqa: E402
 from kimi_jax.model import KimiK2  # noqa: E402
-from kimi_jax.train import build_optimizer, cross_entropy, init_train_state, make_train_step  # noqa: E402
+from kimi_jax.train import (build_optimizer, cross_entropy, init_train_state, make_train_step,  # noqa: E402
+                            param_shardings)
 from kimi_jax.train_config import base_config  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
@@ -59,33 +60,67 @@ def main():
         "expert_spec": str(p["moe_layers"]["mlp"]["experts"]["gate"].sharding.spec),
     }
   results["microbatches"] = microbatch_check()
+  results["spread_ns"] = spread_ns_check()
   print(json.dumps(results))
+
+
+def one_train_step(mesh_spec: str, **train):
+  """(params before, params after, loss) of one MuonClip step (float32 Newton–Schulz, so that layouts can be
+  compared tightly) of the small model on `mesh_spec` ("" = one device). No warm-up: the step moves every param."""
+  c = base_config("tiny")
+  c.model.update(dtype="float32", **SMALL)
+  c.update(batch_size=8, seq_len=16, mesh=mesh_spec, optimizer="muon_clip", warmup_steps=0,
+           muon_ns_dtype="float32", **train)
+  cfg = config.ModelConfig.from_dict(c.model.to_dict())
+  mesh = sharding.make_mesh(c.mesh, devices=jax.devices()[:1] if mesh_spec == "" else None)
+  tx = build_optimizer(c, cfg, param_shardings(cfg, mesh))
+  graphdef, params, rest, opt_state, shardings = init_train_state(c, cfg, tx, mesh)
+  step = make_train_step(graphdef, tx, c, shardings)
+  rng = np.random.default_rng(1)
+  batch = {"inputs": rng.integers(0, 259, (8, 16)), "targets": rng.integers(0, 259, (8, 16)),
+           "segment_ids": np.ones((8, 16)), "positions": np.tile(np.arange(16), (8, 1)),
+           "loss_mask": np.ones((8, 16))}
+  batch = {k: jax.device_put(v.astype(np.float32 if k == "loss_mask" else np.int32), sharding.batch_sharding(mesh))
+           for k, v in batch.items()}
+  start = jax.device_get(params)
+  with sharding.use_mesh(mesh):
+    params, _, _, metrics = step(params, rest, opt_state, batch)
+  return start, jax.device_get(params), float(metrics["loss"])
+
+
+def max_diff(a, b):
+  return max(float(np.max(np.abs(x - y))) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+
+
+def spread_ns_check():
+  """MuonClip's Newton–Schulz spread over the mesh (whole matrices per device) against one device and against
+  XLA's own layout: parameter differences after one step (and the step's size), and, for one stacked expert
+  leaf, the all-reduces and per-device FLOPs of the compiled update."""
+  start, one, _ = one_train_step("")
+  out = {"step_size": max_diff(one, start)}
+  for name, spread in (("spread", True), ("xla_layout", False)):
+    out[f"{name}_vs_one_device"] = max_diff(one_train_step("fsdp=2,expert=4", spread_newton_schulz=spread)[1], one)
+
+  from kimi_jax.optim import muon_clip
+  mesh = sharding.make_mesh("fsdp=2,expert=4")
+  sh = {"w": jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, "expert", "fsdp", None))}
+  w = {"w": jax.ShapeDtypeStruct((4, 8, 64, 32), jnp.float32, sharding=sh["w"])}
+  for name, spread in (("spread", True), ("xla_layout", False)):
+    tx = muon_clip(1e-3, muon_dims={"w": (-2, -1)}, param_shardings=sh if spread else None)
+    state = jax.eval_shape(tx.init, w)
+    compiled = jax.jit(lambda g, s, p: tx.update(g, s, p)[0]).lower(w, state, w).compile()
+    text = compiled.as_text()
+    cost = compiled.cost_analysis()
+    out[f"{name}_all_reduces"] = text.count(" all-reduce(") + text.count(" all-reduce-start(")
+    out[f"{name}_flops"] = float((cost[0] if isinstance(cost, list) else cost)["flops"])
+  return out
 
 
 def microbatch_check():
   """One train step with microbatches=2 against microbatches=1 on the expert=8 mesh (same data, same init)."""
-  out = {}
-  for micro in (1, 2):
-    c = base_config("tiny")
-    c.model.update(dtype="float32", **SMALL)
-    c.update(batch_size=8, seq_len=16, microbatches=micro, mesh="expert=8", optimizer="muon_clip")
-    cfg = config.ModelConfig.from_dict(c.model.to_dict())
-    tx = build_optimizer(c, cfg)
-    mesh = sharding.make_mesh(c.mesh)
-    graphdef, params, rest, opt_state, shardings = init_train_state(c, cfg, tx, mesh)
-    step = make_train_step(graphdef, tx, c, shardings)
-    rng = np.random.default_rng(1)
-    batch = {"inputs": rng.integers(0, 259, (8, 16)), "targets": rng.integers(0, 259, (8, 16)),
-             "segment_ids": np.ones((8, 16)), "positions": np.tile(np.arange(16), (8, 1)),
-             "loss_mask": np.ones((8, 16))}
-    batch = {k: jax.device_put(v.astype(np.float32 if k == "loss_mask" else np.int32),
-                               sharding.batch_sharding(mesh)) for k, v in batch.items()}
-    with sharding.use_mesh(mesh):
-      params, rest, _, metrics = step(params, rest, opt_state, batch)
-    out[micro] = (float(metrics["loss"]), jax.device_get(params))
-  (l1, p1), (l2, p2) = out[1], out[2]
-  return {"loss": abs(l1 - l2), "params": max(float(np.max(np.abs(a - b)))
-                                             for a, b in zip(jax.tree.leaves(p1), jax.tree.leaves(p2)))}
+  start, p1, l1 = one_train_step("expert=8", microbatches=1)
+  _, p2, l2 = one_train_step("expert=8", microbatches=2)
+  return {"loss": abs(l1 - l2), "params": max_diff(p1, p2), "step_size": max_diff(p1, start)}
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import optax
 
 from kimi_jax.optim._tree import leaf_paths, match_spec, path_str
+from kimi_jax.optim.ns_sharding import moved_spec, spread
 
 # Quintic coefficients (a, b, c) of p(σ) = aσ + bσ³ + cσ⁵ from Keller Jordan's Muon, tuned for a large slope at 0
 # (p ≈ 3.44σ) rather than convergence to 1. Five iterations map every σ in [0.0052, 1] into [0.6818, 1.1344]: that
@@ -64,7 +65,7 @@ def newton_schulz(
   norm = jnp.sqrt(jnp.sum(jnp.square(x32), axis=(-2, -1), keepdims=True))
   y = (x32 / (norm + eps)).astype(dtype)  # [..., m, n]
 
-  def step(_, y):
+  def step(y):
     # Each line is one multiply-add whose products accumulate in float32 and round to `dtype` once, as torch's
     # addmm does and TPU/GPU matrix units do natively; rounding every product and sum separately in bf16
     # measured ~4x further from the float32 result.
@@ -72,7 +73,8 @@ def newton_schulz(
     poly = (b * gram.astype(jnp.float32) + c * _mm(gram, gram)).astype(dtype)  # [..., m, m]
     return (a * y.astype(jnp.float32) + _mm(poly, y)).astype(dtype)  # [..., m, n]
 
-  y = jax.lax.fori_loop(0, steps, step, y)
+  for _ in range(steps):  # unrolled: XLA's cost analysis counts a while loop's body once
+    y = step(y)
   if tall:
     y = jnp.swapaxes(y, -1, -2)
   return y.astype(x.dtype)
@@ -131,6 +133,19 @@ def resolve_muon_dims(params: Any, muon_dims: MuonDimsSpec | None) -> list[MuonD
   return resolved
 
 
+def resolve_param_shardings(params: Any, param_shardings: Any) -> list[jax.sharding.NamedSharding | None]:
+  """One NamedSharding or None per leaf of params, from a matching pytree or a function params -> pytree."""
+  if param_shardings is None:
+    return [None] * len(jax.tree.leaves(params))
+  spec = param_shardings(params) if callable(param_shardings) else param_shardings
+  is_leaf = lambda x: x is None or isinstance(x, jax.sharding.Sharding)
+  entries = match_spec(params, spec, "param_shardings", is_leaf)
+  for path, entry in zip(leaf_paths(params), entries):
+    if entry is not None and not isinstance(entry, jax.sharding.NamedSharding):
+      raise ValueError(f"param_shardings for '{path}' must be a jax.sharding.NamedSharding or None, got {entry!r}.")
+  return entries
+
+
 class MuonState(NamedTuple):
   """momentum: like params; float32 buffers for Muon leaves, optax.MaskedNode() for the others."""
 
@@ -146,6 +161,7 @@ def scale_by_muon(
     ns_eps: float = 1e-7,
     rms_scale: float = 0.2,
     muon_dims: MuonDimsSpec | None = None,
+    param_shardings: Any = None,
 ) -> optax.GradientTransformation:
   """Turns the gradients of Muon leaves into RMS-matched orthogonalised momentum; other leaves pass through.
 
@@ -159,6 +175,9 @@ def scale_by_muon(
     rms_scale: the update is O · rms_scale · sqrt(max(A, B)), giving it an RMS of about rms_scale, like AdamW's.
     muon_dims: routing per leaf (see `resolve_muon_dims`); leaves with None are returned unchanged. A function
       is called on params at init and on the updates at update, so it must depend only on paths and shapes.
+    param_shardings: None, or the params' layout as a pytree like params of `jax.sharding.NamedSharding` (or a
+      function params -> such a pytree). Given it (and called under jit), Newton–Schulz runs on whole matrices
+      with the batch of matrices spread over the mesh (see `ns_sharding.py`); None leaves the layout to XLA.
   """
 
   def init_fn(params):
@@ -170,10 +189,12 @@ def scale_by_muon(
   def update_fn(updates, state, params=None):
     del params
     dims = resolve_muon_dims(updates, muon_dims)
+    layouts = resolve_param_shardings(updates, param_shardings)
     grads, treedef = jax.tree.flatten(updates)
     buffers = treedef.flatten_up_to(state.momentum)
+    ns = lambda x: newton_schulz(x, ns_steps, ns_coeffs, ns_dtype, ns_eps)
     new_updates, new_buffers = [], []
-    for g, buf, d in zip(grads, buffers, dims):
+    for g, buf, d, layout in zip(grads, buffers, dims, layouts):
       if d is None:
         new_updates.append(g)
         new_buffers.append(buf)
@@ -181,7 +202,11 @@ def scale_by_muon(
       buf = momentum * buf + g.astype(jnp.float32)
       u = g.astype(jnp.float32) + momentum * buf if nesterov else buf
       u = jnp.moveaxis(u, d, (-2, -1))  # [..., A, B]
-      o = newton_schulz(u, ns_steps, ns_coeffs, ns_dtype, ns_eps)
+      if layout is None:
+        o = ns(u)
+      else:
+        sharding = jax.sharding.NamedSharding(layout.mesh, moved_spec(layout.spec, u.ndim, d))
+        o = spread(u, sharding, ns, result_dtype=ns_dtype)  # NS rounds to ns_dtype: moving it back is exact
       scale = rms_scale * max(u.shape[-2:]) ** 0.5
       new_updates.append((jnp.moveaxis(o, (-2, -1), d) * scale).astype(g.dtype))
       new_buffers.append(buf)

@@ -31,6 +31,7 @@ def muon_clip(
     qk_clip_tau: float | None = 100.0,
     qk_clip: QKClipSpec | None = None,
     muon_dims: MuonDimsSpec | None = None,
+    param_shardings: Any = None,
     axis_name: str | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   """The MuonClip optimizer as one optax transformation.
@@ -51,6 +52,8 @@ def muon_clip(
       requires max_logits matching it.
     muon_dims: routing, None (AdamW) or (a, b) per leaf, as a pytree or params -> pytree; default
       `default_muon_dims` (ndim >= 2 → (-2, -1) unless the path names an embedding / lm_head / norm / bias).
+    param_shardings: the params' NamedShardings (pytree or function), to run Newton–Schulz on whole matrices
+      spread over the mesh instead of partitioned by XLA (see `scale_by_muon`). None: XLA decides.
     axis_name: pmax the max logits over this mapped axis (inside shard_map / pmap only; see `scale_by_qk_clip`).
 
   Returns:
@@ -64,7 +67,7 @@ def muon_clip(
 
   stages = [
       ("muon", scale_by_muon(momentum, nesterov, ns_steps, ns_dtype=ns_dtype, rms_scale=rms_scale,
-                             muon_dims=muon_dims)),
+                             muon_dims=muon_dims, param_shardings=param_shardings)),
       ("adamw", optax.masked(optax.scale_by_adam(adam_b1, adam_b2, adam_eps), adamw_mask)),
       ("weight_decay", optax.add_decayed_weights(weight_decay)),
       ("learning_rate", optax.scale_by_learning_rate(learning_rate)),

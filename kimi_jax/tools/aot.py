@@ -10,6 +10,7 @@ Builds the abstract model, optimizer state and batch with their shardings over a
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 
@@ -27,38 +28,67 @@ from kimi_jax.train import build_optimizer, make_train_step
 from kimi_jax.train_config import model_config
 
 HBM_BYTES = {"v4": 32 << 30, "v5e": 16 << 30, "v5p": 95 << 30, "v6e": 32 << 30}  # per chip (spec sheets)
+HBM_BYTES_PER_S = {"v4": 1.2e12, "v5e": 8.1e11, "v5p": 2.76e12, "v6e": 1.64e12}  # per chip (spec sheets)
+COLLECTIVES = ("all-reduce", "all-gather", "all-to-all", "reduce-scatter", "collective-permute")
+_DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "bf16": 2, "f16": 2, "s16": 2, "u16": 2, "f32": 4, "s32": 4, "u32": 4,
+                "f64": 8, "s64": 8, "u64": 8}
 
-def compile_train_step(c, topology: str, mfu: float = 0.4) -> dict:
-  """Lower and compile the train step for `topology`; returns the report dict."""
+
+def collective_bytes(hlo_text: str) -> dict[str, int]:
+  """Bytes of the results of each kind of collective in a compiled (per-device) HLO module's text."""
+  out = dict.fromkeys(COLLECTIVES, 0)
+  pattern = r"= (\(?[^=]*?) (" + "|".join(COLLECTIVES) + r")(?:-start)?\("
+  for match in re.finditer(pattern, hlo_text):
+    for dtype, dims in re.findall(r"\b([a-z]+\d*)\[([\d,]*)\]", match.group(1)):
+      if dtype in _DTYPE_BYTES:
+        out[match.group(2)] += _DTYPE_BYTES[dtype] * math.prod(int(d) for d in dims.split(",") if d)
+  return out
+
+
+def topology_devices(topology: str) -> list:
+  """The devices of a TPU topology such as 'v5p:8x8x8', described on this host (libtpu; nothing runs)."""
   from jax.experimental import topologies
 
   os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
-  devices = topologies.get_topology_desc(topology, "tpu").devices
   chip = topology.split(":")[0]
   if chip not in HBM_BYTES:
     raise ValueError(f"unknown chip {chip!r} in topology {topology!r}; known: {sorted(HBM_BYTES)}")
-  peak_flops, hbm = PEAK_FLOPS[chip], HBM_BYTES[chip]
-  mesh = sharding.make_mesh(c.mesh, devices=devices)
-  sharding.check_batch(c.batch_size, mesh)
-  cfg = model_config(c)
-  tx = build_optimizer(c, cfg)
+  return topologies.get_topology_desc(topology, "tpu").devices
 
+
+def abstract_train_state(c, devices) -> dict:
+  """Mesh, model config, optimizer and the abstract (shape, dtype, sharding) params, router state and optimizer
+  state of run config `c` over `devices`; nothing is allocated."""
+  mesh = sharding.make_mesh(c.mesh, devices=devices)
+  cfg = model_config(c)
   abstract = nnx.eval_shape(lambda: KimiK2(cfg, rngs=nnx.Rngs(0)))
   graphdef, params, rest = nnx.split(abstract, nnx.Param, ...)
   param_sh, rest_sh = sharding.state_shardings(params, mesh), sharding.state_shardings(rest, mesh)
+  tx = build_optimizer(c, cfg, param_sh)
   with_sharding = lambda tree, sh: jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                                                 tree, sh)
   params = with_sharding(params.to_pure_dict(), param_sh)
   rest = with_sharding(rest.to_pure_dict(), rest_sh)
   opt_state = jax.eval_shape(tx.init, params)
   opt_sh = sharding.like_params(opt_state, params, param_sh, mesh)
-  opt_state = with_sharding(opt_state, opt_sh)
+  return dict(mesh=mesh, cfg=cfg, graphdef=graphdef, tx=tx, params=params, rest=rest,
+              opt_state=with_sharding(opt_state, opt_sh), shardings=(param_sh, rest_sh, opt_sh))
+
+
+def compile_train_step(c, topology: str, mfu: float = 0.4) -> dict:
+  """Lower and compile the train step for `topology`; returns the report dict."""
+  devices = topology_devices(topology)
+  chip = topology.split(":")[0]
+  peak_flops, hbm = PEAK_FLOPS[chip], HBM_BYTES[chip]
+  sharding.check_batch(c.batch_size, sharding.make_mesh(c.mesh, devices=devices))
+  state = abstract_train_state(c, devices)
+  mesh, cfg, params, rest, opt_state = (state[k] for k in ("mesh", "cfg", "params", "rest", "opt_state"))
   batch_sh = sharding.batch_sharding(mesh)
   shape = (c.batch_size, c.seq_len)
   batch = {k: jax.ShapeDtypeStruct(shape, np.float32 if k == "loss_mask" else np.int32, sharding=batch_sh)
            for k in ("inputs", "targets", "segment_ids", "positions", "loss_mask")}
 
-  step = make_train_step(graphdef, tx, c, (param_sh, rest_sh, opt_sh))
+  step = make_train_step(state["graphdef"], state["tx"], c, state["shardings"])
   tokens = c.batch_size * c.seq_len
   model_flops = train_flops_per_token(cfg, c.seq_len) * tokens
   report = {"topology": topology, "chips": len(devices), "mesh": dict(mesh.shape), "global_batch_tokens": tokens,

@@ -1,0 +1,103 @@
+"""The optimizer update of a run config, compiled for a TPU pod on this host: per-chip cost of AdamW, MuonClip
+with XLA's own Newton–Schulz layout, and MuonClip with Newton–Schulz spread over the mesh (whole matrices per
+chip, kimi_jax/optim/ns_sharding.py).
+
+  .venv/bin/python benchmarks/optimizer_pod.py [--config configs/kimi_k2.py] [--topology v5p:8x8x8]
+
+Compiles `apply_updates(params, tx.update(grads, ...))` with the run's param and optimizer-state shardings
+(libtpu, nothing runs; ~1 minute per row on 2 CPU cores for full K2) and prints XLA's per-chip counts: FLOPs,
+HBM bytes accessed, bytes moved by collectives, temporaries, and the roofline time max(FLOPs / peak,
+bytes / HBM bandwidth) — a lower bound that ignores the collectives.
+"""
+
+import argparse
+import dataclasses
+import importlib.util
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from kimi_jax import sharding
+from kimi_jax.layers.kernels import target_platform
+from kimi_jax.model import LAYER_GROUPS
+from kimi_jax.tools.aot import HBM_BYTES_PER_S, abstract_train_state, collective_bytes, topology_devices
+from kimi_jax.tools.plan import PEAK_FLOPS
+
+
+@dataclasses.dataclass
+class Row:
+  label: str
+  flops: float
+  hbm_bytes: float
+  collectives: dict
+  temp_bytes: int
+  compile_s: float
+
+
+def load_config(path):
+  spec = importlib.util.spec_from_file_location("run_config", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config()
+
+
+def compile_update(c, devices, label) -> Row:
+  state = abstract_train_state(c, devices)
+  mesh, cfg, tx, params, opt_state = (state[k] for k in ("mesh", "cfg", "tx", "params", "opt_state"))
+  param_sh, _, opt_sh = state["shardings"]
+  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  layers = {"dense_layers": cfg.first_k_dense_replace, "moe_layers": cfg.num_hidden_layers - cfg.first_k_dense_replace}
+  max_logits = {g: jax.ShapeDtypeStruct((layers[g], cfg.num_attention_heads), jnp.float32, sharding=replicated)
+                for g in LAYER_GROUPS if layers[g]}
+
+  def update(grads, opt_state, params, max_logits):
+    updates, opt_state = tx.update(grads, opt_state, params, max_logits=max_logits)
+    return optax.apply_updates(params, updates), opt_state
+
+  step = jax.jit(update, out_shardings=(param_sh, opt_sh), donate_argnums=(1, 2))
+  t0 = time.perf_counter()
+  with target_platform("tpu"), sharding.use_mesh(mesh):
+    compiled = step.lower(params, opt_state, params, max_logits).compile()
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  return Row(label, float(cost.get("flops", 0.0)), float(cost.get("bytes accessed", 0.0)),
+             collective_bytes(compiled.as_text()), compiled.memory_analysis().temp_size_in_bytes,
+             time.perf_counter() - t0)
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--config", default="configs/kimi_k2.py")
+  parser.add_argument("--topology", default="v5p:8x8x8")
+  args = parser.parse_args()
+
+  c = load_config(args.config)
+  devices = topology_devices(args.topology)
+  chip = args.topology.split(":")[0]
+  peak, bandwidth = PEAK_FLOPS[chip], HBM_BYTES_PER_S[chip]
+  rows = []
+  for label, optimizer, spread in (("adamw", "adamw", False), ("muon_clip, XLA layout", "muon_clip", False),
+                                   ("muon_clip, spread NS", "muon_clip", True)):
+    c.optimizer, c.spread_newton_schulz = optimizer, spread
+    rows.append(compile_update(c, devices, label))
+
+  gib = 1 << 30
+  print(f"{os.path.basename(args.config)} on {args.topology} ({len(devices)} chips, mesh {c.mesh}); per chip, "
+        f"from XLA's cost analysis of the compiled update")
+  print(f"{'optimizer':22} {'TFLOP':>7} {'HBM GiB':>8} {'all-reduce':>10} {'all-gather':>10} {'all-to-all':>10} "
+        f"{'temp GiB':>8} {'roofline ms':>11} {'compile s':>9}")
+  for r in rows:
+    roofline = max(r.flops / peak, r.hbm_bytes / bandwidth) * 1e3
+    coll = r.collectives
+    print(f"{r.label:22} {r.flops / 1e12:7.1f} {r.hbm_bytes / gib:8.0f} {coll['all-reduce'] / gib:10.1f} "
+          f"{coll['all-gather'] / gib:10.1f} {coll['all-to-all'] / gib:10.1f} {r.temp_bytes / gib:8.1f} "
+          f"{roofline:11.0f} {r.compile_s:9.0f}")
+  print("collectives: GiB of results per chip; roofline: max(FLOPs / peak, HBM bytes / bandwidth), collectives "
+        "not included")
+
+
+if __name__ == "__main__":
+  main()
