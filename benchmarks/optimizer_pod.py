@@ -1,13 +1,16 @@
-"""The optimizer update of a run config, compiled for a TPU pod on this host: per-chip cost of AdamW, MuonClip
-with XLA's own Newton–Schulz layout, and MuonClip with Newton–Schulz spread over the mesh (whole matrices per
-chip, kimi_jax/optim/ns_sharding.py).
+"""The optimizer update of a run config, compiled for a TPU slice on this host: per-chip cost of AdamW, MuonClip
+with XLA's own Newton–Schulz layout, MuonClip with Newton–Schulz spread over the mesh (whole matrices per chip,
+kimi_jax/optim/ns_sharding.py), and the same with the fused Pallas Newton–Schulz kernel (all five steps in VMEM,
+pallas_kernels/matrix_iteration; matrices over its VMEM budget stay on the XLA loop).
 
   .venv/bin/python benchmarks/optimizer_pod.py [--config configs/kimi_k2.py] [--topology v5p:8x8x8]
+  .venv/bin/python benchmarks/optimizer_pod.py --config configs/proxy.py --topology v5p:1x1x1
 
 Compiles `apply_updates(params, tx.update(grads, ...))` with the run's param and optimizer-state shardings
 (libtpu, nothing runs; ~1 minute per row on 2 CPU cores for full K2) and prints XLA's per-chip counts: FLOPs,
 HBM bytes accessed, bytes moved by collectives, temporaries, and the roofline time max(FLOPs / peak,
-bytes / HBM bandwidth) — a lower bound that ignores the collectives.
+bytes / HBM bandwidth) — a lower bound that ignores the collectives — and its ratio to AdamW's. The Pallas
+kernel's FLOPs and bytes are its own declared cost estimate (one read and one write of each matrix).
 """
 
 import argparse
@@ -23,8 +26,8 @@ import optax
 from kimi_jax import sharding
 from kimi_jax.layers.kernels import target_platform
 from kimi_jax.model import LAYER_GROUPS
-from kimi_jax.tools.aot import HBM_BYTES_PER_S, abstract_train_state, collective_bytes, topology_devices
-from kimi_jax.tools.plan import PEAK_FLOPS
+from kimi_jax.tools.aot import abstract_train_state, collective_bytes, topology_devices
+from kimi_jax.tools.plan import HBM_BYTES_PER_S, PEAK_FLOPS
 
 
 @dataclasses.dataclass
@@ -79,22 +82,24 @@ def main():
   chip = args.topology.split(":")[0]
   peak, bandwidth = PEAK_FLOPS[chip], HBM_BYTES_PER_S[chip]
   rows = []
-  for label, optimizer, spread in (("adamw", "adamw", False), ("muon_clip, XLA layout", "muon_clip", False),
-                                   ("muon_clip, spread NS", "muon_clip", True)):
-    c.optimizer, c.spread_newton_schulz = optimizer, spread
+  for label, optimizer, spread, impl in (("adamw", "adamw", False, "xla"),
+                                         ("muon_clip, XLA layout", "muon_clip", False, "xla"),
+                                         ("muon_clip, spread", "muon_clip", True, "xla"),
+                                         ("muon_clip, spread+Pallas", "muon_clip", True, "pallas")):
+    c.optimizer, c.spread_newton_schulz, c.muon_ns_impl = optimizer, spread, impl
     rows.append(compile_update(c, devices, label))
 
   gib = 1 << 30
   print(f"{os.path.basename(args.config)} on {args.topology} ({len(devices)} chips, mesh {c.mesh}); per chip, "
         f"from XLA's cost analysis of the compiled update")
-  print(f"{'optimizer':22} {'TFLOP':>7} {'HBM GiB':>8} {'all-reduce':>10} {'all-gather':>10} {'all-to-all':>10} "
-        f"{'temp GiB':>8} {'roofline ms':>11} {'compile s':>9}")
+  print(f"{'optimizer':25} {'TFLOP':>8} {'HBM GiB':>8} {'all-reduce':>10} {'all-gather':>10} {'all-to-all':>10} "
+        f"{'temp GiB':>8} {'roofline ms':>11} {'× adamw':>7} {'compile s':>9}")
+  roofline = lambda r: max(r.flops / peak, r.hbm_bytes / bandwidth) * 1e3
   for r in rows:
-    roofline = max(r.flops / peak, r.hbm_bytes / bandwidth) * 1e3
     coll = r.collectives
-    print(f"{r.label:22} {r.flops / 1e12:7.1f} {r.hbm_bytes / gib:8.0f} {coll['all-reduce'] / gib:10.1f} "
+    print(f"{r.label:25} {r.flops / 1e12:8.2f} {r.hbm_bytes / gib:8.1f} {coll['all-reduce'] / gib:10.1f} "
           f"{coll['all-gather'] / gib:10.1f} {coll['all-to-all'] / gib:10.1f} {r.temp_bytes / gib:8.1f} "
-          f"{roofline:11.0f} {r.compile_s:9.0f}")
+          f"{roofline(r):11.2f} {roofline(r) / roofline(rows[0]):7.2f} {r.compile_s:9.0f}")
   print("collectives: GiB of results per chip; roofline: max(FLOPs / peak, HBM bytes / bandwidth), collectives "
         "not included")
 

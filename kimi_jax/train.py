@@ -31,6 +31,7 @@ from kimi_jax import sharding
 from kimi_jax.checkpoint.manager import TrainCheckpointer
 from kimi_jax.checkpoint.model_io import RUN_CONFIG_FILE
 from kimi_jax.config import ModelConfig
+from kimi_jax.layers.kernels import platform
 from kimi_jax.model import LAYER_GROUPS, KimiK2
 from kimi_jax.optim import kimi_muon_dims, kimi_qk_clip, muon_clip, warmup_stable_decay
 from kimi_jax.tools.plan import count_params, device_peak_flops, train_flops_per_token
@@ -62,12 +63,22 @@ def build_optimizer(c: ml_collections.ConfigDict, cfg: ModelConfig,
   elif c.optimizer == "muon_clip":
     tx = muon_clip(schedule, weight_decay=c.weight_decay, adam_b1=c.adam_b1, adam_b2=c.adam_b2,
                    qk_clip_tau=qk_clip_tau(c), muon_dims=kimi_muon_dims, ns_dtype=jnp.dtype(c.muon_ns_dtype),
+                   # Without the spread layout, XLA would have to partition the Pallas kernel: it cannot.
+                   **newton_schulz_impl(c.muon_ns_impl if c.spread_newton_schulz or param_shardings is None
+                                        else "xla"),
                    param_shardings=param_shardings if c.spread_newton_schulz else None,
                    qk_clip=kimi_qk_clip(cfg.num_attention_heads, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim,
                                         cfg.v_head_dim))
   else:
     raise ValueError(f"config.optimizer {c.optimizer!r} is not supported (choose adamw or muon_clip)")
   return optax.chain(optax.clip_by_global_norm(c.grad_clip_norm), tx)
+
+
+def newton_schulz_impl(impl: str) -> dict:
+  """muon_clip's ns_impl / ns_interpret for the platform being compiled for (which may differ from this host's)."""
+  if impl == "auto":
+    impl = "pallas" if platform() == "tpu" else "xla"
+  return {"ns_impl": impl, "ns_interpret": impl == "pallas" and platform() != "tpu"}
 
 
 def qk_clip_tau(c: ml_collections.ConfigDict) -> float | None:

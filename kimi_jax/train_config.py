@@ -31,6 +31,7 @@ def base_config(model_preset: str) -> ml_collections.ConfigDict:
   c.final_learning_rate_ratio = 0.1  # the schedule ends at peak × this
   c.qk_clip_tau = 100.0  # muon_clip only; <= 0 (or None) disables the clip
   c.muon_ns_dtype = "bfloat16"  # muon_clip: Newton–Schulz matmul dtype ("float32" for exact comparisons)
+  c.muon_ns_impl = "auto"  # "xla" | "pallas" (all steps in VMEM, TPU; interpret mode on CPU) | "auto": pallas on TPU
   c.spread_newton_schulz = True  # muon_clip on a mesh: whole matrices per device (kimi_jax/optim/ns_sharding.py)
   c.weight_decay = 0.1
   c.adam_b1 = 0.9

@@ -93,13 +93,15 @@ def max_diff(a, b):
 
 
 def spread_ns_check():
-  """MuonClip's Newton–Schulz spread over the mesh (whole matrices per device) against one device and against
-  XLA's own layout: parameter differences after one step (and the step's size), and, for one stacked expert
-  leaf, the all-reduces and per-device FLOPs of the compiled update."""
+  """MuonClip's Newton–Schulz spread over the mesh (whole matrices per device; also with the Pallas kernel, in
+  interpret mode, under shard_map) against one device and against XLA's own layout: parameter differences after
+  one step (and the step's size), and, for one stacked expert leaf, the all-reduces and per-device FLOPs of the
+  compiled update."""
   start, one, _ = one_train_step("")
   out = {"step_size": max_diff(one, start)}
-  for name, spread in (("spread", True), ("xla_layout", False)):
-    out[f"{name}_vs_one_device"] = max_diff(one_train_step("fsdp=2,expert=4", spread_newton_schulz=spread)[1], one)
+  for name, spread, impl in (("spread", True, "xla"), ("xla_layout", False, "xla"), ("spread_pallas", True, "pallas")):
+    after = one_train_step("fsdp=2,expert=4", spread_newton_schulz=spread, muon_ns_impl=impl)[1]
+    out[f"{name}_vs_one_device"] = max_diff(after, one)
 
   from kimi_jax.optim import muon_clip
   mesh = sharding.make_mesh("fsdp=2,expert=4")
@@ -113,6 +115,9 @@ def spread_ns_check():
     cost = compiled.cost_analysis()
     out[f"{name}_all_reduces"] = text.count(" all-reduce(") + text.count(" all-reduce-start(")
     out[f"{name}_flops"] = float((cost[0] if isinstance(cost, list) else cost)["flops"])
+  tx = muon_clip(1e-3, muon_dims={"w": (-2, -1)}, param_shardings=sh, ns_impl="pallas", ns_interpret=True)
+  jaxpr = jax.make_jaxpr(lambda g, s, p: tx.update(g, s, p)[0])(w, jax.eval_shape(tx.init, w), w)
+  out["spread_pallas_calls"] = str(jaxpr).count("pallas_call")  # the kernel really is in the update
   return out
 
 

@@ -34,14 +34,15 @@ def test_microbatching_equals_one_batch(sharded_results):
 
 
 def test_spread_newton_schulz_equals_one_device(sharded_results):
-  """MuonClip on fsdp=2,expert=4 with Newton–Schulz spread over the mesh lands where one device does (float32
-  NS), like XLA's own layout; the spread update of a stacked expert leaf has no all-reduce (whole matrices per
+  """MuonClip on fsdp=2,expert=4 with Newton–Schulz spread over the mesh (XLA loop, or the Pallas kernel under
+  shard_map) lands where one device does (float32 NS), like XLA's own layout; the spread update of a stacked expert leaf has no all-reduce (whole matrices per
   device) and fewer FLOPs per device, while XLA's layout all-reduces a Gram matrix every step."""
   r = sharded_results["spread_ns"]
   assert r["step_size"] > 1e-4, r
-  assert r["spread_vs_one_device"] <= 1e-5 and r["xla_layout_vs_one_device"] <= 1e-5, r
+  assert max(r["spread_vs_one_device"], r["xla_layout_vs_one_device"], r["spread_pallas_vs_one_device"]) <= 1e-5, r
   assert r["spread_all_reduces"] == 0 and r["xla_layout_all_reduces"] >= 5, r
   assert r["spread_flops"] < r["xla_layout_flops"], r
+  assert r["spread_pallas_calls"] >= 1, r
 
 
 def test_mesh_spec_parsing_and_errors():

@@ -10,6 +10,7 @@ the params, so that bf16 params do not lose the small μ-weighted increments):
   M ← μ M + G;   U = G + μ M (Nesterov) or M;   O = NS(U);   update = rms_scale · sqrt(max(A, B)) · O
 """
 
+import functools
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -33,8 +34,30 @@ MuonDimsSpec = Any | Callable[[Any], Any]  # pytree of MuonDims matching params,
 ADAMW_NAME_HINTS = ("embed", "lm_head", "norm", "bias")
 
 
-def _mm(x: jax.Array, y: jax.Array) -> jax.Array:
-  return jnp.matmul(x, y, preferred_element_type=jnp.float32)
+def _precision(dtype: Any) -> jax.lax.Precision:
+  """Explicit, so a global `jax_default_matmul_precision` cannot ask Mosaic for float32 passes on bf16 inputs."""
+  return jax.lax.Precision.HIGHEST if jnp.dtype(dtype) == jnp.float32 else jax.lax.Precision.DEFAULT
+
+
+def newton_schulz_step(y: jax.Array, coeffs: tuple[float, float, float] = NS_COEFFS) -> jax.Array:
+  """One quintic step y ← a·y + (b·G + c·G²)·y with G = y·yᵀ, for y [..., m, n] (m ≤ n), in y's dtype.
+
+  Each line is one multiply-add whose products accumulate in float32 and round to y's dtype once, as torch's addmm
+  does and TPU/GPU matrix units do natively; rounding every product and sum separately in bf16 measured ~4x
+  further from the float32 result.
+  """
+  a, b, c = coeffs
+  dtype = y.dtype
+  mm = functools.partial(jnp.matmul, preferred_element_type=jnp.float32, precision=_precision(dtype))
+  gram = mm(y, jnp.swapaxes(y, -1, -2)).astype(dtype)  # [..., m, m]
+  poly = (b * gram.astype(jnp.float32) + c * mm(gram, gram)).astype(dtype)  # [..., m, m]
+  return (a * y.astype(jnp.float32) + mm(poly, y)).astype(dtype)  # [..., m, n]
+
+
+def _fits_kernel(m: int, n: int, dtype: Any) -> bool:
+  from pallas_kernels.matrix_iteration import VMEM_LIMIT_BYTES, vmem_bytes
+
+  return vmem_bytes(m, n, dtype) <= VMEM_LIMIT_BYTES
 
 
 def newton_schulz(
@@ -43,6 +66,8 @@ def newton_schulz(
     coeffs: tuple[float, float, float] = NS_COEFFS,
     dtype: Any = jnp.bfloat16,
     eps: float = 1e-7,
+    impl: str = "xla",
+    interpret: bool = False,
 ) -> jax.Array:
   """Approximately orthogonalises every matrix in x: U S Vᵀ → U p⁽ˢᵗᵉᵖˢ⁾(S/‖x‖_F) Vᵀ.
 
@@ -52,11 +77,16 @@ def newton_schulz(
     coeffs: (a, b, c) of the quintic p(σ) = aσ + bσ³ + cσ⁵.
     dtype: dtype the iterations run in (bf16 on accelerators; float32 for reference-exact results).
     eps: added to each matrix's Frobenius norm before dividing, so a zero matrix maps to zero.
+    impl: "xla" (a loop of jnp ops), "pallas" (on TPU: all steps in one Pallas kernel per matrix, which stays
+      in VMEM, `pallas_kernels.matrix_iteration`; matrices too large for its VMEM budget take the xla loop) or
+      "auto" (pallas when JAX's default backend is TPU, else xla).
+    interpret: run the Pallas kernel in interpret mode (CPU testing).
 
   Returns:
     [..., A, B] in x.dtype; singular values in about [0.68, 1.13] (see NS_COEFFS).
   """
-  a, b, c = coeffs
+  if impl not in ("xla", "pallas", "auto"):
+    raise ValueError(f"newton_schulz impl must be 'xla', 'pallas' or 'auto', got {impl!r}")
   tall = x.shape[-2] > x.shape[-1]
   x32 = x.astype(jnp.float32)
   if tall:  # iterate on [..., m, n] so the Gram matrices are the small m×m ones
@@ -64,17 +94,19 @@ def newton_schulz(
   # The norm is taken in float32 before the cast: it bounds every singular value by 1, which the iteration needs.
   norm = jnp.sqrt(jnp.sum(jnp.square(x32), axis=(-2, -1), keepdims=True))
   y = (x32 / (norm + eps)).astype(dtype)  # [..., m, n]
+  m, n = y.shape[-2:]
+  if impl == "auto":
+    impl = "pallas" if jax.default_backend() == "tpu" else "xla"
+  step = functools.partial(newton_schulz_step, coeffs=coeffs)
+  if impl == "pallas" and _fits_kernel(m, n, dtype):
+    from pallas_kernels.matrix_iteration import matrix_iteration
 
-  def step(y):
-    # Each line is one multiply-add whose products accumulate in float32 and round to `dtype` once, as torch's
-    # addmm does and TPU/GPU matrix units do natively; rounding every product and sum separately in bf16
-    # measured ~4x further from the float32 result.
-    gram = jnp.einsum("...ij,...kj->...ik", y, y, preferred_element_type=jnp.float32).astype(dtype)  # [..., m, m]
-    poly = (b * gram.astype(jnp.float32) + c * _mm(gram, gram)).astype(dtype)  # [..., m, m]
-    return (a * y.astype(jnp.float32) + _mm(poly, y)).astype(dtype)  # [..., m, n]
-
-  for _ in range(steps):  # unrolled: XLA's cost analysis counts a while loop's body once
-    y = step(y)
+    flat = y.reshape(-1, m, n)
+    y = matrix_iteration(flat, step, steps, flops_per_step=4 * m * m * n + 2 * m**3, impl="tpu",
+                         interpret=interpret).reshape(y.shape)
+  else:
+    for _ in range(steps):  # unrolled: XLA's cost analysis counts a while loop's body once
+      y = step(y)
   if tall:
     y = jnp.swapaxes(y, -1, -2)
   return y.astype(x.dtype)
@@ -162,6 +194,8 @@ def scale_by_muon(
     rms_scale: float = 0.2,
     muon_dims: MuonDimsSpec | None = None,
     param_shardings: Any = None,
+    ns_impl: str = "auto",
+    ns_interpret: bool = False,
 ) -> optax.GradientTransformation:
   """Turns the gradients of Muon leaves into RMS-matched orthogonalised momentum; other leaves pass through.
 
@@ -171,13 +205,15 @@ def scale_by_muon(
   Args:
     momentum: μ in M ← μ M + G.
     nesterov: feed G + μ M (True) or M (False) to Newton–Schulz.
-    ns_steps, ns_coeffs, ns_dtype, ns_eps: see `newton_schulz`.
+    ns_steps, ns_coeffs, ns_dtype, ns_eps, ns_impl, ns_interpret: see `newton_schulz` (steps, coeffs, dtype, eps,
+      impl, interpret).
     rms_scale: the update is O · rms_scale · sqrt(max(A, B)), giving it an RMS of about rms_scale, like AdamW's.
     muon_dims: routing per leaf (see `resolve_muon_dims`); leaves with None are returned unchanged. A function
       is called on params at init and on the updates at update, so it must depend only on paths and shapes.
     param_shardings: None, or the params' layout as a pytree like params of `jax.sharding.NamedSharding` (or a
       function params -> such a pytree). Given it (and called under jit), Newton–Schulz runs on whole matrices
-      with the batch of matrices spread over the mesh (see `ns_sharding.py`); None leaves the layout to XLA.
+      with the batch of matrices spread over the mesh, under shard_map (see `ns_sharding.py`); None leaves the
+      layout to XLA, which cannot partition the Pallas kernel: on a mesh, ns_impl="pallas" needs this.
   """
 
   def init_fn(params):
@@ -192,7 +228,8 @@ def scale_by_muon(
     layouts = resolve_param_shardings(updates, param_shardings)
     grads, treedef = jax.tree.flatten(updates)
     buffers = treedef.flatten_up_to(state.momentum)
-    ns = lambda x: newton_schulz(x, ns_steps, ns_coeffs, ns_dtype, ns_eps)
+    ns = lambda x, impl=ns_impl: newton_schulz(x, ns_steps, ns_coeffs, ns_dtype, ns_eps, impl, ns_interpret)
+    ns_xla = functools.partial(ns, impl="xla")  # for matrices still split across devices: XLA partitions it
     new_updates, new_buffers = [], []
     for g, buf, d, layout in zip(grads, buffers, dims, layouts):
       if d is None:
@@ -206,7 +243,7 @@ def scale_by_muon(
         o = ns(u)
       else:
         sharding = jax.sharding.NamedSharding(layout.mesh, moved_spec(layout.spec, u.ndim, d))
-        o = spread(u, sharding, ns, result_dtype=ns_dtype)  # NS rounds to ns_dtype: moving it back is exact
+        o = spread(u, sharding, ns, ns_xla, result_dtype=ns_dtype)  # NS rounds to ns_dtype: moving back is exact
       scale = rms_scale * max(u.shape[-2:]) ** 0.5
       new_updates.append((jnp.moveaxis(o, (-2, -1), d) * scale).astype(g.dtype))
       new_buffers.append(buf)

@@ -24,6 +24,8 @@ def muon_clip(
     nesterov: bool = True,
     ns_steps: int = 5,
     ns_dtype: Any = jnp.bfloat16,
+    ns_impl: str = "auto",
+    ns_interpret: bool = False,
     rms_scale: float = 0.2,
     adam_b1: float = 0.9,
     adam_b2: float = 0.95,
@@ -44,7 +46,9 @@ def muon_clip(
   Args:
     learning_rate: η, a float or an optax schedule of the step count; shared by both branches.
     weight_decay: λ, decoupled (multiplied by η, not by the RMS scale), for every param.
-    momentum, nesterov, ns_steps, ns_dtype, rms_scale: Muon settings (see `scale_by_muon`).
+    momentum, nesterov, ns_steps, ns_dtype, ns_impl, rms_scale: Muon settings (see `scale_by_muon`); ns_impl
+      "auto" runs Newton–Schulz in a Pallas kernel on TPU, "xla" everywhere else; ns_interpret runs that kernel
+      in interpret mode (CPU tests).
     adam_b1, adam_b2, adam_eps: AdamW settings for the non-Muon leaves.
     qk_clip_tau: τ; None disables qk-clip (max_logits is then ignored).
     qk_clip: pytree of `QKClipRule` keyed like the model's max_logits, or params -> such a pytree (see
@@ -66,7 +70,8 @@ def muon_clip(
     return jax.tree.unflatten(jax.tree.structure(tree), [d is None for d in dims])
 
   stages = [
-      ("muon", scale_by_muon(momentum, nesterov, ns_steps, ns_dtype=ns_dtype, rms_scale=rms_scale,
+      ("muon", scale_by_muon(momentum, nesterov, ns_steps, ns_dtype=ns_dtype, ns_impl=ns_impl,
+                             ns_interpret=ns_interpret, rms_scale=rms_scale,
                              muon_dims=muon_dims, param_shardings=param_shardings)),
       ("adamw", optax.masked(optax.scale_by_adam(adam_b1, adam_b2, adam_eps), adamw_mask)),
       ("weight_decay", optax.add_decayed_weights(weight_decay)),

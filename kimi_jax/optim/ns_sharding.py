@@ -69,15 +69,21 @@ def moved_spec(spec: PartitionSpec, ndim: int, dims: tuple[int, int]) -> Partiti
   return PartitionSpec(*(e for i, e in enumerate(entries) if i not in dims), entries[dims[0]], entries[dims[1]])
 
 
-def spread(x: jax.Array, sharding: NamedSharding, fn, result_dtype: Any = None) -> jax.Array:
+def spread(x: jax.Array, sharding: NamedSharding, local_fn, global_fn, result_dtype: Any = None) -> jax.Array:
   """fn(x) for x [..., A, B] laid out as `sharding`, computed in the `spread_layout` layout, returned in x's.
 
-  result_dtype: the dtype to move fn's result back in (e.g. bf16 when fn's float32 output holds bf16 values,
-  halving the all-to-all); the result is then cast to fn's output dtype.
+  When that layout leaves both matrix axes whole, `local_fn` runs under shard_map on each device's own matrices
+  (so it may be a Pallas kernel, which XLA cannot partition); otherwise `global_fn` runs on the global array
+  and XLA partitions it. result_dtype: the dtype to move the result back in (e.g. bf16 when fn's float32 output
+  holds bf16 values, halving the all-to-all); the result is then cast to fn's output dtype.
   """
   shape, spec = spread_layout(x.shape, sharding.spec, dict(sharding.mesh.shape))
-  padded = jnp.pad(x, [(0, p - s) for p, s in zip(shape, x.shape)])
-  y = fn(jax.lax.with_sharding_constraint(padded, NamedSharding(sharding.mesh, spec)))
+  target = NamedSharding(sharding.mesh, spec)
+  padded = jax.lax.with_sharding_constraint(jnp.pad(x, [(0, p - s) for p, s in zip(shape, x.shape)]), target)
+  if spec[-2] is None and spec[-1] is None:
+    y = jax.shard_map(local_fn, mesh=sharding.mesh, in_specs=spec, out_specs=spec, check_vma=False)(padded)
+  else:
+    y = global_fn(padded)
   out_dtype = y.dtype
   y = y[tuple(slice(0, s) for s in x.shape)].astype(result_dtype or out_dtype)
   return jax.lax.with_sharding_constraint(y, sharding).astype(out_dtype)

@@ -28,7 +28,6 @@ from kimi_jax.train import build_optimizer, make_train_step
 from kimi_jax.train_config import model_config
 
 HBM_BYTES = {"v4": 32 << 30, "v5e": 16 << 30, "v5p": 95 << 30, "v6e": 32 << 30}  # per chip (spec sheets)
-HBM_BYTES_PER_S = {"v4": 1.2e12, "v5e": 8.1e11, "v5p": 2.76e12, "v6e": 1.64e12}  # per chip (spec sheets)
 COLLECTIVES = ("all-reduce", "all-gather", "all-to-all", "reduce-scatter", "collective-permute")
 _DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "bf16": 2, "f16": 2, "s16": 2, "u16": 2, "f32": 4, "s32": 4, "u32": 4,
                 "f64": 8, "s64": 8, "u64": 8}
@@ -64,7 +63,8 @@ def abstract_train_state(c, devices) -> dict:
   abstract = nnx.eval_shape(lambda: KimiK2(cfg, rngs=nnx.Rngs(0)))
   graphdef, params, rest = nnx.split(abstract, nnx.Param, ...)
   param_sh, rest_sh = sharding.state_shardings(params, mesh), sharding.state_shardings(rest, mesh)
-  tx = build_optimizer(c, cfg, param_sh)
+  with target_platform(devices[0].platform):  # the optimizer picks its kernels for the target
+    tx = build_optimizer(c, cfg, param_sh)
   with_sharding = lambda tree, sh: jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                                                 tree, sh)
   params = with_sharding(params.to_pure_dict(), param_sh)

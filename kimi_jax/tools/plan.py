@@ -36,6 +36,9 @@ def _leaves_with_paths(cfg: ModelConfig):
 # bf16 dense peak FLOP/s per chip (public spec sheets), keyed by a short chip name.
 PEAK_FLOPS = {"v4": 275e12, "v5e": 197e12, "v5p": 459e12, "v6e": 918e12, "a100": 312e12, "h100": 989e12,
               "h200": 989e12}
+# HBM bandwidth per chip, bytes/s (spec sheets; A100 80 GB SXM, H100 SXM).
+HBM_BYTES_PER_S = {"v4": 1.2e12, "v5e": 8.19e11, "v5p": 2.765e12, "v6e": 1.64e12, "a100": 2.04e12, "h100": 3.35e12,
+                   "h200": 4.8e12}
 _DEVICE_KINDS = {"tpu v4": "v4", "tpu v5 lite": "v5e", "tpu v5e": "v5e", "tpu v5p": "v5p", "tpu v5": "v5p",
                  "tpu v6 lite": "v6e", "tpu v6e": "v6e", "a100": "a100", "h100": "h100", "h200": "h200"}
 
