@@ -196,13 +196,7 @@ def flash_bwd(q, k, v, seg, lse, di, do, *, scale, causal, seq_len, blocks=None,
   dk, dv = pl.pallas_call(
       functools.partial(_dkv_kernel, nq=nq, **common),
       grid=(b, h, nk, nq),
-      in_specs=[pl.BlockSpec((None, None, tq, dqk), qmap),
-                pl.BlockSpec((None, None, tk, dqk), kmap),
-                pl.BlockSpec((None, None, tk, dv_dim), kmap),
-                pl.BlockSpec((None, None, tq, dv_dim), qmap),
-                pl.BlockSpec((None, None, tq, LANES), qmap),
-                pl.BlockSpec((None, None, tq, LANES), qmap),
-                *seg_specs],
+      in_specs=[*_bwd_in_specs(qmap, kmap, tq, tk, dqk, dv_dim), *seg_specs],
       out_specs=[pl.BlockSpec((None, None, tk, dqk), kmap),
                  pl.BlockSpec((None, None, tk, dv_dim), kmap)],
       out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
@@ -223,13 +217,7 @@ def flash_bwd(q, k, v, seg, lse, di, do, *, scale, causal, seq_len, blocks=None,
   dq = pl.pallas_call(
       functools.partial(_dq_kernel, nk=nk, **common),
       grid=(b, h, nq, nk),
-      in_specs=[pl.BlockSpec((None, None, tq, dqk), qmap),
-                pl.BlockSpec((None, None, tk, dqk), kmap),
-                pl.BlockSpec((None, None, tk, dv_dim), kmap),
-                pl.BlockSpec((None, None, tq, dv_dim), qmap),
-                pl.BlockSpec((None, None, tq, LANES), qmap),
-                pl.BlockSpec((None, None, tq, LANES), qmap),
-                *seg_specs],
+      in_specs=[*_bwd_in_specs(qmap, kmap, tq, tk, dqk, dv_dim), *seg_specs],
       out_specs=pl.BlockSpec((None, None, tq, dqk), qmap),
       out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
       scratch_shapes=[pltpu.VMEM((tq, dqk), jnp.float32)],
@@ -238,6 +226,13 @@ def flash_bwd(q, k, v, seg, lse, di, do, *, scale, causal, seq_len, blocks=None,
       name="flash_dq_tpu",
   )(q, k, v, do, lse, di, *seg_args)
   return dq, dk, dv
+
+
+def _bwd_in_specs(qmap, kmap, tq, tk, dqk, dv):
+  """BlockSpecs of q, k, v, do, lse, di for both backward kernels (their grids differ only in the index maps)."""
+  return [pl.BlockSpec((None, None, tq, dqk), qmap), pl.BlockSpec((None, None, tk, dqk), kmap),
+          pl.BlockSpec((None, None, tk, dv), kmap), pl.BlockSpec((None, None, tq, dv), qmap),
+          pl.BlockSpec((None, None, tq, LANES), qmap), pl.BlockSpec((None, None, tq, LANES), qmap)]
 
 
 def _probs_and_dlogits(q_ref, k_ref, v_ref, do_ref, lse_ref, di_ref, qseg_ref, kseg_ref, qi, kb,
