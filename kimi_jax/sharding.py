@@ -28,8 +28,8 @@ PARAM_RULES: dict[str, str | tuple[str, ...] | None] = {
     "layers": None,
     "vocab": "tensor",
     "embed": ("fsdp", "expert"),  # FSDP over the expert axis too (it is data parallel outside the MoE)
-    "q_lora": None,
-    "kv_lora": None,
+    "q_lora": "fsdp",  # q_b/kv_b [L, rank, H·D]: without it they (1.6 B params in K2) sit whole on every chip
+    "kv_lora": "fsdp",
     "heads": "tensor",
     "mlp": "tensor",
     "experts": "expert",

@@ -35,3 +35,34 @@ def test_train_step_compiles_for_v5p_and_reports_memory():
 def test_unknown_chip_is_named():
   with pytest.raises(ValueError, match="unknown chip 'v9'"):
     aot.topology_devices("v9:2x2")
+
+
+def test_k2_params_are_sharded_on_the_production_mesh():
+  """On configs/kimi_k2.py's mesh (v5p-512, fsdp=8 × expert=64), every K2 parameter of more than 64 M elements is
+  split at least 8 ways, and the per-chip share of all params is under 1/400 of the model."""
+  import importlib.util
+  import math
+
+  import jax
+  from flax import nnx
+
+  from kimi_jax import sharding
+  from kimi_jax.model import KimiK2
+  from kimi_jax.train_config import model_config
+
+  spec = importlib.util.spec_from_file_location("k2", "configs/kimi_k2.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  c = module.get_config()
+  mesh = sharding.make_mesh(c.mesh, devices=aot.topology_devices("v5p:8x8x8"))
+  cfg = model_config(c)
+  params = nnx.state(nnx.eval_shape(lambda: KimiK2(cfg, rngs=nnx.Rngs(0))), nnx.Param)
+  shardings = sharding.state_shardings(params, mesh)
+  total = per_chip = 0
+  for (path, leaf), sh in zip(jax.tree_util.tree_flatten_with_path(params.to_pure_dict())[0],
+                              jax.tree.leaves(shardings)):
+    size = math.prod(leaf.shape)
+    ways = size // math.prod(sh.shard_shape(leaf.shape))
+    total, per_chip = total + size, per_chip + size // ways
+    assert size <= 64 << 20 or ways >= 8, (jax.tree_util.keystr(path), leaf.shape, sh.spec)
+  assert per_chip < total / 400, (per_chip, total)
