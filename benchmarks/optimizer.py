@@ -5,7 +5,10 @@
 Times one jit'd `tx.update` (compile excluded, after a warm-up call; median of --iters) on whatever device JAX
 picks; about 2 minutes on 2 CPU cores. AdamW is memory-bound (~28 bytes of traffic per param); muon_clip is
 bound by Newton–Schulz matmuls (printed per tree), so its ratio to AdamW grows with the device's bytes/s per
-FLOP/s: large on CPUs, small on TPU/GPU matrix units.
+FLOP/s: large on CPUs, small on TPU/GPU matrix units. On this 2-core CPU Newton–Schulz alone needs ≥ 5 s for the
+proxy (656 GFLOP at the ~130 GFLOP/s its batched matmuls reach) against AdamW's ~0.6 s, so no implementation
+gets near 1.5× here. benchmarks/optimizer_pod.py gives the TPU compiler's per-chip cost of the same update,
+with and without the fused Pallas Newton–Schulz kernel.
 
 Letters: D model, L layers (1 dense + L−1 MoE), H heads, Cq/Ckv q/kv latent ranks, Dn/Dr/Dv head dims,
 F dense hidden, E experts, Fe expert hidden, Fs shared-expert hidden, V vocab.
