@@ -77,7 +77,30 @@ def bench_mla_decode(impls, big, iters, rng):
   return rows
 
 
-BENCHES = {"gmm": bench_gmm, "attention": bench_attention, "mla_decode": bench_mla_decode}
+def _ns_step(y):
+  """Muon's bf16 Newton–Schulz step (kimi_jax.optim.newton_schulz_step, restated: benchmarks of pallas_kernels
+  import nothing from kimi_jax)."""
+  mm = lambda a, b: jnp.matmul(a, b, preferred_element_type=jnp.float32, precision=jax.lax.Precision.DEFAULT)
+  gram = mm(y, jnp.swapaxes(y, -1, -2)).astype(y.dtype)
+  poly = (-4.775 * gram.astype(jnp.float32) + 2.0315 * mm(gram, gram)).astype(y.dtype)
+  return (3.4445 * y.astype(jnp.float32) + mm(poly, y)).astype(y.dtype)
+
+
+def bench_newton_schulz(impls, big, iters, rng):
+  """Five Newton–Schulz steps per matrix: the fused TPU kernel (matrix in VMEM) vs the XLA loop."""
+  del big  # one size: the proxy model's expert matrices, 7 layers x 32 experts of 256 x 512
+  b, m, n = 224, 256, 512
+  x = jnp.asarray(rng.normal(size=(b, m, n)) / np.sqrt(m * n), jnp.bfloat16)
+  flops = b * 5 * (4 * m * m * n + 2 * m**3)
+  rows = []
+  for impl in [i for i in impls if i != "gpu"]:  # no GPU kernel (see pallas_kernels/README.md)
+    fn = jax.jit(lambda x, impl=impl: pk.matrix_iteration.matrix_iteration(x, _ns_step, 5, impl=impl))
+    rows.append(("newton_schulz x5", f"B={b} m={m} n={n}", impl, time_ms(fn, (x,), iters), flops))
+  return rows
+
+
+BENCHES = {"gmm": bench_gmm, "attention": bench_attention, "mla_decode": bench_mla_decode,
+           "newton_schulz": bench_newton_schulz}
 
 
 def main():
