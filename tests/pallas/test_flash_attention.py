@@ -105,3 +105,10 @@ def test_flash_attention_longer_bf16_segments(impl):
   got = _run(impl, q, k, v, do, segment_ids=seg, interpret=True, block_sizes=blocks)
   want = _run("xla", q, k, v, do, segment_ids=seg)
   _check(got, want, 5e-2)
+
+
+def test_gpu_head_dim_chunks():
+  """The GPU kernels cut Dqk into power-of-two chunks (>= 16) instead of padding it to one power of two."""
+  from pallas_kernels.flash_attention.gpu import _chunks
+  assert _chunks(192) == [128, 64] and _chunks(128) == [128] and _chunks(576) == [512, 64]
+  assert _chunks(24) == [16, 16] and _chunks(8) == [16]  # the last chunk zero-padded

@@ -121,6 +121,7 @@ def test_flash_attention_lowers_to_triton():
   shapes = _flash_shapes(jnp.bfloat16, s=1024)
   text = _lower_for_gpu(_flash_fwd_bwd("gpu"), *(jax.ShapeDtypeStruct(*sd) for sd in shapes))
   assert text.count("__gpu$xla.gpu.triton") == 3  # fwd, dkv, dq
+  assert "x256x" not in text  # Dqk 192 runs as 128 + 64 chunks, not zero-padded to 256
 
 
 # K2 decode: 64 heads, latent 512, rope 64, 8k cache, batch 8.
