@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import pallas_kernels as pk
+from kimi_jax.optim import newton_schulz_step
 from pallas_kernels._common import resolve_impl
 from _timing import time_ms  # noqa: E402
 
@@ -77,15 +78,6 @@ def bench_mla_decode(impls, big, iters, rng):
   return rows
 
 
-def _ns_step(y):
-  """Muon's bf16 Newton–Schulz step (kimi_jax.optim.newton_schulz_step, restated: benchmarks of pallas_kernels
-  import nothing from kimi_jax)."""
-  mm = lambda a, b: jnp.matmul(a, b, preferred_element_type=jnp.float32, precision=jax.lax.Precision.DEFAULT)
-  gram = mm(y, jnp.swapaxes(y, -1, -2)).astype(y.dtype)
-  poly = (-4.775 * gram.astype(jnp.float32) + 2.0315 * mm(gram, gram)).astype(y.dtype)
-  return (3.4445 * y.astype(jnp.float32) + mm(poly, y)).astype(y.dtype)
-
-
 def bench_newton_schulz(impls, big, iters, rng):
   """Five Newton–Schulz steps per matrix: the fused TPU kernel (matrix in VMEM) vs the XLA loop."""
   del big  # one size: the proxy model's expert matrices, 7 layers x 32 experts of 256 x 512
@@ -94,7 +86,7 @@ def bench_newton_schulz(impls, big, iters, rng):
   flops = b * 5 * (4 * m * m * n + 2 * m**3)
   rows = []
   for impl in [i for i in impls if i != "gpu"]:  # no GPU kernel (see pallas_kernels/README.md)
-    fn = jax.jit(lambda x, impl=impl: pk.matrix_iteration.matrix_iteration(x, _ns_step, 5, impl=impl))
+    fn = jax.jit(lambda x, impl=impl: pk.matrix_iteration.matrix_iteration(x, newton_schulz_step, 5, impl=impl))
     rows.append(("newton_schulz x5", f"B={b} m={m} n={n}", impl, time_ms(fn, (x,), iters), flops))
   return rows
 

@@ -12,6 +12,7 @@ from kimi_jax.optim.muon import (
     MuonState,
     default_muon_dims,
     newton_schulz,
+    newton_schulz_step,
     resolve_muon_dims,
     scale_by_muon,
 )
@@ -32,6 +33,7 @@ __all__ = (
     "mla_qk_clip",
     "muon_clip",
     "newton_schulz",
+    "newton_schulz_step",
     "resolve_muon_dims",
     "scale_by_muon",
     "scale_by_qk_clip",

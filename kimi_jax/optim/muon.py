@@ -258,6 +258,7 @@ __all__ = (
     "MuonDims",
     "MuonState",
     "newton_schulz",
+    "newton_schulz_step",
     "default_muon_dims",
     "resolve_muon_dims",
     "scale_by_muon",
