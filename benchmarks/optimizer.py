@@ -1,6 +1,7 @@
 """Optimizer update time: muon_clip (with qk-clip) vs optax.adamw on kimi_jax-shaped param trees.
 
   .venv/bin/python benchmarks/optimizer.py [--trees tiny proxy] [--iters 3] [--ns-dtypes bfloat16 float32]
+                                          [--ns-impls auto xla]   # on TPU: the fused kernel vs the XLA loop
 
 Times one jit'd `tx.update` (compile excluded, after a warm-up call; median of --iters) on whatever device JAX
 picks; about 2 minutes on 2 CPU cores. AdamW is memory-bound (~28 bytes of traffic per param); muon_clip is
@@ -103,10 +104,12 @@ def main():
   parser.add_argument("--trees", nargs="+", default=list(TREES), choices=list(TREES))
   parser.add_argument("--iters", type=int, default=3)
   parser.add_argument("--ns-dtypes", nargs="+", default=["bfloat16"], help="also try float32 (CPU: similar speed)")
+  parser.add_argument("--ns-impls", nargs="+", default=["auto"], choices=["auto", "xla", "pallas"],
+                      help="Newton–Schulz implementation (auto: the Pallas kernel on TPU, XLA elsewhere)")
   args = parser.parse_args()
 
   print(f"device: {jax.devices()[0].device_kind} ({jax.default_backend()}), median of {args.iters}, compile excluded")
-  print(f"{'tree':6} {'params':>8} {'optimizer':22} {'update ms':>10} {'× adamw':>8} {'compile s':>10} "
+  print(f"{'tree':6} {'params':>8} {'optimizer':26} {'update ms':>10} {'× adamw':>8} {'compile s':>10} "
         f"{'NS TFLOP/s':>10}")
   for name in args.trees:
     cfg = TREES[name]
@@ -122,11 +125,13 @@ def main():
     flops = newton_schulz_flops(params, optim.kimi_muon_dims)
     rows = [("optax.adamw", adamw_c, adamw_t, "")]
     for dtype in args.ns_dtypes:
-      tx = optim.muon_clip(2e-4, ns_dtype=jnp.dtype(dtype), muon_dims=optim.kimi_muon_dims, qk_clip=qk)
-      compile_s, t = time_update(tx, params, grads, args.iters, max_logits=max_logits)
-      rows.append((f"muon_clip (NS {dtype})", compile_s, t, f"{flops / t / 1e12:.3f}"))
+      for impl in args.ns_impls:
+        tx = optim.muon_clip(2e-4, ns_dtype=jnp.dtype(dtype), ns_impl=impl, muon_dims=optim.kimi_muon_dims,
+                             qk_clip=qk)
+        compile_s, t = time_update(tx, params, grads, args.iters, max_logits=max_logits)
+        rows.append((f"muon_clip ({dtype}, {impl})", compile_s, t, f"{flops / t / 1e12:.3f}"))
     for label, compile_s, t, rate in rows:
-      print(f"{name:6} {n / 1e6:7.1f}M {label:22} {t * 1e3:10.1f} {t / adamw_t:8.2f} {compile_s:10.1f} {rate:>10}")
+      print(f"{name:6} {n / 1e6:7.1f}M {label:26} {t * 1e3:10.1f} {t / adamw_t:8.2f} {compile_s:10.1f} {rate:>10}")
     print(f"{name:6} Newton–Schulz matmuls: {flops / 1e9:.0f} GFLOP per muon_clip update")
 
 
