@@ -15,7 +15,6 @@ kernel's FLOPs and bytes are its own declared cost estimate (one read and one wr
 
 import argparse
 import dataclasses
-import importlib.util
 import os
 import time
 
@@ -28,6 +27,7 @@ from kimi_jax.layers.kernels import target_platform
 from kimi_jax.model import LAYER_GROUPS
 from kimi_jax.tools.aot import abstract_train_state, collective_bytes, topology_devices
 from kimi_jax.tools.plan import HBM_BYTES_PER_S, PEAK_FLOPS
+from kimi_jax.train_config import load_run_config
 
 
 @dataclasses.dataclass
@@ -38,13 +38,6 @@ class Row:
   collectives: dict
   temp_bytes: int
   compile_s: float
-
-
-def load_config(path):
-  spec = importlib.util.spec_from_file_location("run_config", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
 
 
 def compile_update(c, devices, label) -> Row:
@@ -77,7 +70,7 @@ def main():
   parser.add_argument("--topology", default="v5p:8x8x8")
   args = parser.parse_args()
 
-  c = load_config(args.config)
+  c = load_run_config(args.config)
   devices = topology_devices(args.topology)
   chip = args.topology.split(":")[0]
   peak, bandwidth = PEAK_FLOPS[chip], HBM_BYTES_PER_S[chip]

@@ -24,7 +24,6 @@ first clip ≤ 1.5τ; MuonClip's loss, averaged over the last 10% of steps, ≤ 
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import shutil
@@ -38,15 +37,10 @@ os.environ.setdefault("TQDM_DISABLE", "1")  # train()'s progress bar; must be se
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
+from kimi_jax.train_config import load_run_config  # noqa: E402
+
 PLAIN, CLIP, CONTROL = "plain_muon", "muon_clip", "muon_clip_never_fires"
 NEVER = 1e30  # a τ no logit reaches: the clip stage is compiled in but never acts
-
-
-def load_run_config():
-  spec = importlib.util.spec_from_file_location("qk_clip_config", os.path.join(REPO, "configs", "qk_clip.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
 
 
 def run(c, workdir: str) -> list[dict]:
@@ -164,7 +158,7 @@ def main() -> int:
   p.add_argument("--workdir", default="", help="keep the two runs' workdirs here (default: a temp dir, removed)")
   args = p.parse_args()
 
-  c = load_run_config()
+  c = load_run_config(os.path.join(REPO, "configs", "qk_clip.py"))
   for name, value in (("steps", args.steps), ("qk_clip_tau", args.tau), ("learning_rate", args.lr),
                       ("seed", args.seed)):
     if value is not None:

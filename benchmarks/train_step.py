@@ -10,7 +10,6 @@ E groups, so `ragged` there costs more than `dense`; `blocked` is the exact-FLOP
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import os
 import statistics
 import time
@@ -22,17 +21,10 @@ import numpy as np
 from kimi_jax.tools.plan import count_params, train_flops_per_token
 from kimi_jax.sharding import make_mesh
 from kimi_jax.train import build_optimizer, init_train_state, make_train_step
-from kimi_jax.train_config import model_config
+from kimi_jax.train_config import load_run_config, model_config
 
 CONFIG_DIR = os.path.join(os.path.dirname(__file__), "..", "configs")
 MAXTEXT_BENCH_TINY_TOKENS_PER_SEC = 1160  # MaxText 0.2.5, same shape, same 2-core CPU (issue 2)
-
-
-def load_run_config(name: str):
-  spec = importlib.util.spec_from_file_location(name, os.path.join(CONFIG_DIR, f"{name}.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
 
 
 def time_train_step(c, steps: int) -> list[float]:
@@ -68,7 +60,7 @@ def main():
   rows = []
   for name in args.configs.split(","):
     for impl in args.impls.split(","):
-      c = load_run_config(name)
+      c = load_run_config(os.path.join(CONFIG_DIR, f"{name}.py"))
       c.model.moe_impl = impl
       if args.dtype:
         c.model.dtype = args.dtype

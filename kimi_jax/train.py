@@ -61,12 +61,12 @@ def build_optimizer(c: ml_collections.ConfigDict, cfg: ModelConfig,
   if c.optimizer == "adamw":
     tx = optax.adamw(schedule, b1=c.adam_b1, b2=c.adam_b2, weight_decay=c.weight_decay)
   elif c.optimizer == "muon_clip":
+    spread = param_shardings if c.spread_newton_schulz else None
+    # XLA cannot partition the Pallas kernel: on a mesh it runs only inside the spread layout's shard_map.
+    ns_impl = c.muon_ns_impl if spread is not None or param_shardings is None else "xla"
     tx = muon_clip(schedule, weight_decay=c.weight_decay, adam_b1=c.adam_b1, adam_b2=c.adam_b2,
                    qk_clip_tau=qk_clip_tau(c), muon_dims=kimi_muon_dims, ns_dtype=jnp.dtype(c.muon_ns_dtype),
-                   # Without the spread layout, XLA would have to partition the Pallas kernel: it cannot.
-                   **newton_schulz_impl(c.muon_ns_impl if c.spread_newton_schulz or param_shardings is None
-                                        else "xla"),
-                   param_shardings=param_shardings if c.spread_newton_schulz else None,
+                   **newton_schulz_impl(ns_impl), param_shardings=spread,
                    qk_clip=kimi_qk_clip(cfg.num_attention_heads, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim,
                                         cfg.v_head_dim))
   else:
@@ -161,10 +161,17 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformationExtr
   return jax.jit(step, donate_argnums=(0, 1, 2), out_shardings=out_shardings)
 
 
-def param_shardings(cfg: ModelConfig, mesh) -> dict:
-  """The params' NamedShardings on `mesh`, as a pure dict (from the abstract model; nothing is allocated)."""
+def abstract_model(cfg: ModelConfig, mesh) -> tuple[nnx.GraphDef, Any, Any, dict, dict]:
+  """(graphdef, abstract params, abstract router state, their NamedShardings on `mesh` as pure dicts), from the
+  model's shapes alone: nothing is allocated."""
   abstract = nnx.eval_shape(lambda: KimiK2(cfg, rngs=nnx.Rngs(0)))
-  return sharding.state_shardings(nnx.split(abstract, nnx.Param, ...)[1], mesh)
+  graphdef, params, rest = nnx.split(abstract, nnx.Param, ...)
+  return graphdef, params, rest, sharding.state_shardings(params, mesh), sharding.state_shardings(rest, mesh)
+
+
+def param_shardings(cfg: ModelConfig, mesh) -> dict:
+  """The params' NamedShardings on `mesh`, as a pure dict."""
+  return abstract_model(cfg, mesh)[3]
 
 
 def init_train_state(c: ml_collections.ConfigDict, cfg: ModelConfig, tx, mesh):
@@ -173,12 +180,9 @@ def init_train_state(c: ml_collections.ConfigDict, cfg: ModelConfig, tx, mesh):
 
   Returns (graphdef, params, rest, opt_state, shardings) with params/rest/opt_state as pure dicts.
   """
-  abstract = nnx.eval_shape(lambda: KimiK2(cfg, rngs=nnx.Rngs(c.seed)))
-  graphdef, abstract_params, abstract_rest = nnx.split(abstract, nnx.Param, ...)
-  param_shardings = sharding.state_shardings(abstract_params, mesh)
-  rest_shardings = sharding.state_shardings(abstract_rest, mesh)
+  graphdef, _, _, param_sh, rest_sh = abstract_model(cfg, mesh)
 
-  @functools.partial(jax.jit, out_shardings=(param_shardings, rest_shardings))
+  @functools.partial(jax.jit, out_shardings=(param_sh, rest_sh))
   def create():
     _, params, rest = nnx.split(KimiK2(cfg, rngs=nnx.Rngs(c.seed)), nnx.Param, ...)
     return params.to_pure_dict(), rest.to_pure_dict()
@@ -186,12 +190,12 @@ def init_train_state(c: ml_collections.ConfigDict, cfg: ModelConfig, tx, mesh):
   if c.init_from:  # each host reads only its shards; no random copy is ever made
     from kimi_jax.checkpoint.model_io import init_state_from
 
-    params, rest = init_state_from(c.init_from, cfg, shardings=(param_shardings, rest_shardings))
+    params, rest = init_state_from(c.init_from, cfg, shardings=(param_sh, rest_sh))
   else:
     params, rest = create()
-  opt_shardings = sharding.like_params(jax.eval_shape(tx.init, params), params, param_shardings, mesh)
-  opt_state = jax.jit(tx.init, out_shardings=opt_shardings)(params)
-  return graphdef, params, rest, opt_state, (param_shardings, rest_shardings, opt_shardings)
+  opt_sh = sharding.like_params(jax.eval_shape(tx.init, params), params, param_sh, mesh)
+  opt_state = jax.jit(tx.init, out_shardings=opt_sh)(params)
+  return graphdef, params, rest, opt_state, (param_sh, rest_sh, opt_sh)
 
 
 def _check_run_config(workdir: str, cfg: ModelConfig) -> None:

@@ -4,6 +4,9 @@ ModelConfig preset whose every field can be overridden: `--config.model.hidden_s
 
 from __future__ import annotations
 
+import importlib.util
+import os
+
 import ml_collections
 
 from kimi_jax.config import ModelConfig, preset
@@ -47,6 +50,14 @@ def base_config(model_preset: str) -> ml_collections.ConfigDict:
   c.sample_prompt = "And God said, "
   c.sample_temperature = 0.7
   return c
+
+
+def load_run_config(path: str) -> ml_collections.ConfigDict:
+  """`get_config()` of a run configuration file such as configs/kimi_k2.py (what `--config` reads)."""
+  spec = importlib.util.spec_from_file_location(os.path.splitext(os.path.basename(path))[0], path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config()
 
 
 def model_config(c: ml_collections.ConfigDict) -> ModelConfig:

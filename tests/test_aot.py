@@ -40,7 +40,6 @@ def test_unknown_chip_is_named():
 def test_k2_params_are_sharded_on_the_production_mesh():
   """On configs/kimi_k2.py's mesh (v5p-512, fsdp=8 × expert=64), every K2 parameter of more than 64 M elements is
   split at least 8 ways, and the per-chip share of all params is under 1/400 of the model."""
-  import importlib.util
   import math
 
   import jax
@@ -48,12 +47,9 @@ def test_k2_params_are_sharded_on_the_production_mesh():
 
   from kimi_jax import sharding
   from kimi_jax.model import KimiK2
-  from kimi_jax.train_config import model_config
+  from kimi_jax.train_config import load_run_config, model_config
 
-  spec = importlib.util.spec_from_file_location("k2", "configs/kimi_k2.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  c = module.get_config()
+  c = load_run_config("configs/kimi_k2.py")
   mesh = sharding.make_mesh(c.mesh, devices=aot.topology_devices("v5p:8x8x8"))
   cfg = model_config(c)
   params = nnx.state(nnx.eval_shape(lambda: KimiK2(cfg, rngs=nnx.Rngs(0))), nnx.Param)

@@ -17,17 +17,14 @@ import re
 import jax
 import numpy as np
 from absl import app, flags
-from flax import nnx
 from ml_collections import config_flags
 
 from kimi_jax import sharding
 from kimi_jax.layers.kernels import target_platform
-from kimi_jax.model import KimiK2
-from kimi_jax.tools.plan import PEAK_FLOPS, count_params, train_flops_per_token
-from kimi_jax.train import build_optimizer, make_train_step
+from kimi_jax.tools.plan import HBM_BYTES, PEAK_FLOPS, count_params, train_flops_per_token
+from kimi_jax.train import abstract_model, build_optimizer, make_train_step
 from kimi_jax.train_config import model_config
 
-HBM_BYTES = {"v4": 32 << 30, "v5e": 16 << 30, "v5p": 95 << 30, "v6e": 32 << 30}  # per chip (spec sheets)
 COLLECTIVES = ("all-reduce", "all-gather", "all-to-all", "reduce-scatter", "collective-permute")
 _DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "bf16": 2, "f16": 2, "s16": 2, "u16": 2, "f32": 4, "s32": 4, "u32": 4,
                 "f64": 8, "s64": 8, "u64": 8}
@@ -60,9 +57,7 @@ def abstract_train_state(c, devices) -> dict:
   state of run config `c` over `devices`; nothing is allocated."""
   mesh = sharding.make_mesh(c.mesh, devices=devices)
   cfg = model_config(c)
-  abstract = nnx.eval_shape(lambda: KimiK2(cfg, rngs=nnx.Rngs(0)))
-  graphdef, params, rest = nnx.split(abstract, nnx.Param, ...)
-  param_sh, rest_sh = sharding.state_shardings(params, mesh), sharding.state_shardings(rest, mesh)
+  graphdef, params, rest, param_sh, rest_sh = abstract_model(cfg, mesh)
   with target_platform(devices[0].platform):  # the optimizer picks its kernels for the target
     tx = build_optimizer(c, cfg, param_sh)
   with_sharding = lambda tree, sh: jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),

@@ -36,6 +36,8 @@ def _leaves_with_paths(cfg: ModelConfig):
 # bf16 dense peak FLOP/s per chip (public spec sheets), keyed by a short chip name.
 PEAK_FLOPS = {"v4": 275e12, "v5e": 197e12, "v5p": 459e12, "v6e": 918e12, "a100": 312e12, "h100": 989e12,
               "h200": 989e12}
+# HBM per chip, bytes, for the TPUs `kimi_jax.tools.aot` compiles for (spec sheets).
+HBM_BYTES = {"v4": 32 << 30, "v5e": 16 << 30, "v5p": 95 << 30, "v6e": 32 << 30}
 # HBM bandwidth per chip, bytes/s (spec sheets; A100 80 GB SXM, H100 SXM).
 HBM_BYTES_PER_S = {"v4": 1.2e12, "v5e": 8.19e11, "v5p": 2.765e12, "v6e": 1.64e12, "a100": 2.04e12, "h100": 3.35e12,
                    "h200": 4.8e12}
