@@ -33,8 +33,8 @@ def mla_attention(q_nope: jax.Array, q_rope: jax.Array, k_nope: jax.Array, k_rop
 
   q_nope: [B, S, H, Dn], q_rope: [B, S, H, Dr], k_nope: [B, S, H, Dn], k_rope: [B, S, Dr] (shared by heads),
   v: [B, S, H, Dv], segment_ids: [B, S] (0 = padding). Returns out [B, S, H, Dv] in v's dtype and
-  max_logits [H] float32. impl "xla" leaves padding queries out of the max logits; impl "pallas" (the flash
-  kernel) counts every same-segment pair, padding included. "auto": see `kernels.resolve_attention_impl`.
+  max_logits [H] float32 over allowed pairs whose query is not padding (both impls). "auto": see
+  `kernels.resolve_attention_impl`.
   """
   if resolve_attention_impl(impl) == "pallas":
     q = jnp.concatenate([q_nope, q_rope], axis=-1)

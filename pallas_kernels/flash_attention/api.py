@@ -30,12 +30,14 @@ def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, segment_ids=Non
   Args:
     q, k: [B, S, H, Dqk]; v: [B, S, H, Dv] (Dv may differ from Dqk).
     segment_ids: [B, S] int32 or None; queries attend only to keys with the same id
-      (packed sequences).
+      (packed sequences). Id 0 marks padding: attended like any segment, but left out of
+      max_logits.
     causal: mask keys after the query position.
     softmax_scale: logit scale, default Dqk ** -0.5.
     impl: "auto" | "xla" | "tpu" | "gpu"; interpret: Pallas interpret mode (CPU).
     return_max_logits: also return the per-head max of the scaled logits over
-      unmasked pairs (max over batch, queries and keys), for qk-clip.
+      unmasked pairs whose query is not padding (max over batch, queries and keys),
+      for qk-clip.
     block_sizes: (tq, tk) kernel block sizes; None picks per-backend defaults.
 
   Returns:

@@ -102,7 +102,7 @@ def _seg_refs(refs, has_seg):
 def flash_fwd(q, k, v, seg, *, scale, causal, seq_len, blocks=None, interpret=False):
   """q, k: [B, H, S, Dqk]; v: [B, H, S, Dv]; seg: [B, S] int32 or None.
 
-  Returns o [B, H, S, Dv], lse [B, H, S] f32, max_logits [H] f32 (over real rows).
+  Returns o [B, H, S, Dv], lse [B, H, S] f32, max_logits [H] f32 (over real rows, not padding: segment 0).
   """
   b, h, s, dqk = q.shape
   dv = v.shape[-1]
@@ -133,7 +133,11 @@ def flash_fwd(q, k, v, seg, *, scale, causal, seq_len, blocks=None, interpret=Fa
       interpret=interpret,
       name="flash_fwd_gpu",
   )(*qs, *ks, v, *seg_args)
-  max_logits = jnp.max(m[:, :, :seq_len], axis=(0, 2))
+  # Padding queries (segment 0) attend to each other; their logits must not reach qk-clip.
+  m = m[:, :, :seq_len]
+  if has_seg:
+    m = jnp.where(seg[:, None, :seq_len] != 0, m, -jnp.inf)
+  max_logits = jnp.max(m, axis=(0, 2))
   return o[..., :dv], lse, max_logits
 
 

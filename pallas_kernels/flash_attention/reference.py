@@ -24,9 +24,10 @@ def attention_reference(q, k, v, *, segment_ids=None, causal=True, softmax_scale
                         return_max_logits=False):
   """Softmax attention in f32.
 
-  q, k: [B, S, H, Dqk]; v: [B, S, H, Dv]; segment_ids: [B, S] int32 or None.
+  q, k: [B, S, H, Dqk]; v: [B, S, H, Dv]; segment_ids: [B, S] int32 or None (0 = padding).
   Returns out [B, S, H, Dv] (dtype of q), and with return_max_logits also
-  max_logits [H] f32: the largest scaled logit over unmasked pairs (no gradient).
+  max_logits [H] f32: the largest scaled logit over unmasked pairs whose query is not
+  padding (no gradient).
   """
   b, s, _, dqk = q.shape
   scale = dqk ** -0.5 if softmax_scale is None else softmax_scale
@@ -39,5 +40,6 @@ def attention_reference(q, k, v, *, segment_ids=None, causal=True, softmax_scale
                    precision=jax.lax.Precision.HIGHEST).astype(q.dtype)
   if not return_max_logits:
     return out
-  max_logits = jax.lax.stop_gradient(jnp.max(logits, axis=(0, 2, 3)))
+  counted = valid if segment_ids is None else valid & (segment_ids != 0)[:, None, :, None]
+  max_logits = jax.lax.stop_gradient(jnp.max(jnp.where(counted, logits, -jnp.inf), axis=(0, 2, 3)))
   return out, max_logits

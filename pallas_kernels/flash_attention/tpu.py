@@ -92,7 +92,7 @@ def _params(*sem):
 def flash_fwd(q, k, v, seg, *, scale, causal, seq_len, blocks=None, interpret=False):
   """q, k: [B, H, S, Dqk]; v: [B, H, S, Dv]; seg: [B, S] int32 or None.
 
-  Returns o [B, H, S, Dv], lse [B, H, S] f32, max_logits [H] f32 (over real rows).
+  Returns o [B, H, S, Dv], lse [B, H, S] f32, max_logits [H] f32 (over real rows, not padding: segment 0).
   """
   b, h, s, dqk = q.shape
   dv = v.shape[-1]
@@ -162,9 +162,13 @@ def _fwd_kernel(q_ref, k_ref, v_ref, *refs, scale, causal, seq_len, tq, tk, nk, 
     m, l = m_scr[...], l_scr[...]
     o_ref[...] = (acc_scr[...] / l[:, :1]).astype(o_ref.dtype)
     lse_ref[...] = m + jnp.log(l)
-    # m is the row max over unmasked keys; padded query rows are left out.
+    # m is the row max over unmasked keys. Rows past seq_len and padding queries (segment 0) are left out: a
+    # padding block attends to itself, and its logits must not reach qk-clip.
     rows = qi * tq + lax.broadcasted_iota(jnp.int32, m.shape, 0)
-    mx = jnp.max(jnp.where(rows < seq_len, m, -jnp.inf), axis=0, keepdims=True)
+    counted = rows < seq_len
+    if qseg_ref is not None:
+      counted &= qseg_ref[...] != 0
+    mx = jnp.max(jnp.where(counted, m, -jnp.inf), axis=0, keepdims=True)
     mx_ref[...] = jnp.broadcast_to(mx, mx_ref.shape)
 
 

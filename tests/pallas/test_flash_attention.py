@@ -67,14 +67,15 @@ def test_flash_attention_bf16_causal(impl):
 
 
 def test_reference_max_logits_and_masking():
-  """The reference itself: max logit by brute force, and segment isolation."""
+  """The reference itself: max logit by brute force (padding queries, segment 0, left out), and segment
+  isolation."""
   q, k, v, _, seg = _inputs(jnp.float32, seed=2)
   out, mx = pk.attention_reference(q, k, v, segment_ids=seg, causal=True, softmax_scale=0.5,
                                    return_max_logits=True)
   logits = np.einsum("bqhd,bkhd->bhqk", np.asarray(q), np.asarray(k)) * 0.5
   pos = np.arange(S)
-  mask = (pos[:, None] >= pos[None, :])[None] & (np.asarray(seg)[:, :, None]
-                                                 == np.asarray(seg)[:, None, :])
+  seg_np = np.asarray(seg)
+  mask = (pos[:, None] >= pos[None, :])[None] & (seg_np[:, :, None] == seg_np[:, None, :]) & (seg_np != 0)[:, :, None]
   want = np.where(mask[:, None], logits, -np.inf).max(axis=(0, 2, 3))
   np.testing.assert_allclose(np.asarray(mx), want, rtol=1e-5)
   # Changing keys of segment 1 does not change outputs of segment 0 (row 0, first 5).
