@@ -20,6 +20,7 @@ from kimi_jax.train_config import base_config
 def get_config():
   c = base_config("tiny")
   c.model.update(num_hidden_layers=2, first_k_dense_replace=1, dtype="float32")
+  c.rope_scaling = "yarn"  # K2's released softmax scale (0.1309 at K2's head dims), as docs/qk_clip.md measured
   c.optimizer = "muon_clip"
   c.qk_clip_tau = 20.0
   c.learning_rate = 3e-2

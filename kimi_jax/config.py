@@ -6,8 +6,14 @@ Dimension letters used across the package:
   Dn / Dr / Dv per-head nope / rope / value dims.
 
 Architecture fields mirror the Hugging Face config.json names where one exists. The last group
-(`dtype`, `param_dtype`, `moe_impl`, `attention_impl`, `remat`, `moe_capacity_factor`) says how to run the model, not what it is:
-`architecture()` leaves it out, and HF conversion ignores it.
+(`use_yarn`, `dtype`, `param_dtype`, `moe_impl`, `attention_impl`, `remat`, `moe_capacity_factor`) says how to run
+the model, not what it is: `architecture()` leaves it out, and HF conversion ignores it.
+
+Rope scaling is a property of the run: the `rope_*` YaRN fields describe the released weights (and are written
+back on export untouched), while `use_yarn` says whether this run applies them (YaRN frequencies and the mscale²
+softmax factor). Inference on a released checkpoint applies them, as transformers does; training decides per
+stage (`kimi_jax.train_config.model_config`: on only when seq_len exceeds rope_original_max_position_embeddings,
+DeepSeek-V3's rule, unless the run config forces it).
 """
 
 from __future__ import annotations
@@ -20,7 +26,7 @@ _DTYPES = ("float32", "bfloat16")
 MOE_IMPLS = ("auto", "dense", "ragged", "blocked", "pallas")
 ATTENTION_IMPLS = ("auto", "xla", "pallas")
 REMAT_POLICIES = ("none", "full", "dots")
-_RUNTIME_FIELDS = ("dtype", "param_dtype", "moe_impl", "attention_impl", "remat", "moe_capacity_factor")
+_RUNTIME_FIELDS = ("use_yarn", "dtype", "param_dtype", "moe_impl", "attention_impl", "remat", "moe_capacity_factor")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -58,6 +64,7 @@ class ModelConfig:
   bos_token_id: int = 163584
   eos_token_id: int = 163585
   # How to run it (not architecture).
+  use_yarn: bool = True  # apply the rope_* YaRN fields (no-op when rope_factor is 1)
   dtype: str = "bfloat16"  # compute dtype
   param_dtype: str = "float32"
   moe_impl: str = "auto"  # see kimi_jax/layers/kernels.py
@@ -91,6 +98,7 @@ class ModelConfig:
     _check(self.topk_group <= self.n_group, "topk_group", f"{self.topk_group} exceeds n_group={self.n_group}")
     _check(self.n_group == 1 or self.num_experts_per_tok <= self.topk_group * self.n_routed_experts // self.n_group,
            "num_experts_per_tok", "more experts per token than the selected groups hold")
+    _check(isinstance(self.use_yarn, bool), "use_yarn", f"must be true or false, got {self.use_yarn!r}")
     _check(self.dtype in _DTYPES, "dtype", f"{self.dtype!r} not in {_DTYPES}")
     _check(self.param_dtype in _DTYPES, "param_dtype", f"{self.param_dtype!r} not in {_DTYPES}")
     _check(self.moe_impl in MOE_IMPLS, "moe_impl", f"{self.moe_impl!r} not in {MOE_IMPLS}")
@@ -118,10 +126,15 @@ class ModelConfig:
     return self.n_shared_experts * self.moe_intermediate_size
 
   @property
+  def yarn_active(self) -> bool:
+    """Whether this run applies YaRN: the weights carry a rope_factor > 1 and `use_yarn` is on."""
+    return self.use_yarn and self.rope_factor > 1
+
+  @property
   def softmax_scale(self) -> float:
-    """qk_head_dim^-0.5, times mscale(factor, mscale_all_dim)^2 under YaRN (transformers' DeepseekV3)."""
+    """qk_head_dim^-0.5, times mscale(factor, mscale_all_dim)^2 when YaRN is active (transformers' DeepseekV3)."""
     scale = self.qk_head_dim ** -0.5
-    if self.rope_factor > 1 and self.rope_mscale_all_dim:
+    if self.yarn_active and self.rope_mscale_all_dim:
       m = yarn_mscale(self.rope_factor, self.rope_mscale_all_dim)
       scale *= m * m
     return scale

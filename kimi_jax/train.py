@@ -47,7 +47,27 @@ def learning_rate_schedule(c: ml_collections.ConfigDict) -> optax.Schedule:
   if c.schedule == "wsd":
     stable = max(c.steps - c.warmup_steps - c.decay_steps, 0)
     return warmup_stable_decay(c.learning_rate, c.warmup_steps, stable, c.decay_steps, final)
-  raise ValueError(f"config.schedule {c.schedule!r} is not supported (choose cosine or wsd)")
+  if c.schedule == "linear":  # warm-up, then a straight line to `final` at the last step (K2's anneal stages)
+    decay = optax.linear_schedule(c.learning_rate, final, max(c.steps - c.warmup_steps, 1))
+    if not c.warmup_steps:
+      return decay
+    return optax.join_schedules([optax.linear_schedule(0.0, c.learning_rate, c.warmup_steps), decay],
+                                [c.warmup_steps])
+  raise ValueError(f"config.schedule {c.schedule!r} is not supported (choose cosine, wsd or linear)")
+
+
+def schedule_phases(c: ml_collections.ConfigDict) -> list[tuple[str, int, int]]:
+  """The phases of `learning_rate_schedule(c)` as (name, first step, end step) in optimizer steps, covering
+  [0, c.steps); empty phases are left out."""
+  warmup = min(c.warmup_steps, c.steps)
+  if c.schedule == "wsd":
+    decay_start = max(c.steps - c.decay_steps, warmup)
+    bounds = [("warmup", 0, warmup), ("stable", warmup, decay_start), ("cosine decay", decay_start, c.steps)]
+  elif c.schedule in ("cosine", "linear"):
+    bounds = [("warmup", 0, warmup), (f"{c.schedule} decay", warmup, c.steps)]
+  else:
+    learning_rate_schedule(c)  # raises, naming the schedule
+  return [(name, a, b) for name, a, b in bounds if b > a]
 
 
 def build_optimizer(c: ml_collections.ConfigDict, cfg: ModelConfig,
@@ -218,6 +238,9 @@ def train(c: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   from kimi_jax.data.tokenizer import load_tokenizer
 
   cfg = model_config(c)
+  if c.init_from is None:
+    raise ValueError("config.init_from is required by this config (it continues an earlier stage): pass "
+                     "--config.init_from=WORKDIR_OR_CHECKPOINT of the previous stage")
   tokenizer = load_tokenizer(c.tokenizer)
   if tokenizer.vocab_size > cfg.vocab_size:
     raise ValueError(f"config.model.vocab_size={cfg.vocab_size} is smaller than the tokenizer's "

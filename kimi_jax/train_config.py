@@ -12,9 +12,14 @@ import ml_collections
 from kimi_jax.config import ModelConfig, preset
 
 
+ROPE_SCALING_MODES = ("auto", "yarn", "none")
+
+
 def base_config(model_preset: str) -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
-  c.model = preset(model_preset).to_dict()
+  model = preset(model_preset).to_dict()
+  del model["use_yarn"]  # a run setting: c.rope_scaling below
+  c.model = model
   c.seed = 0
   c.tokenizer = "byte"  # or the path of a tiktoken.model file (Kimi K2's tokenizer)
   c.data = "corpus"  # "corpus", a `python -m kimi_jax.data.prepare` output dir, or .jsonl/.parquet/.array_record globs
@@ -24,11 +29,15 @@ def base_config(model_preset: str) -> ml_collections.ConfigDict:
   c.steps = 1000
   c.batch_size = 8  # sequences per step, all processes together
   c.seq_len = 256
+  c.rope_scaling = "auto"  # apply the weights' YaRN fields? "auto": only when seq_len exceeds
+  #                          model.rope_original_max_position_embeddings (DeepSeek-V3's rule: K2 pretrained at 4K
+  #                          with plain RoPE); "yarn" / "none" force it either way.
   c.mesh = ""  # e.g. "data=2,fsdp=4,expert=8,tensor=1" (kimi_jax/sharding.py); "": every device on fsdp
   c.microbatches = 1  # gradient accumulation: the batch is split into this many sequential pieces
   c.optimizer = "adamw"  # or "muon_clip"
   c.learning_rate = 1e-3  # peak
-  c.schedule = "cosine"  # warmup then cosine to the end; "wsd": warmup, constant, cosine over decay_steps
+  c.schedule = "cosine"  # warmup then cosine to the end; "wsd": warmup, constant, cosine over decay_steps;
+  #                        "linear": warmup, then linear to the final rate at the last step
   c.warmup_steps = 100
   c.decay_steps = 0  # wsd only
   c.final_learning_rate_ratio = 0.1  # the schedule ends at peak × this
@@ -45,20 +54,36 @@ def base_config(model_preset: str) -> ml_collections.ConfigDict:
   c.checkpoint_every = 500
   c.keep_checkpoints = 3
   c.keep_period = 0  # also keep every checkpoint whose step is a multiple of this (0: none)
-  c.init_from = ""  # a model checkpoint (e.g. `kimi_jax.convert hf-to-orbax` output) to start from
+  c.init_from = ""  # a model checkpoint (`kimi_jax.convert hf-to-orbax` output) or an earlier run's workdir to start
+  #                   from; "": random init. Configs that continue a stage make it required (None).
   c.sample_tokens = 200  # tokens sampled from the trained model at the end (0: none)
   c.sample_prompt = "And God said, "
   c.sample_temperature = 0.7
   return c
 
 
-def load_run_config(path: str) -> ml_collections.ConfigDict:
-  """`get_config()` of a run configuration file such as configs/kimi_k2.py (what `--config` reads)."""
+def load_config_module(path: str):
+  """A run configuration file as a module (for configs that build on another stage's file and constants)."""
   spec = importlib.util.spec_from_file_location(os.path.splitext(os.path.basename(path))[0], path)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
-  return module.get_config()
+  return module
+
+
+def load_run_config(path: str) -> ml_collections.ConfigDict:
+  """`get_config()` of a run configuration file such as configs/kimi_k2.py (what `--config` reads)."""
+  return load_config_module(path).get_config()
 
 
 def model_config(c: ml_collections.ConfigDict) -> ModelConfig:
-  return ModelConfig.from_dict(c.model.to_dict())
+  """The run's ModelConfig: `c.model` plus `use_yarn` decided by `c.rope_scaling` for this run's seq_len."""
+  model = c.model.to_dict()
+  if "use_yarn" in model:
+    raise ValueError("config.model.use_yarn is decided per run: set config.rope_scaling (auto | yarn | none)")
+  if c.rope_scaling not in ROPE_SCALING_MODES:
+    raise ValueError(f"config.rope_scaling {c.rope_scaling!r} not in {ROPE_SCALING_MODES}")
+  if c.rope_scaling == "auto":
+    use_yarn = c.seq_len > model["rope_original_max_position_embeddings"]
+  else:
+    use_yarn = c.rope_scaling == "yarn"
+  return ModelConfig.from_dict({**model, "use_yarn": use_yarn})

@@ -20,7 +20,7 @@ from kimi_jax import config, sharding  # noqa: E402
 from kimi_jax.model import KimiK2  # noqa: E402
 from kimi_jax.train import (build_optimizer, cross_entropy, init_train_state, make_train_step,  # noqa: E402
                             param_shardings)
-from kimi_jax.train_config import base_config  # noqa: E402
+from kimi_jax.train_config import base_config, model_config  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
 MESHES = ("fsdp=2,expert=4", "data=2,expert=2,tensor=2", "expert=8")
@@ -71,7 +71,7 @@ def one_train_step(mesh_spec: str, **train):
   c.model.update(dtype="float32", **SMALL)
   c.update(batch_size=8, seq_len=16, mesh=mesh_spec, optimizer="muon_clip", warmup_steps=0,
            muon_ns_dtype="float32", **train)
-  cfg = config.ModelConfig.from_dict(c.model.to_dict())
+  cfg = model_config(c)
   mesh = sharding.make_mesh(c.mesh, devices=jax.devices()[:1] if mesh_spec == "" else None)
   tx = build_optimizer(c, cfg, param_shardings(cfg, mesh))
   graphdef, params, rest, opt_state, shardings = init_train_state(c, cfg, tx, mesh)

@@ -20,10 +20,11 @@ from kimi_jax.config import ModelConfig, yarn_mscale
 
 
 def yarn_inv_freq(cfg: ModelConfig) -> np.ndarray:
-  """Per-pair inverse frequencies [R/2] (float32), YaRN-blended between extrapolation and interpolation."""
+  """Per-pair inverse frequencies [R/2] (float32): YaRN-blended between extrapolation and interpolation when
+  `cfg.yarn_active`, plain RoPE (θ^(−2i/R)) otherwise."""
   dim, base, factor = cfg.qk_rope_head_dim, cfg.rope_theta, cfg.rope_factor
   inv_freq = 1.0 / base ** (np.arange(0, dim, 2, dtype=np.float64) / dim)
-  if factor == 1.0:
+  if not cfg.yarn_active:
     return inv_freq.astype(np.float32)
 
   def correction_dim(rotations: float) -> float:
@@ -41,7 +42,7 @@ def yarn_inv_freq(cfg: ModelConfig) -> np.ndarray:
 
 def rope_attention_scaling(cfg: ModelConfig) -> float:
   """YaRN's cos/sin multiplier mscale(factor, mscale) / mscale(factor, mscale_all_dim); 1.0 for K2."""
-  if cfg.rope_factor == 1.0:
+  if not cfg.yarn_active:
     return 1.0
   return yarn_mscale(cfg.rope_factor, cfg.rope_mscale) / yarn_mscale(cfg.rope_factor, cfg.rope_mscale_all_dim)
 
