@@ -37,6 +37,8 @@ import jax.numpy as jnp
 from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from kimi_jax.layers.experts import combine
+
 STRATEGIES = ("ragged_all_to_all", "all_to_all")
 
 # matmul(lhs [M, K], rhs [G, K, N], group_sizes [G] int32) -> [M, N]: rows grouped contiguously by group;
@@ -121,7 +123,7 @@ def _moe_shard(x, idx, weights, gate, up, down, *, axis, n, rows, capacity, per_
   back = exchange(ys, jnp.zeros_like(xs), mine(dst_offsets), mine(kept), mine(src_offsets), kept[me],
                   axis_name=axis)  # [N, D] sorted like xs; dropped pairs stay zero
   inverse = jnp.zeros_like(order).at[order].set(jnp.arange(order.shape[0], dtype=order.dtype))
-  out = jnp.einsum("tkd,tk->td", back[inverse].reshape(t, k, -1).astype(jnp.float32), weights)
+  out = combine(back[inverse].reshape(t, k, -1).astype(jnp.float32), weights)
   if tensor_axis is not None:
     out = jax.lax.psum(out, tensor_axis)
   dropped = jax.lax.psum(jnp.sum(counts - kept[me]), tuple(token_axes))

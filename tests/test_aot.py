@@ -21,7 +21,8 @@ def test_collective_bytes_reads_result_shapes():
 def _tiny_run(**overrides):
   c = base_config("tiny")
   c.model.update(moe_impl="auto", attention_impl="auto")  # the Pallas kernels, as on a real TPU
-  c.update(batch_size=8, seq_len=64, mesh="fsdp=2,expert=2", optimizer="muon_clip", **overrides)
+  c.update(batch_size=8, seq_len=64, mesh="fsdp=2,expert=2", optimizer="muon_clip")
+  c.update(**overrides)
   return c
 
 
@@ -62,3 +63,40 @@ def test_k2_params_are_sharded_on_the_production_mesh():
     total, per_chip = total + size, per_chip + size // ways
     assert size <= 64 << 20 or ways >= 8, (jax.tree_util.keystr(path), leaf.shape, sh.spec)
   assert per_chip < total / 400, (per_chip, total)
+
+
+def _compiled_hlo_lines(c, topology: str, scope: str) -> list[str]:
+  """Lines of the TPU-compiled train step's HLO whose ops come from the named scope `scope`."""
+  import jax
+  import numpy as np
+
+  from kimi_jax import sharding
+  from kimi_jax.layers.kernels import target_platform
+  from kimi_jax.train import make_train_step
+
+  state = aot.abstract_train_state(c, aot.topology_devices(topology))
+  batch_sh = sharding.batch_sharding(state["mesh"])
+  batch = {k: jax.ShapeDtypeStruct((c.batch_size, c.seq_len), np.float32 if k == "loss_mask" else np.int32,
+                                   sharding=batch_sh)
+           for k in ("inputs", "targets", "segment_ids", "positions", "loss_mask")}
+  step = make_train_step(state["graphdef"], state["tx"], c, state["shardings"])
+  with target_platform("tpu"), sharding.use_mesh(state["mesh"]):
+    text = step.lower(state["params"], state["rest"], state["opt_state"], batch).compile().as_text()
+  return [line for line in text.splitlines() if f"/{scope}/" in line]
+
+
+def test_router_and_combine_dots_are_true_float32_on_tpu():
+  """The router logits (and any dot left in the expert combine) compile with HIGHEST operand precision for TPU,
+  where the default is one bf16 pass: near-tied top-K choices would otherwise flip against transformers."""
+  import jax
+
+  c = _tiny_run(optimizer="adamw")
+  c.model.update(num_hidden_layers=2, n_routed_experts=24)
+  with jax.default_matmul_precision("default"):  # conftest.py makes every dot "highest" for the parity tests
+    router = _compiled_hlo_lines(c, "v5p:2x2x1", "router_logits")
+    combine = _compiled_hlo_lines(c, "v5p:2x2x1", "expert_combine")
+  dots = lambda lines: [x for x in lines if " convolution(" in x or " dot(" in x]
+  assert dots(router), "no router dot found in the compiled HLO"
+  assert combine, "no expert combine found in the compiled HLO"
+  for line in dots(router) + dots(combine):
+    assert "operand_precision={highest,highest}" in line, line
