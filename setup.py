@@ -34,6 +34,6 @@ setup(
         "tpu": ["jax[tpu]>=0.12.0"],
         "cuda": ["jax[cuda12]>=0.12.0"],
         # Only for regenerating reference fixtures (tests/reference/); never needed by CI or the package.
-        "reference": ["torch==2.13.0", "transformers>=5.0", "safetensors"],
+        "reference": ["torch==2.13.0", "transformers>=5.24", "safetensors"],
     },
 )

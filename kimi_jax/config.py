@@ -163,28 +163,36 @@ class ModelConfig:
 
   @classmethod
   def from_hf(cls, hf: dict[str, Any], **runtime: Any) -> "ModelConfig":
-    """From a Hugging Face config.json dict (model_type `kimi_k2` or `deepseek_v3`)."""
-    model_type = hf.get("model_type")
-    if model_type not in ("kimi_k2", "deepseek_v3"):
-      raise ValueError(f"config.json model_type {model_type!r} is not supported (expected kimi_k2 or deepseek_v3)")
+    """From a Hugging Face config.json dict: a text model's (model_type `kimi_k2` or `deepseek_v3`) or a Kimi
+    K2.5 / K2.6 / K2.7 wrapper's (model_type `kimi_k25`), read from its text_config.
+
+    RoPE comes from `rope_scaling` + `rope_theta` (transformers v4, the Kimi releases) or `rope_parameters`
+    (transformers v5); anything this model cannot apply as written is refused, naming the field.
+    """
+    # The wrapper is a release layout like the tensor prefixes, so it is described with them (layout.py).
+    from kimi_jax.checkpoint import layout as layouts
+
+    layout = layouts.detect(hf)
+    where = layout.text_where("config.json")
+    hf = layout.text_config(hf, "config.json")  # refuses unknown model types, the wrapper's included
     if hf.get("scoring_func", "sigmoid") != "sigmoid":
-      raise ValueError(f"config.json scoring_func {hf['scoring_func']!r} is not supported (expected sigmoid)")
+      raise ValueError(f"{where} scoring_func {hf['scoring_func']!r} is not supported (expected sigmoid)")
     if hf.get("topk_method", "noaux_tc") != "noaux_tc":
-      raise ValueError(f"config.json topk_method {hf['topk_method']!r} is not supported (expected noaux_tc)")
+      raise ValueError(f"{where} topk_method {hf['topk_method']!r} is not supported (expected noaux_tc)")
     if hf.get("hidden_act", "silu") != "silu":
-      raise ValueError(f"config.json hidden_act {hf['hidden_act']!r} is not supported (expected silu)")
+      raise ValueError(f"{where} hidden_act {hf['hidden_act']!r} is not supported (expected silu)")
     if hf.get("tie_word_embeddings", False):
-      raise ValueError("config.json tie_word_embeddings=true is not supported (Kimi K2 has an untied lm_head)")
+      raise ValueError(f"{where} tie_word_embeddings=true is not supported (Kimi K2 has an untied lm_head)")
+    if hf.get("moe_layer_freq") not in (None, 1):
+      raise ValueError(f"{where} moe_layer_freq={hf['moe_layer_freq']!r} is not supported: every layer from "
+                       "first_k_dense_replace on is an MoE layer here (moe_layer_freq 1, as in Kimi K2 and "
+                       "DeepSeek-V3)")
     heads = hf["num_attention_heads"]
     if hf.get("num_key_value_heads", heads) != heads:
-      raise ValueError(f"config.json num_key_value_heads={hf['num_key_value_heads']} must equal "
+      raise ValueError(f"{where} num_key_value_heads={hf['num_key_value_heads']} must equal "
                        f"num_attention_heads={heads} for MLA")
     if hf.get("q_lora_rank") is None:
-      raise ValueError("config.json q_lora_rank is null; only the low-rank query (K2/V3) layout is supported")
-    rope = dict(hf.get("rope_scaling") or {})
-    rope_type = rope.get("rope_type", rope.get("type"))
-    if rope and rope_type != "yarn":
-      raise ValueError(f"config.json rope_scaling type {rope_type!r} is not supported (expected yarn)")
+      raise ValueError(f"{where} q_lora_rank is null; only the low-rank query (K2/V3) layout is supported")
     fields = dict(
         vocab_size=hf["vocab_size"], hidden_size=hf["hidden_size"], num_hidden_layers=hf["num_hidden_layers"],
         first_k_dense_replace=hf.get("first_k_dense_replace", 0), intermediate_size=hf["intermediate_size"],
@@ -194,16 +202,11 @@ class ModelConfig:
         norm_topk_prob=bool(hf.get("norm_topk_prob", True)), n_group=hf.get("n_group") or 1,
         topk_group=hf.get("topk_group") or 1, num_attention_heads=heads, q_lora_rank=hf["q_lora_rank"],
         kv_lora_rank=hf["kv_lora_rank"], qk_nope_head_dim=hf["qk_nope_head_dim"],
-        qk_rope_head_dim=hf["qk_rope_head_dim"], v_head_dim=hf["v_head_dim"], rope_theta=float(hf["rope_theta"]),
+        qk_rope_head_dim=hf["qk_rope_head_dim"], v_head_dim=hf["v_head_dim"],
         max_position_embeddings=hf["max_position_embeddings"], rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
         initializer_range=float(hf.get("initializer_range", 0.02)),
         bos_token_id=hf.get("bos_token_id", 0), eos_token_id=hf.get("eos_token_id", 1))
-    if rope:
-      fields.update(
-          rope_factor=float(rope["factor"]), rope_beta_fast=float(rope.get("beta_fast", 32)),
-          rope_beta_slow=float(rope.get("beta_slow", 1)), rope_mscale=float(rope.get("mscale", 1)),
-          rope_mscale_all_dim=float(rope.get("mscale_all_dim", 0)),
-          rope_original_max_position_embeddings=int(rope.get("original_max_position_embeddings", 4096)))
+    fields.update(_rope_from_hf(hf, where))
     return cls(**fields, **runtime)
 
   def to_hf(self) -> dict[str, Any]:
@@ -229,6 +232,88 @@ class ModelConfig:
           mscale=self.rope_mscale, mscale_all_dim=self.rope_mscale_all_dim,
           original_max_position_embeddings=self.rope_original_max_position_embeddings)
     return hf
+
+
+# What a rope_scaling / rope_parameters object may hold: transformers' RopeParameters keys for yarn and default.
+_ROPE_KEYS = ("rope_type", "type", "rope_theta", "factor", "beta_fast", "beta_slow", "mscale", "mscale_all_dim",
+              "original_max_position_embeddings", "attention_factor", "truncate", "partial_rotary_factor")
+
+
+def _rope_from_hf(hf: dict[str, Any], where: str) -> dict[str, Any]:
+  """rope_theta and the rope_* fields of a text config.json: legacy `rope_scaling` with a top-level `rope_theta`
+  (transformers v4, the Kimi releases) or transformers v5's `rope_parameters` (rope_theta inside, e.g.
+  {"rope_type": "yarn", "rope_theta": 50000.0, "factor": 32.0, "beta_fast": 1.0, ...}). Where both forms are
+  present they must agree; no RoPE scaling object means plain RoPE (rope_factor 1)."""
+  thetas = {"rope_theta": hf["rope_theta"]} if hf.get("rope_theta") is not None else {}
+  scalings = {}
+  for key in ("rope_scaling", "rope_parameters"):
+    rope = hf.get(key)
+    if not rope:
+      continue
+    if not isinstance(rope, dict):  # a ValueError like every other config.json error
+      raise ValueError(f"{where} {key} must be an object, got {rope!r}")  # noqa: TRY004
+    nested = sorted(k for k, v in rope.items() if isinstance(v, dict))
+    if nested:
+      raise ValueError(f"{where} {key} holds per-layer-type entries ({', '.join(nested)}); Kimi K2 applies one "
+                       "RoPE to every layer, so give one flat object (rope_type, rope_theta, factor, ...)")
+    unknown = sorted(set(rope) - set(_ROPE_KEYS))
+    if unknown:
+      raise ValueError(f"{where} {key} has unsupported key(s) {', '.join(unknown)} (known: {', '.join(_ROPE_KEYS)})")
+    if rope.get("rope_theta") is not None:
+      thetas[f"{key}.rope_theta"] = rope["rope_theta"]
+    scalings[key] = _yarn_from_hf(rope, f"{where} {key}", hf, legacy=key == "rope_scaling")
+  if not thetas:
+    raise ValueError(f"{where} has no rope_theta (neither at the top level nor in rope_parameters)")
+  if len({float(v) for v in thetas.values()}) > 1:
+    raise ValueError(f"{where} gives different RoPE bases ({', '.join(f'{k}={v}' for k, v in thetas.items())}); "
+                     "keep one")
+  if len(scalings) == 2 and scalings["rope_scaling"] != scalings["rope_parameters"]:
+    raise ValueError(f"{where} rope_scaling and rope_parameters describe different RoPE scalings "
+                     f"({scalings['rope_scaling']} vs {scalings['rope_parameters']}); keep one")
+  return {"rope_theta": float(next(iter(thetas.values()))), **next(iter(scalings.values()), {})}
+
+
+def _yarn_from_hf(rope: dict[str, Any], where: str, hf: dict[str, Any], legacy: bool) -> dict[str, Any]:
+  """The rope_* fields of one rope_scaling / rope_parameters object ({} for plain RoPE). `legacy`: rope_scaling,
+  where original_max_position_embeddings defaults to DeepSeek-V3's 4096 as it always has here; transformers v5
+  writes it into rope_parameters itself, so there it must be given."""
+  rope_type = rope.get("rope_type", rope.get("type", "default"))
+  if rope.get("type", rope_type) != rope_type:
+    raise ValueError(f"{where} says type {rope['type']!r} but rope_type {rope_type!r}; keep one")
+  if rope.get("partial_rotary_factor", 1) != 1:
+    raise ValueError(f"{where}.partial_rotary_factor {rope['partial_rotary_factor']!r} is not supported: RoPE "
+                     "turns all qk_rope_head_dim dims (partial_rotary_factor 1)")
+  if rope_type == "default":
+    extra = sorted(set(rope) - {"rope_type", "type", "rope_theta", "partial_rotary_factor"})
+    if extra:
+      raise ValueError(f"{where}: rope_type 'default' (plain RoPE) with scaling key(s) {', '.join(extra)}; set "
+                       "rope_type yarn or drop them")
+    return {}
+  if rope_type != "yarn":
+    raise ValueError(f"{where}.rope_type {rope_type!r} is not supported (expected yarn or default)")
+  if rope.get("truncate", True) is not True:
+    raise ValueError(f"{where}.truncate {rope['truncate']!r} is not supported: the YaRN ramp ends are rounded to "
+                     "whole dims here (truncate true, transformers' default and DeepSeek-V3's)")
+  original = rope.get("original_max_position_embeddings")
+  if original is None and not legacy:
+    raise ValueError(f"{where} has no original_max_position_embeddings (the pretraining context YaRN extends)")
+  original = int(original or 4096)
+  factor = rope.get("factor")
+  factor = float(factor if factor is not None else hf["max_position_embeddings"] / original)  # transformers' rule
+  # transformers reads beta_fast / beta_slow with `or` (None and 0 mean the paper's 32 / 1).
+  fields = {"rope_factor": factor, "rope_beta_fast": float(rope.get("beta_fast") or 32),
+            "rope_beta_slow": float(rope.get("beta_slow") or 1),
+            "rope_mscale": float(1 if rope.get("mscale") is None else rope["mscale"]),
+            "rope_mscale_all_dim": float(rope.get("mscale_all_dim") or 0),
+            "rope_original_max_position_embeddings": original}
+  attention = rope.get("attention_factor")
+  if attention is not None:
+    derived = yarn_mscale(factor, fields["rope_mscale"]) / yarn_mscale(factor, fields["rope_mscale_all_dim"])
+    if not math.isclose(float(attention), derived, rel_tol=1e-6):
+      raise ValueError(f"{where}.attention_factor {attention!r} is not supported: cos/sin are scaled by "
+                       f"mscale(factor, mscale) / mscale(factor, mscale_all_dim) = {derived:.7g} here; drop "
+                       "attention_factor or set mscale / mscale_all_dim instead")
+  return fields
 
 
 def yarn_mscale(factor: float, mscale: float) -> float:

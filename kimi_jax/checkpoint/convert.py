@@ -11,6 +11,10 @@ item's `_METADATA` (which makes it restorable) and `config.json` are written las
 orbax_to_hf: shards are planned from the config alone (names, dtypes, shapes); each shard file is filled
 tensor by tensor in row blocks read from the Orbax arrays (optionally re-quantised to FP8 with 128×128 blocks),
 written to `.tmp` and renamed, so a rerun skips complete shards. Workers write different shards.
+
+Both directions handle every release layout (layout.py): hf_to_orbax reads the layout from config.json (a Kimi
+K2.5 wrapper: text tensors under `language_model.`, vision tensors skipped and reported in one line, the wrapper's
+fields kept in OUT/hf_wrapper.json); orbax_to_hf writes the layout it is asked for.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from typing import Any, Callable, Iterator
 import ml_dtypes
 import numpy as np
 
+from kimi_jax.checkpoint import layout as layouts
 from kimi_jax.checkpoint import orbax_arrays, quant
 from kimi_jax.checkpoint.hf import (CheckpointError, HFCheckpoint, TensorMap, abstract_state, checked_entries,
                                     flatten, leaf_dtype, tensor_map)
@@ -46,6 +51,8 @@ class Stats:
   bytes_read: int = 0
   bytes_written: int = 0
   seconds: float = 0.0
+  skipped_tensors: int = 0  # tensors of other modalities left out (K2.5's vision tower and projector)
+  skipped_bytes: int = 0
 
   def add(self, read: int, written: int) -> None:
     self.bytes_read += read
@@ -71,7 +78,8 @@ def hf_to_orbax(hf_dir: str, out_dir: str, *, dtype: str = "float32", workers: i
   """Convert the HF checkpoint at `hf_dir` into the model checkpoint `out_dir` (config.json + state/).
 
   Weights are stored in `dtype` (the router bias in float32); the saved config's param_dtype is `dtype`.
-  Rerunning after an interruption resumes; rerunning a finished conversion does nothing.
+  Rerunning after an interruption resumes; rerunning a finished conversion does nothing. Tensors the layout
+  skips (K2.5's vision weights) are counted in one printed line and in the returned Stats.
   """
   from kimi_jax.checkpoint.model_io import STATE_DIR, save_config
 
@@ -82,12 +90,18 @@ def hf_to_orbax(hf_dir: str, out_dir: str, *, dtype: str = "float32", workers: i
   cfg = ckpt.config(param_dtype=dtype)
   leaves = flatten(abstract_state(cfg))
   entries = checked_entries(ckpt, cfg, leaves)  # every tensor is checked before anything is written
+  skipped = Stats(skipped_tensors=len(ckpt.skipped), skipped_bytes=ckpt.skipped_bytes())
+  if ckpt.skipped:
+    prefixes = sorted({name.split(".")[0] for name in ckpt.skipped})
+    print(f"hf-to-orbax: skipping {skipped.skipped_tensors} tensors ({skipped.skipped_bytes:,} bytes, "
+          f"{skipped.skipped_bytes / 1e9:.2f} GB) outside the text model: {', '.join(p + '.*' for p in prefixes)}",
+          flush=True)
   out_dir = os.path.abspath(out_dir)
   state_dir = os.path.join(out_dir, STATE_DIR)
   status = {"source": os.path.abspath(hf_dir), "dtype": dtype, "piece_elements": piece_elements}
   done = _start_or_resume(out_dir, status, state_dir)
   if done is None:
-    return Stats()
+    return skipped
 
   rows_of = {entry.path: block_rows(entry.hf_shape(shape), piece_elements) for entry, shape in entries}
   arrays = _create_targets(state_dir, leaves, entries, rows_of, _DTYPES[dtype], workers)
@@ -98,7 +112,7 @@ def hf_to_orbax(hf_dir: str, out_dir: str, *, dtype: str = "float32", workers: i
   total = sum(stored[e.hf_name] * (r[1] - r[0]) for e, r in pieces)
   bar = progress_bar(progress, total, total - sum(stored[e.hf_name] * (r[1] - r[0]) for e, r in todo),
                      "hf-to-orbax")
-  stats, log_lock = Stats(), threading.Lock()
+  stats, log_lock = skipped, threading.Lock()
 
   with open(os.path.join(out_dir, LOG_FILE), "a") as log:
     def convert(piece: tuple[TensorMap, tuple[int, int]]) -> None:
@@ -117,6 +131,9 @@ def hf_to_orbax(hf_dir: str, out_dir: str, *, dtype: str = "float32", workers: i
   bar.close()
   os.sync()
   orbax_arrays.write_tree_metadata(state_dir, leaves)
+  carried = ckpt.layout.carried(ckpt.hf_config)
+  if carried is not None:  # written before the status file marks the conversion complete
+    write_json(os.path.join(out_dir, layouts.WRAPPER_FILE), carried)
   save_config(out_dir, cfg)
   stats.seconds = time.perf_counter() - start
   write_json(os.path.join(out_dir, STATUS_FILE), {**status, "complete": True, "seconds": stats.seconds})
@@ -176,16 +193,25 @@ def _start_or_resume(out_dir: str, status: dict[str, Any], state_dir: str) -> se
 
 # Orbax → HF ----------------------------------------------------------------------------------------------------
 
-def orbax_to_hf(checkpoint: str, out_dir: str, *, dtype: str = "bfloat16", fp8: bool = False, workers: int = 4,
-                max_shard_bytes: int = 4 << 30, piece_elements: int = PIECE_ELEMENTS,
-                progress: bool = False) -> Stats:
+def orbax_to_hf(checkpoint: str, out_dir: str, *, dtype: str = "bfloat16", fp8: bool = False, layout: str = "k2",
+                wrapper_config: str | None = None, workers: int = 4, max_shard_bytes: int = 4 << 30,
+                piece_elements: int = PIECE_ELEMENTS, progress: bool = False) -> Stats:
   """Write the model checkpoint (or training workdir) `checkpoint` in the released per-expert layout.
 
   Weights in `dtype` (the router bias in float32); with `fp8`, every linear weight but the router and lm_head is
-  quantised to float8_e4m3fn with a `_scale_inv` per 128×128 block, as in Kimi-K2-Instruct.
+  quantised to float8_e4m3fn with a `_scale_inv` per 128×128 block, as in Kimi-K2-Instruct. Routed experts are
+  never written as INT4: an export of Kimi-K2-Thinking or K2.5 holds them in `dtype` (or FP8) and says so in its
+  quantization_config (none for plain weights).
+
+  layout: "k2" (Kimi K2 names and config.json) or "k25" (Kimi K2.5 / K2.6 / K2.7: `language_model.` names and
+  the multimodal wrapper config.json, without vision weights). The wrapper's own fields (vision_config, token
+  ids, ...) come from `wrapper_config` (a K2.5 release's config.json) if given, else from the hf_wrapper.json that
+  hf_to_orbax kept in `checkpoint`; with neither the wrapper has no vision_config.
   """
   if dtype not in _DTYPES:
     raise ValueError(f"dtype {dtype!r} not in {sorted(_DTYPES)}")
+  target = layouts.get(layout)
+  carried = layouts.find_carried(target, checkpoint, wrapper_config)
   start = time.perf_counter()
   cfg, item_dir, names = _locate_state(checkpoint)
   leaves = flatten(abstract_state(cfg))
@@ -212,10 +238,15 @@ def orbax_to_hf(checkpoint: str, out_dir: str, *, dtype: str = "bfloat16", fp8: 
   groups = [_export_specs(entry, entry.hf_shape(tuple(leaves[entry.path].shape)), read,
                           leaf_dtype(entry.path, _DTYPES[dtype]), scheme if entry.fp8_exportable else None,
                           piece_elements)
-            for entry in tensor_map(cfg)]
-  hf_config = cfg.to_hf()
+            for entry in tensor_map(cfg, target)]
+  text_config = cfg.to_hf()
   if scheme:
-    hf_config["quantization_config"] = scheme.hf_config()
+    text_config["quantization_config"] = scheme.hf_config()
+  hf_config = target.hf_config(text_config, carried)
+  if isinstance(target, layouts.WrapperLayout) and carried is None:
+    print(f"orbax-to-hf: {checkpoint} keeps no {target.title} wrapper fields ({layouts.WRAPPER_FILE}), so "
+          "config.json gets no vision_config; pass the release's config.json as wrapper_config to carry them",
+          flush=True)
   bar = progress_bar(progress, sum(s.nbytes for g in groups for s in g), 0, "orbax-to-hf")
   _, written = write_release(out_dir, groups, hf_config, max_shard_bytes=max_shard_bytes, workers=workers,
                              on_written=bar.update)

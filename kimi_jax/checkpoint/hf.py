@@ -6,7 +6,9 @@ conversion and writing are loops over the same list. RoPE rows keep the checkpoi
 model rotates pairs in place), so no row permutation happens either way.
 
 Reading dequantises FP8 (block-scaled) and INT4 (compressed-tensors) weights to float32 (see quant.py); the
-unit of reading is rows [r0, r1) of one HF tensor, so no tensor need ever be whole in memory.
+unit of reading is rows [r0, r1) of one HF tensor, so no tensor need ever be whole in memory. Which config.json
+holds the text model and which prefix its tensors carry (Kimi K2 vs the K2.5 multimodal wrapper) is layout.py's
+business: a checkpoint knows its layout, and `tensor_map` takes one.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from typing import Any
 import ml_dtypes
 import numpy as np
 
+from kimi_jax.checkpoint import layout as layouts
 from kimi_jax.checkpoint import quant
 from kimi_jax.checkpoint.host_ops import transpose_cast
 from kimi_jax.checkpoint.safetensors import SafetensorsFile
@@ -59,18 +62,19 @@ class TensorMap:
     return self.transpose and self.path[-2:] != ("router", "kernel") and self.path[0] != "lm_head"
 
 
-def tensor_map(cfg: ModelConfig) -> list[TensorMap]:
-  """Every tensor of the released layout, in checkpoint order."""
-  out = [TensorMap("model.embed_tokens.weight", ("embed", "embedding"), (), False)]
+def tensor_map(cfg: ModelConfig, layout: layouts.Layout = layouts.K2) -> list[TensorMap]:
+  """Every text-model tensor of a release in `layout`, in checkpoint order."""
+  name = layout.hf_name
+  out = [TensorMap(name("model.embed_tokens.weight"), ("embed", "embedding"), (), False)]
   attn = [("q_a_proj", "q_a"), ("q_b_proj", "q_b"), ("kv_a_proj_with_mqa", "kv_a"), ("kv_b_proj", "kv_b"),
           ("o_proj", "o")]
   for i in range(cfg.num_hidden_layers):
     moe = i >= cfg.first_k_dense_replace
     group, layer = ("moe_layers", i - cfg.first_k_dense_replace) if moe else ("dense_layers", i)
-    pre = f"model.layers.{i}."
+    pre = name(f"model.layers.{i}.")
 
-    def add(name, path, transpose=True, index=(layer,)):
-      out.append(TensorMap(pre + name, (group,) + path, index, transpose))
+    def add(suffix, path, transpose=True, index=(layer,)):
+      out.append(TensorMap(pre + suffix, (group,) + path, index, transpose))
 
     add("input_layernorm.weight", ("attn_norm", "scale"), False)
     for hf, ours in attn:
@@ -91,8 +95,8 @@ def tensor_map(cfg: ModelConfig) -> list[TensorMap]:
     if cfg.n_shared_experts:
       for p in projections:
         add(f"mlp.shared_experts.{p}_proj.weight", ("mlp", "shared", p, "kernel"))
-  out.append(TensorMap("model.norm.weight", ("final_norm", "scale"), (), False))
-  out.append(TensorMap("lm_head.weight", ("lm_head", "kernel"), (), True))
+  out.append(TensorMap(name("model.norm.weight"), ("final_norm", "scale"), (), False))
+  out.append(TensorMap(name("lm_head.weight"), ("lm_head", "kernel"), (), True))
   return out
 
 
@@ -106,8 +110,9 @@ class _Stored:
 class HFCheckpoint:
   """A released-layout directory: config.json + safetensors shards (+ index). Reads one tensor (or rows) at a time.
 
-  `read(name)` returns float32 for quantised weights (dequantised) and the stored dtype otherwise.
-  Thread-safe.
+  `read(name)` returns float32 for quantised weights (dequantised) and the stored dtype otherwise. `layout` says
+  where the text model is (layout.py); `skipped` lists the tensors of other modalities it holds (K2.5's vision
+  tower), which nothing reads. A tensor outside the layout is refused on opening. Thread-safe.
   """
 
   def __init__(self, directory: str):
@@ -117,8 +122,10 @@ class HFCheckpoint:
       raise CheckpointError(f"{directory}: no config.json")
     with open(config_path) as f:
       self.hf_config = json.load(f)
+    self.layout = layouts.detect(self.hf_config)
     try:
-      scheme = quant.scheme_from_hf(self.hf_config, config_path)
+      self.text_config = self.layout.text_config(self.hf_config, config_path)
+      scheme = quant.scheme_from_hf(self.text_config, self.layout.text_where(config_path))
     except ValueError as e:
       raise CheckpointError(str(e)) from e
     # A release's tensors say how they are stored; the config only supplies the block / group sizes.
@@ -132,12 +139,24 @@ class HFCheckpoint:
       self.weight_map = {name: SINGLE_FILE for name in SafetensorsFile(os.path.join(directory, SINGLE_FILE)).names()}
     else:
       raise CheckpointError(f"{directory}: neither {INDEX_FILE} nor {SINGLE_FILE} found")
+    try:
+      self.skipped = self.layout.skipped_tensors(self.weight_map, directory)
+    except ValueError as e:
+      raise CheckpointError(str(e)) from e
     self._files: dict[str, SafetensorsFile] = {}
     self._stored: dict[str, _Stored] = {}
     self._lock = threading.Lock()
 
   def config(self, **runtime: Any) -> ModelConfig:
     return ModelConfig.from_hf(self.hf_config, **runtime)
+
+  def skipped_bytes(self) -> int:
+    """Bytes stored for the `skipped` tensors (from the shard headers)."""
+    total = 0
+    for name in self.skipped:
+      dtype, shape = self._file(name).info(name)
+      total += math.prod(shape) * dtype.itemsize
+    return total
 
   def where(self, name: str) -> str:
     return os.path.join(self.directory, self.weight_map.get(name, "?"))
@@ -262,7 +281,7 @@ def checked_entries(ckpt: HFCheckpoint, cfg: ModelConfig,
   leaves: flatten(abstract_state(cfg)).
   """
   out = []
-  for entry in tensor_map(cfg):
+  for entry in tensor_map(cfg, ckpt.layout):
     leaf_shape = tuple(leaves[entry.path].shape)
     expected, actual = entry.hf_shape(leaf_shape), ckpt.shape(entry.hf_name)
     if tuple(actual) != expected:
