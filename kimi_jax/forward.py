@@ -4,52 +4,70 @@
         [--mesh fsdp=2,expert=4]
 
 T.npy: int [B, S]; L.npy: float32 [B, S, V]. DIR is a model checkpoint (`kimi_jax.convert hf-to-orbax`) or a
-training workdir (its latest checkpoint).
+training workdir (its latest checkpoint). On a mesh any B runs (padded to the mesh's batch shards, see
+`sharding.padded_batch`), with the experts dropless, so the logits are the single-device ones.
 """
 
 from __future__ import annotations
 
+import functools
+
+import jax
 import numpy as np
 from absl import app, flags
+from flax import nnx
+from jax.sharding import Mesh
 
+from kimi_jax import sharding
 from kimi_jax.config import MOE_IMPLS
+from kimi_jax.model import KimiK2, check_tokens
 
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Model checkpoint or training workdir.", required=True)
 _TOKENS = flags.DEFINE_string("tokens", None, "Input token ids, .npy int [B, S].", required=True)
 _OUT = flags.DEFINE_string("out", None, "Output logits, .npy float32 [B, S, V].", required=True)
 _DTYPE = flags.DEFINE_enum("dtype", None, ["float32", "bfloat16"], "Compute dtype (default: the checkpoint's).")
 _MOE_IMPL = flags.DEFINE_enum("moe_impl", None, list(MOE_IMPLS), "Expert compute implementation.")
-_MESH = flags.DEFINE_string("mesh", "", "Device mesh, e.g. fsdp=2,expert=4 (kimi_jax/sharding.py); '': one device.")
+_MESH = flags.DEFINE_string("mesh", "", "Device mesh, e.g. fsdp=2,expert=4 (kimi_jax/sharding.py); '': one device. "
+                            "Any batch size; experts run dropless.")
+
+
+def forward_logits(model: KimiK2, tokens: np.ndarray, mesh: Mesh | None = None) -> jax.Array:
+  """tokens: [B, S] int -> logits [B, S, V] float32.
+
+  mesh: run sharded over it, the model's variables already placed there (`sharding.shard_model`). The batch is
+  padded to the mesh's batch shards and the padding rows are dropped from the logits (`sharding.padded_batch`).
+  """
+  graphdef, state = nnx.split(model)
+  if mesh is None:
+    return _forward(graphdef, state, tokens)
+  batch = tokens.shape[0]
+  tokens = sharding.pad_batch(np.asarray(tokens), sharding.padded_batch(batch, mesh, model.cfg.moe_capacity_factor))
+  with sharding.use_mesh(mesh):
+    logits = _forward(graphdef, state, jax.device_put(tokens, sharding.batch_sharding(mesh)))
+  return sharding.unpad_batch(logits, batch)
+
+
+@functools.partial(jax.jit, static_argnames="graphdef")
+def _forward(graphdef, state, tokens):
+  return nnx.merge(graphdef, state)(tokens)[0]
 
 
 def main(argv):
   del argv
-  from flax import nnx
-
   from kimi_jax.checkpoint.model_io import load_any
-  from kimi_jax.model import check_tokens
 
   runtime = {k: v for k, v in (("dtype", _DTYPE.value), ("moe_impl", _MOE_IMPL.value)) if v}
   if _DTYPE.value:
     runtime["param_dtype"] = _DTYPE.value
+  mesh = sharding.make_mesh(_MESH.value) if _MESH.value else None
+  if mesh is not None:
+    runtime["moe_capacity_factor"] = None  # dropless: see sharding.padded_batch
   cfg, model = load_any(_CHECKPOINT.value, **runtime)
   tokens = np.load(_TOKENS.value)
   check_tokens(tokens, cfg)
-  tokens = tokens.astype(np.int32)
-  if _MESH.value:
-    import jax
-
-    from kimi_jax import sharding
-
-    mesh = sharding.make_mesh(_MESH.value)
-    sharding.check_batch(tokens.shape[0], mesh)
-    graphdef, state = nnx.split(model)
-    state = jax.device_put(state.to_pure_dict(), sharding.state_shardings(state, mesh))
-    with sharding.use_mesh(mesh):
-      logits, _ = jax.jit(lambda s, t: nnx.merge(graphdef, nnx.State(s))(t))(
-          state, jax.device_put(tokens, sharding.batch_sharding(mesh)))
-  else:
-    logits, _ = nnx.jit(lambda m, t: m(t))(model, tokens)
+  if mesh is not None:
+    sharding.shard_model(model, mesh)
+  logits = forward_logits(model, tokens.astype(np.int32), mesh)
   np.save(_OUT.value, np.asarray(logits, np.float32))
   print(f"wrote logits {tuple(logits.shape)} to {_OUT.value}")
 

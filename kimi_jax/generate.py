@@ -3,6 +3,7 @@
     python -m kimi_jax.generate --checkpoint DIR --prompt "In the beginning" --max_new_tokens 64
     python -m kimi_jax.generate --checkpoint DIR --tokenizer tiktoken.model --chat --prompt "Hi" --temperature 0.6
     python -m kimi_jax.generate --checkpoint DIR --prompt_tokens P.npy --max_new_tokens 16 --out OUT.npy
+    python -m kimi_jax.generate --checkpoint DIR --prompt "In the beginning" --mesh fsdp=2,expert=4
 
 Letters: B batch, S prompt buffer length, T cache length, V vocab, L stacked layers, D model.
 
@@ -15,12 +16,18 @@ Cache kinds (`kimi_jax.layers.mla_decode`): "latent" (default; the normalised la
 kv_lora_rank + qk_rope_head_dim values per token per layer, decoded with absorbed weights) and "expanded"
 (per-head k and v; the baseline for `benchmarks/generate.py`).
 
+Mesh (`mesh=` of `stream`, `--mesh`): the model's variables are placed on it (`sharding.shard_model`), the batch
+and the cache's B are split over its batch shards, and any number of prompts runs: the batch is padded to a
+multiple of the batch shards with copies of row 0 (`sharding.padded_batch`), which never reach the output and
+never change a real row's draws (sampling sees the real rows only; padding rows are fed row 0's tokens).
+
 The CLI encodes `--prompt` with `--tokenizer` (byte-level by default, or Kimi's tiktoken.model), optionally as
 one user turn of Kimi's chat template (`--chat`), streams the text, and reports prefill time and decode tokens/s.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import sys
@@ -33,17 +40,20 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 from flax import nnx
+from jax.sharding import Mesh
 
+from kimi_jax import sharding
 from kimi_jax.config import MOE_IMPLS, ModelConfig
 from kimi_jax.layers.kernels import resolve_attention_impl
 from kimi_jax.layers.mla_decode import CACHE_KINDS, cache_entry, cache_spec, decode_attention
 from kimi_jax.layers.rope import rope_cos_sin
-from kimi_jax.model import LAYER_GROUPS, KimiK2, check_tokens
+from kimi_jax.model import ACTIVATION, LAYER_GROUPS, KimiK2, check_tokens
 
 PROMPT_BUCKET = 64  # prompt buffers are padded to a multiple of this, so similar prompts share one compile
 CACHE_BUCKET = 256  # the default cache length is rounded up to a multiple of this
 
 Cache = dict[str, dict[str, jax.Array]]  # {layer group: {name: [L, B, T, ...]}}
+CACHE_AXES = ("layers", "batch", "seq")  # logical names of a cache buffer's [L, B, T] dims; per-token dims whole
 
 
 class DecodeState(NamedTuple):
@@ -120,7 +130,7 @@ def _prefill_logits(model: KimiK2, tokens: jax.Array, lengths: jax.Array, max_le
   positions = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
   segment_ids = (positions < lengths[:, None]).astype(jnp.int32)  # 0 marks padding
   cos, sin = rope_cos_sin(positions, cfg)
-  x = model.embed(tokens, jnp.dtype(cfg.dtype))
+  x = sharding.constrain(model.embed(tokens, jnp.dtype(cfg.dtype)), ACTIVATION)
   cache = init_cache(cfg, b, max_len, kind)
   for group in cache:
     graphdef, layer_states = nnx.split(getattr(model, group))
@@ -134,7 +144,7 @@ def _prefill_logits(model: KimiK2, tokens: jax.Array, lengths: jax.Array, max_le
     cache[group] = {name: jax.lax.dynamic_update_slice_in_dim(buf, entries[name], 0, axis=2)
                     for name, buf in cache[group].items()}
   last = x[jnp.arange(b), lengths - 1]  # [B, D]
-  return _logits(model, last), DecodeState(cache, lengths)
+  return _logits(model, last), DecodeState(_constrain_cache(cache), lengths)
 
 
 def _decode_logits(model: KimiK2, state: DecodeState, tokens: jax.Array,
@@ -142,11 +152,17 @@ def _decode_logits(model: KimiK2, state: DecodeState, tokens: jax.Array,
   cfg = model.cfg
   positions = state.lengths
   cos, sin = rope_cos_sin(positions[:, None], cfg)  # [B, 1, Dr/2]
-  x = model.embed(tokens[:, None], jnp.dtype(cfg.dtype))  # [B, 1, D]
+  x = sharding.constrain(model.embed(tokens[:, None], jnp.dtype(cfg.dtype)), ACTIVATION)  # [B, 1, D]
   cache = {}
   for group, group_cache in state.cache.items():
     x, cache[group] = _decode_layers(getattr(model, group), x, cos, sin, group_cache, positions, impl)
-  return _logits(model, x[:, 0]), DecodeState(cache, positions + 1)
+  # The donated cache comes back laid out as it went in, so every step reuses one compiled layout.
+  return _logits(model, x[:, 0]), DecodeState(_constrain_cache(cache), positions + 1)
+
+
+def _constrain_cache(cache: Cache) -> Cache:
+  """Under an active mesh, each buffer's B is split like the batch (`CACHE_AXES`); identity without one."""
+  return jax.tree.map(lambda a: sharding.constrain(a, CACHE_AXES + (None,) * (a.ndim - len(CACHE_AXES))), cache)
 
 
 def _decode_layers(layers, x, cos, sin, cache, positions, impl):
@@ -203,40 +219,57 @@ def sample_logits(logits: jax.Array, key: jax.Array, sampling: Sampling) -> jax.
 
 @functools.partial(jax.jit, static_argnames=("sampling", "stop_tokens"))
 def _pick(logits, done, key, *, sampling, stop_tokens):
-  """Sample, then mark rows done on a stop token. Returns (tokens [B], done [B], key)."""
+  """Sample, then mark rows done on a stop token. logits: [B', V], rows past B = len(done) being batch padding.
+
+  Only the B real rows are sampled, so the draws are those of an unpadded batch. Returns (tokens [B'] to feed the
+  next step, padding rows repeating row 0's token as `sharding.pad_batch` does; done [B]; key).
+  """
   key, sub = jax.random.split(key)
-  tokens = sample_logits(logits, sub, sampling)
-  return tokens, done | jnp.isin(tokens, jnp.asarray(stop_tokens, jnp.int32)), key
+  tokens = sample_logits(sharding.unpad_batch(logits, done.shape[0]), sub, sampling)
+  done = done | jnp.isin(tokens, jnp.asarray(stop_tokens, jnp.int32))
+  return sharding.pad_batch(tokens, logits.shape[0]), done, key
 
 
 # The generation loop ------------------------------------------------------------------------------------------
 
 def stream(model: KimiK2, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
            sampling: Sampling = Sampling(), stop_tokens: Sequence[int] = (), seed: int = 0,
-           max_len: int | None = None, cache_kind: str = "latent",
-           attention_impl: str = "auto") -> Iterator[tuple[np.ndarray, np.ndarray]]:
+           max_len: int | None = None, cache_kind: str = "latent", attention_impl: str = "auto",
+           mesh: Mesh | None = None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
   """Generate for a batch of prompts of any lengths; yields after every step.
 
   Yields (tokens [B] int32, emitted [B] bool): row b produced tokens[b] if emitted[b]. A row stops at its first
   stop token, which is not emitted; the loop ends when every row has stopped or after max_new_tokens steps.
   max_len: cache length T (default: longest prompt + max_new_tokens, rounded up to CACHE_BUCKET and capped at
   max_position_embeddings). attention_impl: decode attention, see `mla_decode.decode_attention`.
+  mesh: run sharded over it, the model's variables already placed there (`sharding.shard_model`); the batch is
+  padded to its batch shards (module docstring).
   Step t+1 is dispatched before step t's tokens are read back, so the host never idles the device.
   """
   tokens, lengths, max_len = pack_prompts(prompts, model.cfg, max_new_tokens, max_len)
   if max_new_tokens <= 0:
     return
+  rows = len(prompts)
+  tokens, lengths = sharding.pad_batch((tokens, lengths),
+                                       sharding.padded_batch(rows, mesh, model.cfg.moe_capacity_factor))
+  on_mesh = contextlib.nullcontext
+  if mesh is not None:
+    tokens, lengths = jax.device_put((tokens, lengths), (sharding.batch_sharding(mesh, 2),
+                                                         sharding.batch_sharding(mesh, 1)))
+    on_mesh = functools.partial(sharding.use_mesh, mesh)  # entered per dispatch, never across a yield
   graphdef, params = nnx.split(model)
   impl = resolve_attention_impl(attention_impl)
   pick = functools.partial(_pick, sampling=sampling, stop_tokens=tuple(int(t) for t in stop_tokens))
-  logits, state = _prefill(graphdef, params, tokens, lengths, max_len=max_len, kind=cache_kind)
-  new, done, key = pick(logits, jnp.zeros(len(prompts), bool), jax.random.key(seed))
+  with on_mesh():
+    logits, state = _prefill(graphdef, params, tokens, lengths, max_len=max_len, kind=cache_kind)
+    new, done, key = pick(logits, jnp.zeros(rows, bool), jax.random.key(seed))
   for i in range(max_new_tokens):
     last = i + 1 == max_new_tokens
     if not last:  # dispatch the next step before reading this one back
-      logits, state = _decode(graphdef, params, state, new, impl=impl)
-      pending = pick(logits, done, key)
-    host_new, host_done = np.asarray(new), np.asarray(done)
+      with on_mesh():
+        logits, state = _decode(graphdef, params, state, new, impl=impl)
+        pending = pick(logits, done, key)
+    host_new, host_done = sharding.unpad_batch(np.asarray(new), rows), np.asarray(done)
     yield host_new, ~host_done
     if last or host_done.all():
       return
@@ -333,6 +366,8 @@ def _define_flags() -> None:
   flags.DEFINE_enum("cache", "latent", list(CACHE_KINDS), "KV cache layout.")
   flags.DEFINE_enum("attention_impl", "auto", ["auto", "xla", "pallas"], "Decode attention implementation.")
   flags.DEFINE_string("out", None, "Write generated ids to this .npy, int32 [B, N] padded with -1.")
+  flags.DEFINE_string("mesh", "", "Device mesh, e.g. fsdp=2,expert=4 (kimi_jax/sharding.py); '': one device. "
+                      "Any number of prompts; experts run dropless.")
 
 
 def _cli_prompts(f, cfg: ModelConfig):
@@ -385,6 +420,12 @@ def main(argv):
 
   f = flags.FLAGS
   runtime = {k: v for k, v in (("dtype", f.dtype), ("param_dtype", f.dtype), ("moe_impl", f.moe_impl)) if v}
+  try:
+    mesh = sharding.make_mesh(f.mesh) if f.mesh else None
+  except ValueError as e:
+    sys.exit(f"error: {e}")
+  if mesh is not None:
+    runtime["moe_capacity_factor"] = None  # dropless: see sharding.padded_batch
   cfg, model = load_any(f.checkpoint, **runtime)
   try:  # bad prompts, token ids or options: a one-line error, before any compute
     prompts, stops, tokenizer = _cli_prompts(f, cfg)
@@ -392,6 +433,8 @@ def main(argv):
     sampling = Sampling(f.temperature, f.top_k, f.top_p)
   except ValueError as e:
     sys.exit(f"error: {e}")
+  if mesh is not None:
+    sharding.shard_model(model, mesh)
   if f.stop_tokens is not None:
     stops = [int(t) for t in f.stop_tokens]
   text = _TextStream(tokenizer, "" if f.chat else f.prompt) if tokenizer is not None else None
@@ -405,7 +448,7 @@ def main(argv):
   start = time.perf_counter()
   out = generate(model, prompts, max_new_tokens=f.max_new_tokens, on_step=on_step, sampling=sampling,
                  stop_tokens=stops, seed=f.seed, max_len=f.max_len, cache_kind=f.cache,
-                 attention_impl=f.attention_impl)
+                 attention_impl=f.attention_impl, mesh=mesh)
   if text is not None:
     text.close()
   else:

@@ -8,6 +8,9 @@ parameters sharded over it), `expert` (routed experts split over it; data parall
 The model names axes logically ("embed", "heads", "experts", …, see `PARAM_RULES`); this file alone maps them
 to mesh axes, so changing the parallelism plan means changing rules here, not model code. Inside the model,
 `constrain(x, names)` pins activations, and is a no-op when no mesh is active (single device, tests).
+
+Batches: training requires the batch to split evenly over the batch shards (`check_batch`); inference takes any
+batch and pads it with copies of row 0 (`padded_batch`, `pad_batch`, `unpad_batch`).
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import math
 from typing import Any, Iterator, Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
@@ -131,11 +135,76 @@ def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
   return NamedSharding(mesh, P(BATCH_AXES, *([None] * (ndim - 1))))
 
 
+def batch_shards(mesh: Mesh) -> int:
+  """How many ways `mesh` splits a batch: the product of the BATCH_AXES sizes."""
+  return math.prod(mesh.shape[a] for a in BATCH_AXES)
+
+
+def _describe_batch_axes(mesh: Mesh) -> str:
+  return ", ".join(f"{a}={mesh.shape[a]}" for a in BATCH_AXES)
+
+
 def check_batch(batch_size: int, mesh: Mesh) -> None:
-  shards = math.prod(mesh.shape[a] for a in BATCH_AXES)
+  """Training: the global batch must split evenly (padding rows would enter the loss and the router statistics).
+  Inference pads instead: `padded_batch` / `pad_batch`."""
+  shards = batch_shards(mesh)
   if batch_size % shards:
     raise ValueError(f"batch size {batch_size} is not divisible by the {shards} batch shards of the mesh "
-                     f"({', '.join(f'{a}={mesh.shape[a]}' for a in BATCH_AXES)})")
+                     f"({_describe_batch_axes(mesh)})")
+
+
+def padded_batch(batch_size: int, mesh: Mesh | None, capacity_factor: float | None = None) -> int:
+  """The inference batch size B' ≥ B that `mesh` splits evenly: B rounded up to a multiple of its batch shards
+  (B itself without a mesh). `pad_batch` fills rows B..B'-1 with copies of row 0; `unpad_batch` drops them.
+
+  Padding rows cannot change the real rows' results: every computation of the model is per row (attention) or per
+  token (norms, MLPs, routing), except the expert-parallel exchange, whose receive buffers all rows share. Dropless
+  (capacity_factor None) those buffers hold every pair; with a capacity factor, padding pairs (copies of row 0 pick
+  row 0's experts, the worst case) could crowd real pairs out of a full buffer, so that case is refused:
+  `capacity_factor` is the model's `moe_capacity_factor`.
+  """
+  if mesh is None:
+    return batch_size
+  shards = batch_shards(mesh)
+  size = -(-batch_size // shards) * shards
+  if size != batch_size and capacity_factor is not None:
+    raise ValueError(f"batch size {batch_size} must be padded to {size} rows for the {shards} batch shards of the "
+                     f"mesh ({_describe_batch_axes(mesh)}), but with moe_capacity_factor={capacity_factor} padding "
+                     "rows would compete with real tokens for expert capacity: run dropless (load the model with "
+                     f"moe_capacity_factor=None) or give a batch divisible by {shards}")
+  return size
+
+
+def pad_batch(tree: Any, size: int) -> Any:
+  """Pads the leading (batch) axis of every array in `tree` to `size` rows with copies of row 0 (numpy arrays stay
+  numpy; jax arrays, also inside jit, stay jax). Copies of a real row keep padding rows ordinary: valid tokens, a
+  prompt length ≥ 1 (an empty row would attend to nothing), and while decoding they follow row 0 exactly."""
+
+  def one(a):
+    extra = size - a.shape[0]
+    if extra < 0:
+      raise ValueError(f"cannot pad a batch of {a.shape[0]} rows to {size}")
+    if not extra:
+      return a
+    xp = np if isinstance(a, np.ndarray) else jnp
+    return xp.concatenate([a, xp.repeat(a[:1], extra, axis=0)])
+
+  return jax.tree.map(one, tree)
+
+
+def unpad_batch(tree: Any, batch_size: int) -> Any:
+  """Drops the padding rows that `pad_batch` added: the first `batch_size` rows of every array in `tree`."""
+  return jax.tree.map(lambda a: a[:batch_size], tree)
+
+
+def shard_model(model: Any, mesh: Mesh, rules: dict | None = None) -> Any:
+  """Places an nnx model's variables on `mesh` by their logical annotations (`state_shardings`), in place; returns
+  the model. For inference; training builds its state sharded from the start (`kimi_jax.train`)."""
+  from flax import nnx
+
+  state = nnx.state(model)
+  nnx.update(model, jax.device_put(state.to_pure_dict(), state_shardings(state, mesh, rules)))
+  return model
 
 
 @contextlib.contextmanager
