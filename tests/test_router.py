@@ -1,10 +1,14 @@
 """Group-limited routing (n_group > 1, DeepSeek-V3's 8 groups / top 4; Kimi K2 has 1 / 1).
 
-Which value masked groups get before the top-K is where the references disagree: transformers' DeepseekV3
-(`DeepseekV3TopkRouter.get_topk_indices`, the numerics reference here) fills them with 0.0, DeepSeek-V3's own
-inference gate with -inf. They differ when a kept group's experts score below zero after the bias (s + b < 0):
-then 0.0 lets an expert of a dropped group win. We follow transformers; this pins it.
+Which value masked groups get before the top-K: transformers 4.x's DeepseekV3 (`get_topk_indices`) filled them with
+0.0; transformers 5.24 (`DeepseekV3TopkRouter.forward`, `masked_fill(~score_mask.bool(), float("-inf"))`) and
+DeepSeek-V3's own inference gate use -inf, and so does `route()`. The rules differ when fewer than K experts of the
+kept groups score above zero after the bias (s + b < 0): then 0.0 lets an expert of a dropped group win.
+`router_groups.npz` (tests/reference/make_router_fixture.py) holds transformers 5.24's router on random inputs and
+on such a case.
 """
+
+import pathlib
 
 import jax.numpy as jnp
 import numpy as np
@@ -13,10 +17,12 @@ from kimi_jax.config import tiny
 from kimi_jax.layers.moe import route
 
 CFG = tiny().replace(n_routed_experts=8, num_experts_per_tok=3, n_group=4, topk_group=2, routed_scaling_factor=2.5)
+CFG16 = tiny().replace(n_routed_experts=16, num_experts_per_tok=4, n_group=4, topk_group=2, routed_scaling_factor=2.5)
+FIXTURE = pathlib.Path(__file__).parent / "reference" / "data" / "router_groups.npz"
 
 
 def transformers_topk(scores, bias, cfg, fill):
-  """NumPy transcription of transformers 5.x `get_topk_indices` (fill 0.0) and DeepSeek's gate (fill -inf)."""
+  """NumPy transcription of transformers' group-limited top-K: fill 0.0 as 4.x, -inf as 5.24 and DeepSeek's gate."""
   choice = scores + bias
   t, e = choice.shape
   grouped = choice.reshape(t, cfg.n_group, e // cfg.n_group)
@@ -28,27 +34,46 @@ def transformers_topk(scores, bias, cfg, fill):
   return np.sort(np.argsort(-masked, axis=-1, kind="stable")[:, :cfg.num_experts_per_tok], axis=-1)
 
 
-def test_masked_groups_are_filled_with_zero_like_transformers():
-  # Groups {0,1} and {2,3} win, but only experts 0 and 2 stay positive after the bias: the third pick is a 0.0 of a
-  # dropped group under transformers' rule (which one is a tie, unspecified in torch too) and expert 3 under
-  # DeepSeek's -inf.
+def sorted_route(scores, bias, cfg):
+  """route() with each row's experts sorted ascending (as the fixture stores them), weights kept aligned."""
+  weights, idx = route(jnp.asarray(scores), jnp.asarray(bias), cfg)
+  order = np.argsort(np.asarray(idx), -1)
+  return np.take_along_axis(np.asarray(idx), order, -1), np.take_along_axis(np.asarray(weights), order, -1)
+
+
+def test_masked_groups_are_filled_with_minus_inf():
+  # Groups {0,1} and {2,3} win, but only experts 0 and 2 stay positive after the bias: the third pick is expert 3
+  # under -inf (transformers 5.24, DeepSeek's gate) and a 0.0 of a dropped group under transformers 4.x's rule.
   scores = np.array([[0.9, 0.2, 0.8, 0.1, 0.1, 0.1, 0.1, 0.1]], np.float32)
   bias = np.array([0.0, -0.5, 0.0, -0.2, -0.2, -0.2, -0.2, -0.2], np.float32)
-  dropped = lambda picks: {int(e) for e in picks.reshape(-1) if e >= 4}
-  want = transformers_topk(scores, bias, CFG, 0.0)
-  assert set(want[0]) - dropped(want) == {0, 2} and len(dropped(want)) == 1
-  assert list(transformers_topk(scores, bias, CFG, -np.inf)[0]) == [0, 2, 3]  # the case tells the rules apart
-  weights, idx = route(jnp.asarray(scores), jnp.asarray(bias), CFG)
-  idx = np.asarray(idx)
-  assert set(idx[0]) - dropped(idx) == {0, 2} and len(dropped(idx)) == 1
+  assert list(transformers_topk(scores, bias, CFG, -np.inf)[0]) == [0, 2, 3]
+  assert transformers_topk(scores, bias, CFG, 0.0)[0].max() >= 4  # the case tells the rules apart
+  idx, weights = sorted_route(scores, bias, CFG)
+  assert idx.tolist() == [[0, 2, 3]]
   # Weights are the chosen unbiased scores, normalised, times the scaling factor.
-  chosen = np.take_along_axis(scores, idx, -1)
-  np.testing.assert_allclose(np.asarray(weights), chosen / chosen.sum(-1, keepdims=True) * 2.5, rtol=1e-6)
+  chosen = scores[:, [0, 2, 3]]
+  np.testing.assert_allclose(weights, chosen / chosen.sum(-1, keepdims=True) * 2.5, rtol=1e-6)
 
 
-def test_group_routing_matches_transformers_on_random_scores():
-  rng = np.random.default_rng(0)
-  scores = 1 / (1 + np.exp(-rng.normal(size=(64, 8)))).astype(np.float32)
-  bias = rng.normal(0, 0.5, 8).astype(np.float32)
-  _, idx = route(jnp.asarray(scores), jnp.asarray(bias), CFG)
-  np.testing.assert_array_equal(np.sort(np.asarray(idx), -1), transformers_topk(scores, bias, CFG, 0.0))
+def test_group_routing_matches_transformers_fixture():
+  ref = np.load(FIXTURE)
+  idx, weights = sorted_route(ref["scores"], ref["bias"], CFG16)
+  np.testing.assert_array_equal(idx, ref["idx"])
+  np.testing.assert_allclose(weights, ref["weights"], rtol=1e-6)
+  for fill in (0.0, -np.inf):  # drawn so that the fill cannot matter: both rules give transformers' sets
+    np.testing.assert_array_equal(transformers_topk(ref["scores"], ref["bias"], CFG16, fill), ref["idx"])
+
+
+def test_transformers_5_24_fills_masked_groups_with_minus_inf():
+  # The fill case run through transformers' own router: the transcription's -inf rule is what it does.
+  ref = np.load(FIXTURE)
+  assert ref["fill_idx"].tolist() == [[0, 2, 3]]
+  np.testing.assert_array_equal(transformers_topk(ref["fill_scores"], ref["fill_bias"], CFG, -np.inf), ref["fill_idx"])
+  assert transformers_topk(ref["fill_scores"], ref["fill_bias"], CFG, 0.0).tolist() != [[0, 2, 3]]
+
+
+def test_fill_case_matches_transformers_5_24():
+  ref = np.load(FIXTURE)
+  idx, weights = sorted_route(ref["fill_scores"], ref["fill_bias"], CFG)
+  np.testing.assert_array_equal(idx, ref["fill_idx"])
+  np.testing.assert_allclose(weights, ref["fill_weights"], rtol=1e-6)

@@ -4,8 +4,9 @@ Letters: B batch, S sequence, T = B·S tokens, D model, E experts, K experts per
 
 Router (transformers' DeepseekV3 `noaux_tc`): s = sigmoid(x·W) in float32; choose the top K of s + bias
 (optionally within the best `topk_group` of `n_group` groups, ranked by the sum of each group's best two; the
-other groups' experts are set to 0.0 before the top K, as transformers does, where DeepSeek-V3's own gate uses -inf:
-they differ only when a kept expert scores below zero after the bias); the weights are the chosen *unbiased* s,
+other groups' experts are set to -inf before the top K, as in transformers 5.24 and DeepSeek-V3's own gate, so they
+are never chosen — transformers 4.x used 0.0, which let them win when a kept expert scored below zero after the
+bias); the weights are the chosen *unbiased* s,
 normalised to sum 1 and times routed_scaling_factor. The bias is not a Param: it receives no gradient and
 is updated between steps from the expert load (aux-loss-free balancing, see `train.py`).
 """
@@ -35,7 +36,7 @@ def route(scores: jax.Array, bias: jax.Array, cfg: ModelConfig) -> tuple[jax.Arr
     group_score = jax.lax.top_k(grouped, 2)[0].sum(-1)  # [T, n_group]: sum of each group's best two
     _, keep = jax.lax.top_k(group_score, cfg.topk_group)
     group_mask = jnp.zeros_like(group_score, bool).at[jnp.arange(t)[:, None], keep].set(True)
-    choice = jnp.where(group_mask[..., None], grouped, 0.0).reshape(t, e)  # 0.0: transformers' fill
+    choice = jnp.where(group_mask[..., None], grouped, -jnp.inf).reshape(t, e)
   _, idx = jax.lax.top_k(choice, cfg.num_experts_per_tok)
   weights = jnp.take_along_axis(scores, idx, axis=-1)
   if cfg.norm_topk_prob:
