@@ -47,6 +47,7 @@ def get_config():
   c.rope_scaling = "auto"  # plain RoPE at 4K [report]; YaRN comes with the long-context stage
   c.batch_size = GLOBAL_BATCH_TOKENS // c.seq_len  # 16,384 sequences [report: 67 M tokens]
   c.microbatches = 16  # [ours] 1,024 sequences (2 per chip) per forward/backward; see the README's AOT table
+  c.loss_chunk = 2048  # [ours] f32 logits for 2 × 2048 positions per chip at a time (2.7 GB), not 4096
   c.optimizer = "muon_clip"  # [report]
   c.qk_clip_tau = 100.0  # [report]
   c.weight_decay = 0.1  # [report]

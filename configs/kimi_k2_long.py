@@ -27,6 +27,8 @@ def get_config():
   c.seq_len = 32_768  # [report]
   c.batch_size = k2.GLOBAL_BATCH_TOKENS // c.seq_len  # 2,048 sequences: still 67 M tokens [report]
   c.microbatches = 4  # [ours] 512 sequences (1 per chip) per forward/backward
+  c.loss_chunk = 4096  # [ours] f32 logits for 4096 positions per chip at a time (2.7 GB), not 32,768 (21 GB)
+  c.model.moe_seq_chunk = 4096  # [ours] expert dispatch buffers for 4096 positions at a time (~7 GiB each at 32K)
   c.steps = k2.steps_for(k2.LONG_CONTEXT_TOKENS)  # 895 steps = 60 B tokens [report]
   c.schedule = "linear"  # [ours]
   c.warmup_steps = 0  # [ours]

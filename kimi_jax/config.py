@@ -6,8 +6,9 @@ Dimension letters used across the package:
   Dn / Dr / Dv per-head nope / rope / value dims.
 
 Architecture fields mirror the Hugging Face config.json names where one exists. The last group
-(`use_yarn`, `dtype`, `param_dtype`, `moe_impl`, `attention_impl`, `remat`, `moe_capacity_factor`) says how to run
-the model, not what it is: `architecture()` leaves it out, and HF conversion ignores it.
+(`use_yarn`, `dtype`, `param_dtype`, `moe_impl`, `attention_impl`, `remat`, `moe_capacity_factor`,
+`moe_seq_chunk`) says how to run the model, not what it is: `architecture()` leaves it out, and HF conversion
+ignores it.
 
 Rope scaling is a property of the run: the `rope_*` YaRN fields describe the released weights (and are written
 back on export untouched), while `use_yarn` says whether this run applies them (YaRN frequencies and the mscale²
@@ -26,7 +27,8 @@ _DTYPES = ("float32", "bfloat16")
 MOE_IMPLS = ("auto", "dense", "ragged", "blocked", "pallas")
 ATTENTION_IMPLS = ("auto", "xla", "pallas")
 REMAT_POLICIES = ("none", "full", "dots")
-_RUNTIME_FIELDS = ("use_yarn", "dtype", "param_dtype", "moe_impl", "attention_impl", "remat", "moe_capacity_factor")
+_RUNTIME_FIELDS = ("use_yarn", "dtype", "param_dtype", "moe_impl", "attention_impl", "remat", "moe_capacity_factor",
+                   "moe_seq_chunk")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -71,6 +73,7 @@ class ModelConfig:
   attention_impl: str = "auto"  # see kimi_jax/layers/kernels.py
   remat: str = "none"
   moe_capacity_factor: float | None = None  # expert-parallel receive buffers; None: dropless (worst case)
+  moe_seq_chunk: int = 0  # MoE over this many positions at a time (divides S); 0: the whole sequence
 
   def __post_init__(self):
     positive = ("vocab_size", "hidden_size", "num_hidden_layers", "intermediate_size", "moe_intermediate_size",
@@ -107,6 +110,8 @@ class ModelConfig:
     _check(self.remat in REMAT_POLICIES, "remat", f"{self.remat!r} not in {REMAT_POLICIES}")
     _check(self.moe_capacity_factor is None or self.moe_capacity_factor > 0, "moe_capacity_factor",
            f"must be > 0 or None, got {self.moe_capacity_factor!r}")
+    _check(isinstance(self.moe_seq_chunk, int) and self.moe_seq_chunk >= 0, "moe_seq_chunk",
+           f"must be an int >= 0, got {self.moe_seq_chunk!r}")
 
   # Derived sizes ------------------------------------------------------------------------------------------
   @property

@@ -194,8 +194,7 @@ def _decode_layers(layers, x, cos, sin, cache, positions, impl):
 
 def _logits(model: KimiK2, x: jax.Array) -> jax.Array:
   """x: [B, D] last-layer output -> [B, V] float32, as the model's head computes them."""
-  x = model.final_norm(x)
-  return jnp.dot(x, model.lm_head.kernel[...].astype(x.dtype), preferred_element_type=jnp.float32)
+  return model.logits(model.final_norm(x))
 
 
 # Sampling -----------------------------------------------------------------------------------------------------

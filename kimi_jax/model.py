@@ -105,6 +105,18 @@ class KimiK2(nnx.Module):
       dropped_pairs  int32 (token, expert) pairs dropped by expert-parallel capacity, summed over layers
       hidden       [L + 1, B, S, D] embeddings then each layer's output (only with return_hidden)
     """
+    x, aux = self.features(tokens, positions=positions, segment_ids=segment_ids, return_hidden=return_hidden)
+    return self.logits(x), aux
+
+  def logits(self, x: jax.Array) -> jax.Array:
+    """x: [..., D] final-norm output -> logits [..., V] float32."""
+    return lm_logits(x, self.lm_head.kernel[...])
+
+  def features(self, tokens: jax.Array, *, positions: jax.Array | None = None,
+               segment_ids: jax.Array | None = None, return_hidden: bool = False
+               ) -> tuple[jax.Array, dict[str, Any]]:
+    """Everything before the head: (final-norm output [B, S, D], aux as in `__call__`). Training feeds it to a
+    chunked loss so that the f32 logits [B, S, V] never exist whole."""
     cfg = self.cfg
     b, s = tokens.shape
     if positions is None:
@@ -125,11 +137,14 @@ class KimiK2(nnx.Module):
         aux["expert_load"] = stats["expert_load"]
         aux["dropped_pairs"] = jnp.sum(stats["dropped_pairs"])
       hidden.append(layer_outputs)
-    x = self.final_norm(x)
-    logits = jnp.dot(x, self.lm_head.kernel[...].astype(x.dtype), preferred_element_type=jnp.float32)
     if return_hidden:
       aux["hidden"] = jnp.concatenate(hidden, axis=0)
-    return logits, aux
+    return self.final_norm(x), aux
+
+
+def lm_logits(x: jax.Array, kernel: jax.Array) -> jax.Array:
+  """x: [..., D]; kernel: [D, V] -> logits [..., V], accumulated in float32."""
+  return jnp.dot(x, kernel.astype(x.dtype), preferred_element_type=jnp.float32)
 
 
 def _scan_layers(layers: DecoderLayer, x: jax.Array, consts: tuple, remat: str, return_hidden: bool):

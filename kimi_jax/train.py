@@ -32,7 +32,7 @@ from kimi_jax.checkpoint.manager import TrainCheckpointer
 from kimi_jax.checkpoint.model_io import RUN_CONFIG_FILE
 from kimi_jax.config import ModelConfig
 from kimi_jax.layers.kernels import platform
-from kimi_jax.model import LAYER_GROUPS, KimiK2
+from kimi_jax.model import LAYER_GROUPS, KimiK2, lm_logits
 from kimi_jax.optim import kimi_muon_dims, kimi_qk_clip, muon_clip, warmup_stable_decay
 from kimi_jax.tools.plan import count_params, device_peak_flops, train_flops_per_token
 from kimi_jax.train_config import model_config
@@ -112,6 +112,31 @@ def cross_entropy(logits: jax.Array, targets: jax.Array, mask: jax.Array) -> tup
   return jnp.sum(nll * mask), jnp.sum(mask)
 
 
+def chunked_cross_entropy(x: jax.Array, head: jax.Array, targets: jax.Array, mask: jax.Array,
+                          chunk: int) -> tuple[jax.Array, jax.Array]:
+  """`cross_entropy(lm_logits(x, head), targets, mask)` with the logits made `chunk` positions at a time.
+
+  x: [B, S, D] final-norm output; head: [D, V]; targets, mask: [B, S]; chunk: positions per piece (0 or >= S:
+  one piece). Each piece's f32 logits [B, chunk, V] are recomputed in the backward pass instead of stored: for
+  K2's 163,840-word vocabulary the whole [B, S, V] is 21 GB per 32K tokens, two or three times over with its
+  gradient.
+  """
+  b, s, _ = x.shape
+  if not chunk or chunk >= s:
+    return cross_entropy(lm_logits(x, head), targets, mask)
+  if s % chunk:
+    raise ValueError(f"config.loss_chunk={chunk} does not divide seq_len={s}")
+  pieces = lambda a: jnp.moveaxis(a.reshape((b, s // chunk, chunk) + a.shape[2:]), 1, 0)  # [S/chunk, B, chunk, ...]
+
+  @jax.checkpoint
+  def body(total, piece):
+    x_piece, targets_piece, mask_piece = piece
+    return total + cross_entropy(lm_logits(x_piece, head), targets_piece, mask_piece)[0], None
+
+  total, _ = jax.lax.scan(body, jnp.zeros((), jnp.float32), (pieces(x), pieces(targets), pieces(mask)))
+  return total, jnp.sum(mask)
+
+
 def update_router_bias(bias: jax.Array, load: jax.Array, rate: float) -> jax.Array:
   """Aux-loss-free balancing. bias, load: [L, E] -> bias + rate · sign(mean_load − load) per layer."""
   mean = jnp.mean(load.astype(jnp.float32), axis=-1, keepdims=True)
@@ -129,8 +154,9 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformationExtr
 
   def loss_fn(params, rest, batch):
     model = nnx.merge(graphdef, params, rest)
-    logits, aux = model(batch["inputs"], positions=batch["positions"], segment_ids=batch["segment_ids"])
-    nll_sum, count = cross_entropy(logits, batch["targets"], batch["loss_mask"])
+    x, aux = model.features(batch["inputs"], positions=batch["positions"], segment_ids=batch["segment_ids"])
+    nll_sum, count = chunked_cross_entropy(x, model.lm_head.kernel[...], batch["targets"], batch["loss_mask"],
+                                           c.loss_chunk)
     return nll_sum, (count, aux)
 
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
@@ -321,6 +347,14 @@ def _print_summary(cfg: ModelConfig, c: ml_collections.ConfigDict, workdir: str,
         f"dtype {cfg.dtype}, moe_impl {cfg.moe_impl}")
   print(f"  batch {c.batch_size}×{c.seq_len} = {tokens:,} tokens/step, "
         f"{train_flops_per_token(cfg, c.seq_len) * tokens:.3g} FLOPs/step, {c.optimizer} lr {c.learning_rate:g}")
+  if cfg.yarn_active:
+    rope = f"YaRN factor {cfg.rope_factor:g} over {cfg.rope_original_max_position_embeddings}"
+  elif cfg.rope_factor > 1:  # the weights carry YaRN fields this run leaves off: say so, it changes the numerics
+    rope = (f"plain (the weights' YaRN factor {cfg.rope_factor:g} is off at seq_len {c.seq_len}; "
+            "config.rope_scaling=yarn turns it on, as released models ran)")
+  else:
+    rope = "plain"
+  print(f"  rope {rope}, softmax scale {cfg.softmax_scale:.4g}")
   axes = ", ".join(f"{a}={n}" for a, n in mesh.shape.items())
   print(f"  mesh {axes} over {jax.device_count()} {jax.default_backend()} device(s), "
         f"{jax.process_count()} process(es)")

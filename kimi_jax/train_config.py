@@ -34,6 +34,8 @@ def base_config(model_preset: str) -> ml_collections.ConfigDict:
   #                          with plain RoPE); "yarn" / "none" force it either way.
   c.mesh = ""  # e.g. "data=2,fsdp=4,expert=8,tensor=1" (kimi_jax/sharding.py); "": every device on fsdp
   c.microbatches = 1  # gradient accumulation: the batch is split into this many sequential pieces
+  c.loss_chunk = 0  # positions per cross-entropy piece (must divide seq_len); 0: all at once. Bounds the float32
+  #                  logits held at a time to [B, loss_chunk, V] (train.chunked_cross_entropy)
   c.optimizer = "adamw"  # or "muon_clip"
   c.learning_rate = 1e-3  # peak
   c.schedule = "cosine"  # warmup then cosine to the end; "wsd": warmup, constant, cosine over decay_steps;

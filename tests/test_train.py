@@ -121,3 +121,34 @@ def test_device_peak_flops_table():
   assert device_peak_flops("NVIDIA H100 80GB HBM3") == 989e12
   assert device_peak_flops("cpu") is None  # no MFU is logged on CPU
 
+
+
+def test_chunked_loss_equals_the_whole_logits_loss():
+  """chunked_cross_entropy (logits made a piece at a time, recomputed in the backward pass) gives the loss and the
+  gradients of the plain loss on the whole [B, S, V] logits; a chunk that does not divide S is refused."""
+  import jax
+
+  from kimi_jax.model import lm_logits
+  from kimi_jax.train import chunked_cross_entropy, cross_entropy
+
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.normal(size=(2, 16, 8)), jnp.float32)
+  head = jnp.asarray(rng.normal(size=(8, 50)), jnp.float32)
+  targets = jnp.asarray(rng.integers(0, 50, (2, 16)), jnp.int32)
+  mask = jnp.asarray(rng.random((2, 16)) > 0.3, jnp.float32)
+  whole = lambda x, head: cross_entropy(lm_logits(x, head), targets, mask)[0]
+  chunked = lambda x, head: chunked_cross_entropy(x, head, targets, mask, 4)[0]
+  np.testing.assert_allclose(chunked(x, head), whole(x, head), rtol=1e-6)
+  for got, want in zip(jax.grad(chunked, (0, 1))(x, head), jax.grad(whole, (0, 1))(x, head)):
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+  assert float(chunked_cross_entropy(x, head, targets, mask, 4)[1]) == float(mask.sum())
+  with pytest.raises(ValueError, match="loss_chunk=5 does not divide seq_len=16"):
+    chunked_cross_entropy(x, head, targets, mask, 5)
+
+
+def test_training_with_a_chunked_loss_logs_the_same_losses(uninterrupted, tmp_path):
+  c = small_config(3)
+  c.loss_chunk = 8
+  train(c, str(tmp_path))
+  chunked, whole = read_metrics(tmp_path), read_metrics(uninterrupted)[:3]
+  np.testing.assert_allclose([r["loss"] for r in chunked], [r["loss"] for r in whole], rtol=1e-5)

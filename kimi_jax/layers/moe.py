@@ -88,13 +88,40 @@ class MoE(nnx.Module):
     self.experts = Experts(cfg, rngs=rngs)
     self.shared = (MLP(cfg.hidden_size, cfg.shared_intermediate_size, std=cfg.initializer_range, dtype=dtype,
                        param_dtype=param_dtype, rngs=rngs) if cfg.n_shared_experts else None)
+    self.cfg = cfg
 
   def __call__(self, x: jax.Array, valid: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
     """x: [B, S, D]; valid: [B, S] bool (False on padding).
 
     Returns (out [B, S, D], stats: expert_load [E] int32, valid tokens routed to each expert; dropped_pairs,
     (token, expert) pairs dropped by a bounded expert-parallel capacity).
+
+    With `cfg.moe_seq_chunk` = C < S the sequence goes through in S / C pieces, one after another, each
+    recomputed in the backward pass: the dispatch buffers ([pairs, D] per buffer, ~7 GiB each for 32K tokens per
+    chip at K2's size) then exist for C positions at a time. Routing is per token, so the result is the same
+    (with a capacity factor, capacity applies per piece).
     """
+    chunk = self.cfg.moe_seq_chunk
+    b, s, d = x.shape
+    if not chunk or chunk >= s:
+      return self._apply(x, valid)
+    if s % chunk:
+      raise ValueError(f"ModelConfig.moe_seq_chunk={chunk} does not divide the sequence length {s}")
+    pieces = lambda a: jnp.moveaxis(a.reshape((b, s // chunk, chunk) + a.shape[2:]), 1, 0)  # [S/C, B, C, ...]
+    graphdef, state = nnx.split(self)
+
+    @jax.checkpoint
+    def body(totals, piece):
+      out, stats = nnx.merge(graphdef, state)._apply(*piece)
+      return jax.tree.map(jnp.add, totals, stats), out
+
+    zeros = {"expert_load": jnp.zeros((self.cfg.n_routed_experts,), jnp.int32),
+             "dropped_pairs": jnp.zeros((), jnp.int32)}
+    stats, out = jax.lax.scan(body, zeros, (pieces(x), pieces(valid)))
+    return jnp.moveaxis(out, 0, 1).reshape(b, s, d), stats
+
+  def _apply(self, x: jax.Array, valid: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """`__call__` on the whole of x at once."""
     b, s, d = x.shape
     tokens = x.reshape(b * s, d)
     weights, idx = self.router(tokens)
