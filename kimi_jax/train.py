@@ -3,7 +3,8 @@
     python -m kimi_jax.train --config configs/tiny.py --workdir runs/demo [--config.steps=100 ...]
 
 Rerunning the same command resumes from the latest checkpoint in WORKDIR/checkpoints. Metrics go to
-WORKDIR/metrics.jsonl, one JSON object per logged step.
+WORKDIR/metrics.jsonl, one JSON object per logged step. WORKDIR may be a local path or a gs:// URL
+(kimi_jax/checkpoint/workdir.py lays it out on either).
 
 Batch flow (per step): data iterator → {inputs, targets, segment_ids, positions: int32 [B, S],
 loss_mask: f32 [B, S]} → model → logits [B, S, V] f32 → masked next-token cross-entropy → grads w.r.t. the
@@ -13,8 +14,6 @@ Params → optimizer → new Params; expert loads [L, E] from the forward pass �
 from __future__ import annotations
 
 import functools
-import json
-import os
 import time
 from typing import Any
 
@@ -28,8 +27,7 @@ from flax import nnx
 from ml_collections import config_flags
 
 from kimi_jax import sharding
-from kimi_jax.checkpoint.manager import TrainCheckpointer
-from kimi_jax.checkpoint.model_io import RUN_CONFIG_FILE
+from kimi_jax.checkpoint.workdir import Workdir
 from kimi_jax.config import ModelConfig
 from kimi_jax.layers.kernels import platform
 from kimi_jax.model import LAYER_GROUPS, KimiK2, lm_logits
@@ -244,19 +242,6 @@ def init_train_state(c: ml_collections.ConfigDict, cfg: ModelConfig, tx, mesh):
   return graphdef, params, rest, opt_state, (param_sh, rest_sh, opt_sh)
 
 
-def _check_run_config(workdir: str, cfg: ModelConfig) -> None:
-  """A workdir belongs to one architecture: refuse to resume a checkpoint of another config."""
-  path = os.path.join(workdir, RUN_CONFIG_FILE)
-  if os.path.isfile(path):
-    with open(path) as f:
-      saved = ModelConfig.from_dict(json.load(f)["model"]).architecture()
-    diff = {k: (saved[k], v) for k, v in cfg.architecture().items() if saved.get(k) != v}
-    if diff:
-      changes = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in sorted(diff.items()))
-      raise ValueError(f"{workdir} holds a checkpoint of another model config ({changes}); "
-                       "use a new --workdir or the original config")
-
-
 def train(c: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Train per `c` in `workdir` (resuming if it holds checkpoints). Returns the last logged metrics."""
   from kimi_jax.data.pipeline import ShardedBatches
@@ -271,10 +256,11 @@ def train(c: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   if tokenizer.vocab_size > cfg.vocab_size:
     raise ValueError(f"config.model.vocab_size={cfg.vocab_size} is smaller than the tokenizer's "
                      f"{tokenizer.vocab_size} ids")
-  os.makedirs(workdir, exist_ok=True)
-  _check_run_config(workdir, cfg)
-  with open(os.path.join(workdir, RUN_CONFIG_FILE), "w") as f:
-    json.dump({"model": cfg.to_dict(), "train": c.to_dict()}, f, indent=2, default=str)
+  wd = Workdir(workdir)
+  wd.create()
+  wd.check_architecture(cfg)
+  if jax.process_index() == 0:
+    wd.write_run_config(cfg, c.to_dict())
 
   mesh = sharding.make_mesh(c.mesh)
   sharding.check_batch(c.batch_size, mesh)
@@ -287,7 +273,7 @@ def train(c: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                         process_index=jax.process_index(), process_count=jax.process_count(), tokenizer=tokenizer,
                         source=open_source(c.data, tokenizer, text_field=c.text_field), seq_len=c.seq_len,
                         seed=c.seed)
-  ckpt = TrainCheckpointer(workdir, keep=c.keep_checkpoints, keep_period=c.keep_period or None)
+  ckpt = wd.checkpointer(keep=c.keep_checkpoints, keep_period=c.keep_period or None)
   start = ckpt.latest_step() or 0
   if start:
     abstract = lambda tree: jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding), tree)
@@ -302,7 +288,7 @@ def train(c: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   batch_sharding = sharding.batch_sharding(mesh)
   schedule = learning_rate_schedule(c)
   tokens_per_step = c.batch_size * c.seq_len
-  writer = MetricsWriter(workdir, flops_per_token=train_flops_per_token(cfg, c.seq_len))
+  writer = MetricsWriter(wd, resume_step=start, flops_per_token=train_flops_per_token(cfg, c.seq_len))
   first, last = None, {}
   progress = _Progress(start, c.steps)
   window_start, window_steps = time.perf_counter(), 0
@@ -321,6 +307,7 @@ def train(c: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
       window_start, window_steps = time.perf_counter(), 0
     if step % c.checkpoint_every == 0 or step == c.steps:
       ckpt.save(step, {"params": params, "rest": rest}, opt_state, data.get_state())
+      writer.flush()  # on a bucket, the metrics up to a checkpoint are stored with it
   ckpt.wait()
   ckpt.close()
   writer.close()
@@ -363,22 +350,25 @@ def _print_summary(cfg: ModelConfig, c: ml_collections.ConfigDict, workdir: str,
 
 
 class MetricsWriter:
-  """Process 0 logs each logged step to WORKDIR/metrics.jsonl and to TensorBoard (WORKDIR/tensorboard).
+  """Process 0 logs each logged step to WORKDIR/metrics.jsonl and to TensorBoard (WORKDIR/tensorboard), on local
+  disk or a bucket (see kimi_jax.checkpoint.workdir for how each is written there).
 
   Adds `mfu` (model FLOPs utilisation against the devices' bf16 peak, when the device kind is known) and an
-  expert-load histogram per MoE layer (TensorBoard only; metrics.jsonl keeps the max/mean summary).
+  expert-load histogram per MoE layer (TensorBoard only; metrics.jsonl keeps the max/mean summary). Rows past
+  `resume_step` left by an earlier, interrupted run are dropped: this run logs those steps again.
   """
 
-  def __init__(self, workdir: str, *, flops_per_token: float):
-    self._path = os.path.join(workdir, "metrics.jsonl")
+  def __init__(self, workdir: Workdir, *, resume_step: int, flops_per_token: float):
     self._flops_per_token = flops_per_token
     peak = device_peak_flops(jax.devices()[0].device_kind)
     self._peak = peak * jax.device_count() if peak else None
-    self._tb = None
+    self._log = self._events = self._tb = None
     if jax.process_index() == 0:
       from tensorboardX import SummaryWriter
 
-      self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+      self._log = workdir.metrics_log(resume_step=resume_step)
+      self._events = workdir.events_dir()
+      self._tb = SummaryWriter(self._events.local)
 
   def write(self, step: int, metrics: dict[str, jax.Array], **host_metrics: float) -> dict[str, Any]:
     metrics = jax.device_get(metrics)
@@ -388,8 +378,7 @@ class MetricsWriter:
       row["mfu"] = row["tokens_per_sec"] * self._flops_per_token / self._peak
     if self._tb is None:
       return row
-    with open(self._path, "a") as f:
-      f.write(json.dumps(row) + "\n")
+    self._log.append(row)
     for key, value in row.items():
       if isinstance(value, list):
         for i, v in enumerate(value):
@@ -399,11 +388,24 @@ class MetricsWriter:
     if load is not None:  # [L, E]: tokens per expert, as a histogram over experts per layer
       for i, layer_load in enumerate(load):
         self._tb.add_histogram(f"expert_load/moe_layer_{i}", np.asarray(layer_load, np.float64), step)
+    if self._events.due():
+      self._tb.flush()
+      self._events.flush()
     return row
+
+  def flush(self) -> None:
+    """Stores everything logged so far (locally only the TensorBoard writer's buffer: metrics.jsonl is appended to
+    as it goes)."""
+    if self._tb is not None:
+      self._log.flush(force=True)
+      self._tb.flush()
+      self._events.flush(force=True)
 
   def close(self) -> None:
     if self._tb is not None:
+      self._log.flush(force=True)
       self._tb.close()
+      self._events.close()
 
 
 class _Progress:
@@ -444,5 +446,5 @@ def main(argv):
 if __name__ == "__main__":
   # Defined here, not at import, so that tools importing the train step can define their own --config.
   config_flags.DEFINE_config_file("config", None, "Run configuration file (configs/*.py).")
-  flags.DEFINE_string("workdir", None, "Directory for checkpoints and metrics.")
+  flags.DEFINE_string("workdir", None, "Directory for checkpoints and metrics: a local path or gs://BUCKET/PATH.")
   app.run(main)

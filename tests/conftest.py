@@ -2,8 +2,26 @@
 
 import os
 
+import pytest
+
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import jax  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
+
+
+@pytest.fixture(scope="session")
+def gcs():
+  """A GCS API server on 127.0.0.1 (fake-gcs-server, in memory) for the session, with the standard emulator
+  variables pointing at it; see tests/gcs_server.py."""
+  import logging
+
+  from gcs_server import FakeGCS
+
+  # gcsfs asks the storage control API (which needs real credentials) for each bucket's layout and warns on every
+  # call when it cannot; the answer does not matter here.
+  logging.getLogger("gcsfs").setLevel(logging.ERROR)
+  server = FakeGCS().start()
+  yield server
+  server.stop()

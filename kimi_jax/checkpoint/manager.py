@@ -6,6 +6,10 @@ directory and renames it when complete, so a kill during a save leaves the previ
 half-written one invisible to `latest_step`. Retention keeps the last `keep` checkpoints plus every step that
 is a multiple of `keep_period` (for evaluating or branching from old points of a long run).
 
+The workdir may be a local path or a gs:// URL (Orbax writes through etils.epath and tensorstore). On object
+storage, where there is no atomic directory rename, Orbax marks a finished step with a commit_success.txt object
+and ignores steps without one, so an interrupted upload never looks like a complete checkpoint.
+
 Restores take abstract targets (ShapeDtypeStructs); with `sharding` set on them each host reads only its shards,
 whatever mesh wrote the checkpoint. Leaves without a sharding that were saved on another topology land on one
 device rather than failing.
@@ -13,17 +17,18 @@ device rather than failing.
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
 from orbax.checkpoint.checkpoint_managers import preservation_policy as pp
 
+from kimi_jax.checkpoint import workdir as workdir_lib
+
 
 class TrainCheckpointer:
   def __init__(self, workdir: str, *, keep: int, keep_period: int | None = None):
-    self.directory = os.path.join(os.path.abspath(workdir), "checkpoints")
+    self.directory = workdir_lib.as_path(workdir) / workdir_lib.CHECKPOINTS_DIR  # an epath.Path
     policies = [pp.LatestN(n=keep)] + ([pp.EveryNSteps(keep_period)] if keep_period else [])
     options = ocp.CheckpointManagerOptions(create=True, enable_async_checkpointing=True,
                                            preservation_policy=pp.AnyPreservationPolicy(policies))

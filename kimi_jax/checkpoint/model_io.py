@@ -5,64 +5,70 @@ same variables as `{"params": ..., "rest": ...}`, so either can seed a run or fe
 Restoring takes target shardings from abstract shapes (`shardings=`): Orbax then reads, on each host, only the
 chunks its devices' shards cover, whatever mesh the checkpoint was written from (converted checkpoints carry no
 mesh at all). Without shardings, leaves come back on one device (or as host arrays).
+
+Directories may be local paths or gs:// URLs: everything goes through etils.epath and Orbax (tensorstore).
 """
 
 from __future__ import annotations
 
 import json
-import os
 from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
 from flax import nnx
 
+from kimi_jax.checkpoint.workdir import RUN_CONFIG_FILE, Workdir, as_path, check_bucket
 from kimi_jax.config import ModelConfig
 
 CONFIG_FILE = "config.json"
 STATE_DIR = "state"
-RUN_CONFIG_FILE = "run_config.json"  # written by kimi_jax.train in its workdir
 PyTree = Any
 
 
 def save_config(directory: str, cfg: ModelConfig) -> None:
-  os.makedirs(directory, exist_ok=True)
-  with open(os.path.join(directory, CONFIG_FILE), "w") as f:
-    json.dump(cfg.to_dict(), f, indent=2)
+  path = as_path(directory)
+  path.mkdir(parents=True, exist_ok=True)  # a no-op on object storage, which has no directories
+  (path / CONFIG_FILE).write_text(json.dumps(cfg.to_dict(), indent=2))
 
 
 def load_config(directory: str, **runtime: Any) -> ModelConfig:
-  path = os.path.join(directory, CONFIG_FILE)
-  if not os.path.isfile(path):
+  path = as_path(directory) / CONFIG_FILE
+  if not path.exists():
     raise FileNotFoundError(f"{directory}: no {CONFIG_FILE}; is this a kimi-jax checkpoint directory?")
-  with open(path) as f:
-    return ModelConfig.from_dict(json.load(f)).replace(**runtime)
+  return ModelConfig.from_dict(json.loads(path.read_text())).replace(**runtime)
 
 
 def save_model(directory: str, cfg: ModelConfig, state: dict[str, Any]) -> None:
   """state: nested dict like `nnx.state(model, nnx.Variable).to_pure_dict()` (numpy or jax arrays)."""
-  directory = os.path.abspath(directory)
+  check_bucket(directory)
   save_config(directory, cfg)
   with ocp.StandardCheckpointer() as ckptr:
-    ckptr.save(os.path.join(directory, STATE_DIR), state, force=True)
+    ckptr.save(as_path(directory) / STATE_DIR, state, force=True)
+
+
+def is_model_checkpoint(directory: str) -> bool:
+  """A model checkpoint (config.json + state/) rather than a training workdir: the one place this is decided."""
+  return (as_path(directory) / STATE_DIR).is_dir()
 
 
 def workdir_state(workdir: str) -> tuple[ModelConfig, str]:
   """(model config, Orbax item dir of the model state) of a training workdir's latest checkpoint."""
-  from kimi_jax.checkpoint.manager import TrainCheckpointer
-
-  run_config = os.path.join(workdir, RUN_CONFIG_FILE)
-  if not os.path.isfile(run_config):
+  wd = Workdir(workdir)
+  if not wd.is_run():
     raise FileNotFoundError(f"{workdir} is neither a model checkpoint ({CONFIG_FILE} + {STATE_DIR}/) nor a "
                             f"training workdir ({RUN_CONFIG_FILE})")
-  with open(run_config) as f:
-    cfg = ModelConfig.from_dict(json.load(f)["model"])
-  ckpt = TrainCheckpointer(workdir, keep=1)
-  step = ckpt.latest_step()
-  ckpt.close()
-  if step is None:
-    raise FileNotFoundError(f"{workdir}: training workdir without checkpoints")
-  return cfg, os.path.join(ckpt.directory, str(step), "state")
+  cfg, item_dir = wd.latest_model_state()
+  return cfg, str(item_dir)
+
+
+def locate_state(directory: str) -> tuple[ModelConfig, str, bool]:
+  """(stored config, Orbax item dir, whether the state is split into {"params", "rest"} as training checkpoints
+  store it) of a model checkpoint or a training workdir."""
+  check_bucket(directory)
+  if is_model_checkpoint(directory):
+    return load_config(directory), str(as_path(directory) / STATE_DIR), False
+  return *workdir_state(directory), True
 
 
 def restore_state(directory: str, cfg: ModelConfig, shardings: PyTree | None = None) -> dict[str, Any]:
@@ -72,11 +78,7 @@ def restore_state(directory: str, cfg: ModelConfig, shardings: PyTree | None = N
   shardings: None, or a pytree of `jax.sharding.Sharding` matching that dict; each host then reads only its
   shards. The stored architecture must match `cfg`'s.
   """
-  directory = os.path.abspath(directory)
-  if os.path.isdir(os.path.join(directory, STATE_DIR)):
-    saved, item_dir, split = load_config(directory), os.path.join(directory, STATE_DIR), False
-  else:
-    (saved, item_dir), split = workdir_state(directory), True
+  saved, item_dir, split = locate_state(directory)
   diff = {k: (v, cfg.architecture()[k]) for k, v in saved.architecture().items() if cfg.architecture()[k] != v}
   if diff:
     changes = ", ".join(f"{k}: {a!r} (checkpoint) vs {b!r}" for k, (a, b) in sorted(diff.items()))
@@ -108,9 +110,7 @@ def load_model(directory: str, shardings: PyTree | None = None, **runtime: Any):
 
 def load_any(directory: str, shardings: PyTree | None = None, **runtime: Any):
   """A model from a model checkpoint (config.json + state/) or a training workdir (its latest checkpoint)."""
-  if os.path.isdir(os.path.join(directory, STATE_DIR)):
-    return load_model(directory, shardings, **runtime)
-  cfg = workdir_state(directory)[0].replace(**runtime)
+  cfg = locate_state(directory)[0].replace(**runtime)
   return cfg, _build(cfg, restore_state(directory, cfg, shardings))
 
 
