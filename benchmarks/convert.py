@@ -1,22 +1,26 @@
 """Checkpoint conversion speed and memory on a synthetic K2-layout release, next to the raw read speed of the
 same files.
 
-    python benchmarks/convert.py [--gb 3] [--format fp8] [--workers 1,4] [--dir /tmp] [--keep]
+    python benchmarks/convert.py [--gb 1] [--format fp8] [--workers 1,4] [--processes 1,2,4] [--dir /tmp] [--keep]
 
 Writes a synthetic release (kimi_jax/checkpoint/synthetic.py: K2 shapes scaled down to hidden 2048 and 64
 experts, random bytes in the release format) of about --gb GB, then times, each in a fresh process:
   raw read      every shard file read once with large sequential reads (the disk/page-cache ceiling)
   hf-to-orbax   python -m kimi_jax.convert hf-to-orbax --dtype bfloat16 --workers N
+  N processes   python -m launch.local --num_processes N -- -m kimi_jax.convert hf-to-orbax ... (each process
+                converts its share of the pieces into the same checkpoint; --process_workers threads each)
   orbax-to-hf   python -m kimi_jax.convert orbax-to-hf (BF16, and --fp8)
 The source files' pages are dropped from the page cache before each read of them (posix_fadvise DONTNEED),
 so reads come from the disk, as with a real 1 TB release that cannot stay cached. GB/s is source bytes
-(what was read) per second; RSS is the converting process's peak resident set.
+(what was read) per second; RSS is the converting process's peak resident set (the largest one's, for several).
+The multi-process rows check that their checkpoint restores to the same arrays as the first one's.
 """
 
 from __future__ import annotations
 
 import argparse
 import glob
+import itertools
 import os
 import shutil
 import subprocess
@@ -24,7 +28,8 @@ import sys
 import tempfile
 import time
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
+sys.path.insert(0, ROOT)
 
 from kimi_jax.checkpoint.synthetic import FORMATS, k2_shaped, write_synthetic  # noqa: E402
 
@@ -56,7 +61,7 @@ def raw_read(directory: str) -> tuple[float, int]:
 def measure(cmd: list[str]) -> tuple[float, float]:
   """(seconds, peak RSS GiB) of `cmd` run in a fresh process."""
   out = subprocess.run([sys.executable, "-c", _MEASURE, *cmd], capture_output=True, text=True, check=True,
-                       env={**os.environ, "JAX_PLATFORMS": "cpu"})
+                       cwd=ROOT, env={**os.environ, "JAX_PLATFORMS": "cpu"})
   seconds, rss_kib = out.stdout.split()
   return float(seconds), int(rss_kib) / 2**20
 
@@ -66,11 +71,32 @@ def dir_bytes(directory: str) -> int:
              if os.path.isfile(p))
 
 
+def assert_same_arrays(a: str, b: str) -> None:
+  """The model checkpoints `a` and `b` hold the same arrays, bit for bit (read slice by slice: bounded memory)."""
+  from kimi_jax.checkpoint import orbax_arrays
+
+  ctx = orbax_arrays.context(cache_bytes=0)
+  sa, sb = os.path.join(a, "state"), os.path.join(b, "state")
+  paths = orbax_arrays.read_tree_paths(sa)
+  if sorted(paths) != sorted(orbax_arrays.read_tree_paths(sb)):
+    raise AssertionError(f"{a} and {b} hold different leaves")
+  for path in paths:
+    x, y = orbax_arrays.open_array(sa, path, ctx), orbax_arrays.open_array(sb, path, ctx)
+    if x.dtype != y.dtype or x.shape != y.shape:
+      raise AssertionError(f"{'.'.join(path)}: {x.dtype}{x.shape} in {a}, {y.dtype}{y.shape} in {b}")
+    for i in itertools.product(*(range(n) for n in x.shape[:max(x.ndim - 2, 0)])):  # one matrix at a time
+      if x[i].read().result().tobytes() != y[i].read().result().tobytes():
+        raise AssertionError(f"{'.'.join(path)}{list(i)} differs between {a} and {b}")
+
+
 def main():
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument("--gb", type=float, default=3.0, help="approximate size of the routed experts")
+  parser.add_argument("--gb", type=float, default=1.0, help="approximate size of the routed experts")
   parser.add_argument("--format", choices=FORMATS, default="fp8")
   parser.add_argument("--workers", default="1,4", help="comma-separated worker counts for hf-to-orbax")
+  parser.add_argument("--processes", default="1,2,4",
+                      help="comma-separated process counts for the multi-process hf-to-orbax rows ('' for none)")
+  parser.add_argument("--process_workers", type=int, default=1, help="--workers of each of those processes")
   parser.add_argument("--dir", default=tempfile.gettempdir(), help="where to write (needs ~4x --gb of space)")
   parser.add_argument("--keep", action="store_true", help="keep the files")
   args = parser.parse_args()
@@ -96,6 +122,20 @@ def main():
                               "--workers", str(workers), "--noprogress"])
       rows.append((f"hf-to-orbax bf16, {workers} worker(s)", size, seconds, rss))
       print(rows[-1], flush=True)
+    first = None
+    for processes in (int(p) for p in args.processes.split(",") if p):
+      out = os.path.join(work, f"orbax_{processes}p")
+      drop_cache(hf)
+      seconds, rss = measure([sys.executable, "-m", "launch.local", "--num_processes", str(processes), "--",
+                              "-m", "kimi_jax.convert", "hf-to-orbax", "--hf_dir", hf, "--out_dir", out,
+                              "--dtype", "bfloat16", "--workers", str(args.process_workers), "--noprogress"])
+      rows.append((f"hf-to-orbax bf16, {processes} proc x {args.process_workers} worker(s)", size, seconds, rss))
+      print(rows[-1], flush=True)
+      if first is None:
+        first = out
+      else:
+        assert_same_arrays(first, out)
+        shutil.rmtree(out)
     for fp8 in (False, True):
       out = os.path.join(work, f"hf_{fp8}")
       drop_cache(ckpt)
@@ -107,11 +147,11 @@ def main():
   finally:
     if not args.keep:
       shutil.rmtree(work, ignore_errors=True)
-  print(f"\n| {'what':34s} | {'GB read':>7s} | {'seconds':>7s} | {'GB/s':>5s} | {'peak RSS GiB':>12s} |")
-  print(f"|{'-' * 36}|{'-' * 9}|{'-' * 9}|{'-' * 7}|{'-' * 14}|")
+  print(f"\n| {'what':42s} | {'GB read':>7s} | {'seconds':>7s} | {'GB/s':>5s} | {'peak RSS GiB':>12s} |")
+  print(f"|{'-' * 44}|{'-' * 9}|{'-' * 9}|{'-' * 7}|{'-' * 14}|")
   for what, nbytes, seconds, rss in rows:
     rss = "-" if rss is None else f"{rss:.2f}"
-    print(f"| {what:34s} | {nbytes / 1e9:7.2f} | {seconds:7.1f} | {nbytes / 1e9 / seconds:5.2f} | {rss:>12s} |")
+    print(f"| {what:42s} | {nbytes / 1e9:7.2f} | {seconds:7.1f} | {nbytes / 1e9 / seconds:5.2f} | {rss:>12s} |")
   print(f"\n{os.cpu_count()} CPUs; load average {os.getloadavg()[0]:.1f} at the end")
 
 

@@ -6,12 +6,16 @@
 hf-to-orbax reads BF16/F32, FP8 (Kimi-K2-Instruct) and INT4 (Kimi-K2-Thinking) releases, and the Kimi K2.5 /
 K2.6 / K2.7 multimodal wrapper (text backbone only: the vision tensors are skipped, reported in one line); peak
 host memory is a few hundred MB plus ~50 MB per worker, whatever the model size. Rerun the same command to
-resume an interrupted conversion. orbax-to-hf accepts a model checkpoint or a training workdir and writes the
-Kimi K2 layout, or with --layout k25 the K2.5 one (no vision weights). See docs/converting.md.
+resume an interrupted conversion. hf-to-orbax also runs as N processes sharing --out_dir (one host or many),
+each converting a disjoint share: --process_index/--process_count, or the environment that `python -m
+launch.local` and the other launchers set (kimi_jax/distributed.py); process 0 finishes the checkpoint.
+orbax-to-hf accepts a model checkpoint or a training workdir and writes the Kimi K2 layout, or with --layout k25
+the K2.5 one (no vision weights). See docs/converting.md.
 """
 
 from __future__ import annotations
 
+import os
 import resource
 import sys
 
@@ -35,9 +39,38 @@ _WRAPPER_CONFIG = flags.DEFINE_string("wrapper_config", None,
                                       "(vision_config, token ids, ...) to write; default: those hf-to-orbax kept "
                                       "in the checkpoint (hf_wrapper.json).")
 _WORKERS = flags.DEFINE_integer("workers", 4, "Threads reading, converting and writing in parallel.")
+_PROCESS_INDEX = flags.DEFINE_integer("process_index", None,
+                                      "hf-to-orbax with several processes: this one's index (0 finalises). Default: "
+                                      "from the launch environment (KIMI_PROCESS_ID, or jax.distributed), else 0.")
+_PROCESS_COUNT = flags.DEFINE_integer("process_count", None,
+                                      "hf-to-orbax: how many processes share the conversion. Default: from the "
+                                      "launch environment (KIMI_NUM_PROCESSES, or jax.distributed), else 1.")
 _PROGRESS = flags.DEFINE_bool("progress", True, "Show a progress bar (bytes and GB/s).")
 
 COMMANDS = ("hf-to-orbax", "orbax-to-hf")
+
+
+def processes() -> tuple[int, int]:
+  """(process_index, process_count) of this hf-to-orbax process: the flags, else the launch environment."""
+  if (_PROCESS_INDEX.value is None) != (_PROCESS_COUNT.value is None):
+    raise app.UsageError("give both --process_index and --process_count, or neither")
+  if _PROCESS_COUNT.value is not None:
+    return _PROCESS_INDEX.value, _PROCESS_COUNT.value
+  from kimi_jax import distributed
+
+  kwargs = distributed.plan(os.environ)
+  if kwargs is None:
+    return 0, 1
+  if "process_id" in kwargs:  # explicit (launch.local and friends): no need to start the coordination service
+    return kwargs["process_id"], kwargs["num_processes"]
+  # A TPU pod, SLURM or MPI job: only JAX knows our index. Join, ask, and leave again at once: the shares are
+  # coordinated through files, and a process that stayed would block at exit until the slowest one finished.
+  import jax
+
+  distributed.initialize()
+  index, count = jax.process_index(), jax.process_count()
+  jax.distributed.shutdown()
+  return index, count
 
 
 def main(argv):
@@ -53,11 +86,23 @@ def main(argv):
     if _LAYOUT.present or _WRAPPER_CONFIG.value:
       raise app.UsageError("--layout and --wrapper_config apply to orbax-to-hf (hf-to-orbax reads the layout "
                            "from config.json)")
+    index, count = processes()
+    if not 0 <= index < count:
+      raise app.UsageError(f"--process_index {index} is not in [0, --process_count={count})")
     stats = hf_to_orbax(_HF_DIR.value, _OUT_DIR.value, dtype=_DTYPE.value or "float32", workers=_WORKERS.value,
-                        progress=_PROGRESS.value)
+                        progress=_PROGRESS.value, process_index=index, process_count=count)
+    if count > 1:
+      what = "finished the checkpoint" if index == 0 else "converted its share; process 0 finishes the checkpoint"
+      print(f"hf-to-orbax: process {index} of {count} {what}: read {stats.bytes_read / 1e9:.2f} GB, wrote "
+            f"{stats.bytes_written / 1e9:.2f} GB in {stats.seconds:.1f} s")
+      sys.stdout.flush()
+      return
   else:
     if not _CHECKPOINT.value:
       raise app.UsageError("orbax-to-hf needs --checkpoint")
+    if _PROCESS_COUNT.value not in (None, 1):
+      raise app.UsageError("orbax-to-hf runs as one process (its --workers write different shards); drop "
+                           "--process_count")
     stats = orbax_to_hf(_CHECKPOINT.value, _OUT_DIR.value, dtype=_DTYPE.value or "bfloat16", fp8=_FP8.value,
                         layout=_LAYOUT.value, wrapper_config=_WRAPPER_CONFIG.value, workers=_WORKERS.value,
                         progress=_PROGRESS.value)

@@ -8,6 +8,15 @@ is about workers × a piece's working set (~12 bytes per element), not the model
 than a 1 GB model. Each finished piece is appended to `OUT/conversion.log`; a rerun skips those, and the
 item's `_METADATA` (which makes it restorable) and `config.json` are written last.
 
+Multi-process (hosts sharing OUT, no service between them): process i of n takes a contiguous share of the
+piece list, ~1/n of the source bytes (`share`), writes it into its own OCDBT database `OUT/state/ocdbt.process_i/`
+(OCDBT has one writer per database unless a coordinator server runs) and logs it in `OUT/conversion.i.log`, then
+syncs and writes `OUT/conversion.i-of-n.done`. Process 0, after its own share, waits for the others' markers,
+checks that the union of the logs covers every piece, merges the databases into the item's root one (index
+entries only; orbax_arrays.merge_process_dbs) and writes the metadata and config.json as above. Every chunk
+holds the same bytes whichever process wrote it, so the result equals a one-process conversion bit for bit, and
+a rerun resumes from the union of the logs with any process count.
+
 orbax_to_hf: shards are planned from the config alone (names, dtypes, shapes); each shard file is filled
 tensor by tensor in row blocks read from the Orbax arrays (optionally re-quantised to FP8 with 128×128 blocks),
 written to `.tmp` and renamed, so a rerun skips complete shards. Workers write different shards.
@@ -19,10 +28,13 @@ fields kept in OUT/hf_wrapper.json); orbax_to_hf writes the layout it is asked f
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
+import itertools
 import json
 import math
 import os
+import re
 import threading
 import time
 from typing import Any, Callable, Iterator
@@ -74,24 +86,35 @@ def _row_ranges(rows: int, step: int) -> list[tuple[int, int]]:
 # HF → Orbax ----------------------------------------------------------------------------------------------------
 
 def hf_to_orbax(hf_dir: str, out_dir: str, *, dtype: str = "float32", workers: int = 4,
-                piece_elements: int = PIECE_ELEMENTS, progress: bool = False) -> Stats:
+                piece_elements: int = PIECE_ELEMENTS, progress: bool = False, process_index: int = 0,
+                process_count: int = 1, wait_timeout: float | None = None) -> Stats:
   """Convert the HF checkpoint at `hf_dir` into the model checkpoint `out_dir` (config.json + state/).
 
   Weights are stored in `dtype` (the router bias in float32); the saved config's param_dtype is `dtype`.
   Rerunning after an interruption resumes; rerunning a finished conversion does nothing. Tensors the layout
   skips (K2.5's vision weights) are counted in one printed line and in the returned Stats.
+
+  Multi-process: `process_count` processes (any hosts sharing `out_dir`) each run this with their own
+  `process_index` and convert a disjoint, contiguous share of the pieces (about 1/process_count of the source
+  bytes) into their own database under state/ (see `share` and the module docstring). Process 0 then waits
+  (at most `wait_timeout` seconds; None: forever) for every other process's done marker, merges the databases and
+  writes the metadata and config.json; the others return when their share is done. The result restores to the
+  same arrays, bit for bit, as a one-process conversion. Resuming works with any process count.
   """
   from kimi_jax.checkpoint.model_io import STATE_DIR, save_config
 
   if dtype not in _DTYPES:
     raise ValueError(f"dtype {dtype!r} not in {sorted(_DTYPES)}")
+  if not 0 <= process_index < process_count:
+    raise ValueError(f"process_index {process_index} is not in [0, process_count={process_count}); give each "
+                     "process its own index 0 .. process_count - 1")
   start = time.perf_counter()
   ckpt = HFCheckpoint(hf_dir)
   cfg = ckpt.config(param_dtype=dtype)
   leaves = flatten(abstract_state(cfg))
   entries = checked_entries(ckpt, cfg, leaves)  # every tensor is checked before anything is written
   skipped = Stats(skipped_tensors=len(ckpt.skipped), skipped_bytes=ckpt.skipped_bytes())
-  if ckpt.skipped:
+  if ckpt.skipped and process_index == 0:
     prefixes = sorted({name.split(".")[0] for name in ckpt.skipped})
     print(f"hf-to-orbax: skipping {skipped.skipped_tensors} tensors ({skipped.skipped_bytes:,} bytes, "
           f"{skipped.skipped_bytes / 1e9:.2f} GB) outside the text model: {', '.join(p + '.*' for p in prefixes)}",
@@ -104,17 +127,21 @@ def hf_to_orbax(hf_dir: str, out_dir: str, *, dtype: str = "float32", workers: i
     return skipped
 
   rows_of = {entry.path: block_rows(entry.hf_shape(shape), piece_elements) for entry, shape in entries}
-  arrays = _create_targets(state_dir, leaves, entries, rows_of, _DTYPES[dtype], workers)
   pieces = [(entry, rows) for entry, shape in entries
             for rows in _row_ranges(entry.hf_shape(shape)[0], rows_of[entry.path])]
   stored = {entry.hf_name: ckpt.nbytes(entry.hf_name) / entry.hf_shape(shape)[0] for entry, shape in entries}
-  todo = [(e, r) for e, r in pieces if _key(e, r) not in done]
-  total = sum(stored[e.hf_name] * (r[1] - r[0]) for e, r in pieces)
+  sizes = [int(stored[e.hf_name] * (r[1] - r[0])) for e, r in pieces]
+  mine = share(sizes, process_index, process_count)
+  # One process writes the item's root database itself; several each write their own (one writer per database).
+  db_dir = state_dir if process_count == 1 else orbax_arrays.process_dir(state_dir, process_index)
+  arrays = _create_targets(db_dir, leaves, entries, rows_of, _DTYPES[dtype], workers)
+  todo = [pieces[i] for i in range(mine.start, mine.stop) if _key(*pieces[i]) not in done]
+  total = sum(sizes[mine])
   bar = progress_bar(progress, total, total - sum(stored[e.hf_name] * (r[1] - r[0]) for e, r in todo),
-                     "hf-to-orbax")
+                     "hf-to-orbax" if process_count == 1 else f"hf-to-orbax [{process_index}/{process_count}]")
   stats, log_lock = skipped, threading.Lock()
 
-  with open(os.path.join(out_dir, LOG_FILE), "a") as log:
+  with open(os.path.join(out_dir, _log_file(process_index, process_count)), "a") as log:
     def convert(piece: tuple[TensorMap, tuple[int, int]]) -> None:
       entry, rows = piece
       target = arrays[entry.path]
@@ -129,17 +156,83 @@ def hf_to_orbax(hf_dir: str, out_dir: str, *, dtype: str = "float32", workers: i
 
     run_bounded(convert, todo, workers)
   bar.close()
-  os.sync()
+  os.sync()  # this process's chunks are durable before its done marker says so (hosts may share out_dir remotely)
+  ckpt_layout, hf_config = ckpt.layout, ckpt.hf_config
+  ckpt.close()
+  if process_index != 0:
+    write_json(os.path.join(out_dir, _done_file(process_index, process_count)), {"pieces": mine.stop - mine.start})
+    stats.seconds = time.perf_counter() - start
+    return stats
+
+  _wait_for_peers(out_dir, process_count, wait_timeout)
+  done = _logged(out_dir)
+  if missing := [_key(*p) for p in pieces if _key(*p) not in done]:
+    raise CheckpointError(f"{out_dir}: every process reported its share done, but {len(missing)} pieces are not "
+                          f"logged (e.g. {missing[0]}); rerun all processes with the same --process_count")
+  os.sync()  # peers on this host: their writes reach the disk before the metadata that declares them complete
+  orbax_arrays.merge_process_dbs(state_dir, orbax_arrays.context(concurrency=workers))
   orbax_arrays.write_tree_metadata(state_dir, leaves)
-  carried = ckpt.layout.carried(ckpt.hf_config)
+  carried = ckpt_layout.carried(hf_config)
   if carried is not None:  # written before the status file marks the conversion complete
     write_json(os.path.join(out_dir, layouts.WRAPPER_FILE), carried)
   save_config(out_dir, cfg)
   stats.seconds = time.perf_counter() - start
   write_json(os.path.join(out_dir, STATUS_FILE), {**status, "complete": True, "seconds": stats.seconds})
-  os.remove(os.path.join(out_dir, LOG_FILE))
-  ckpt.close()
+  for name in os.listdir(out_dir):
+    if _LOG_RE.fullmatch(name) or _DONE_RE.fullmatch(name):
+      os.remove(os.path.join(out_dir, name))
   return stats
+
+
+def share(sizes: list[int], process_index: int, process_count: int) -> slice:
+  """The pieces process `process_index` of `process_count` converts: a contiguous run (pieces follow the release's
+  tensor order, so a process reads few, neighbouring shard files) cut where the running total of `sizes` (source
+  bytes) crosses k / process_count of the whole. Every process computes the same cuts from the same list."""
+  prefix = [0, *itertools.accumulate(sizes)]
+  scaled = [p * process_count for p in prefix]  # integers: no rounding can make two processes disagree
+  cuts = [0, *(bisect.bisect_left(scaled, k * prefix[-1]) for k in range(1, process_count)), len(sizes)]
+  return slice(cuts[process_index], cuts[process_index + 1])
+
+
+def _log_file(process_index: int, process_count: int) -> str:
+  """Each process appends to its own log (no two writers of one file, on any file system)."""
+  return LOG_FILE if process_count == 1 else f"conversion.{process_index}.log"
+
+
+def _done_file(process_index: int, process_count: int) -> str:
+  # The count is in the name: a marker left by a run with another count (other shares) is never taken as ours.
+  return f"conversion.{process_index}-of-{process_count}.done"
+
+
+_LOG_RE = re.compile(r"conversion(\.\d+)?\.log")
+_DONE_RE = re.compile(r"conversion\.\d+-of-\d+\.done")
+WAIT_POLL_SECONDS = 0.5
+
+
+def _wait_for_peers(out_dir: str, process_count: int, timeout: float | None) -> None:
+  """Block until processes 1 .. process_count - 1 have written their done markers."""
+  start = last_report = time.monotonic()
+  while missing := [i for i in range(1, process_count)
+                    if not os.path.isfile(os.path.join(out_dir, _done_file(i, process_count)))]:
+    now = time.monotonic()
+    if timeout is not None and now - start > timeout:
+      raise TimeoutError(f"{out_dir}: processes {missing} of {process_count} have not finished their shares after "
+                         f"{timeout:.0f} s; (re)start them with the same command and their --process_index")
+    if now - last_report > 60:
+      print(f"hf-to-orbax: process 0 waiting for processes {missing} of {process_count} to finish their shares",
+            flush=True)
+      last_report = now
+    time.sleep(WAIT_POLL_SECONDS)
+
+
+def _logged(out_dir: str) -> set[str]:
+  """The keys of the pieces any process has logged as converted."""
+  done = set()
+  for name in sorted(os.listdir(out_dir)):
+    if _LOG_RE.fullmatch(name):
+      with open(os.path.join(out_dir, name)) as f:
+        done.update(line[:-1] for line in f if line.endswith("\n"))  # a line cut by a kill is not a finished piece
+  return done
 
 
 def _create_targets(state_dir: str, leaves: dict, entries: list[tuple[TensorMap, tuple[int, ...]]],
@@ -169,8 +262,13 @@ def _key(entry: TensorMap, rows: tuple[int, int]) -> str:
 
 
 def _start_or_resume(out_dir: str, status: dict[str, Any], state_dir: str) -> set[str] | None:
-  """The keys of pieces already converted (None: the conversion is complete). Refuses foreign directories."""
+  """The keys of pieces already converted (None: the conversion is complete). Refuses foreign directories.
+
+  Safe with several processes starting at once: each writes the (identical) status only if none exists, and
+  state/ is created after the status, so whoever finds state/ also finds the status.
+  """
   status_path = os.path.join(out_dir, STATUS_FILE)
+  state_existed = os.path.exists(state_dir)  # looked at before the status: see the docstring
   if os.path.isfile(status_path):
     with open(status_path) as f:
       previous = json.load(f)
@@ -179,16 +277,18 @@ def _start_or_resume(out_dir: str, status: dict[str, Any], state_dir: str) -> se
       raise ValueError(f"{out_dir} holds a conversion with other settings ({changed}); use another --out_dir")
     if previous.get("complete"):
       return None
-  elif os.path.exists(state_dir):
+  elif state_existed:
     raise ValueError(f"{out_dir} already holds a checkpoint that is not a conversion in progress; "
                      "use another --out_dir")
+  else:
+    os.makedirs(out_dir, exist_ok=True)
+    # A name of its own (pids repeat across hosts): processes starting together must not rename one another's away.
+    tmp = f"{status_path}.{os.urandom(8).hex()}.tmp"
+    with open(tmp, "w") as f:
+      json.dump({**status, "complete": False}, f, indent=2)
+    os.replace(tmp, status_path)
   os.makedirs(state_dir, exist_ok=True)
-  write_json(status_path, {**status, "complete": False})
-  log_path = os.path.join(out_dir, LOG_FILE)
-  if not os.path.isfile(log_path):
-    return set()
-  with open(log_path) as f:
-    return {line[:-1] for line in f if line.endswith("\n")}  # a line cut by a kill is not a finished piece
+  return _logged(out_dir)
 
 
 # Orbax → HF ----------------------------------------------------------------------------------------------------

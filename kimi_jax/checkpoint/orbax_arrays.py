@@ -6,6 +6,12 @@ structure and storage flags). Orbax's own save needs each array whole in memory;
 directly lets a converter fill arrays far larger than host memory piece by piece, after which Orbax restores it
 like any checkpoint (onto any mesh, each host reading only the chunks its shards cover).
 
+Several processes can fill one item together (a multi-process conversion): each writes its own OCDBT database
+in `ITEM/ocdbt.process_<i>/` (one writer per database: OCDBT without a coordinator server is not safe for
+concurrent writers), and one process then merges them into the item's root database (`merge_process_dbs`). The
+merge copies only index entries; the data stays in the sub-directories, which the root references. This is the
+layout Orbax itself writes from multi-host saves.
+
 Paths are tuples of dict keys, e.g. ("moe_layers", "mlp", "experts", "gate").
 """
 
@@ -19,6 +25,7 @@ import numpy as np
 import tensorstore as ts
 
 METADATA_FILE = "_METADATA"
+PROCESS_PREFIX = "ocdbt.process_"  # Orbax's name for per-process databases (ocdbt_process_spec.PROCESS_PREFIX)
 Path = tuple[str, ...]
 
 
@@ -73,6 +80,37 @@ def create_array(directory: str, path: Path, shape: tuple[int, ...], dtype: np.d
       "recheck_cached_metadata": False,
   }
   return ts.open(spec, create=True, open=True, context=ctx).result()
+
+
+def process_dir(directory: str, process_index: int) -> str:
+  """The directory of process `process_index`'s own OCDBT database inside the item at `directory`."""
+  return os.path.join(directory, f"{PROCESS_PREFIX}{process_index}")
+
+
+def merge_process_dbs(directory: str, ctx: ts.Context) -> int:
+  """Merge every per-process database under `directory` into the item's root database; returns how many.
+
+  Keys present in several (each array's .zarray, or chunks a resumed conversion wrote twice) must hold the same
+  bytes, which the converter guarantees; merging again after an interruption is harmless. One atomic commit:
+  the root manifest names all of them or none.
+  """
+  children = sorted(name for name in os.listdir(directory)
+                    if name.startswith(PROCESS_PREFIX) and os.path.isdir(os.path.join(directory, name)))
+  if not children:
+    return 0
+  parent = ts.KvStore.open(_kvstore(directory, (), write=True), context=ctx).result()
+  txn = ts.Transaction(atomic=True)
+  for name in children:
+    child = ts.KvStore.open(_kvstore(os.path.join(directory, name), (), write=True), context=ctx).result()
+    child.experimental_copy_range_to(parent.with_transaction(txn)).result()
+  txn.commit_async().result()
+  return len(children)
+
+
+def list_keys(directory: str, ctx: ts.Context) -> list[str]:
+  """Every key of the OCDBT database at `directory` (e.g. "moe_layers.mlp.experts.gate/3.1.0.0")."""
+  store = ts.KvStore.open(_kvstore(directory, (), write=False), context=ctx).result()
+  return [key.decode() for key in store.list().result()]
 
 
 def write_tree_metadata(directory: str, paths: Iterable[Path]) -> None:
