@@ -7,7 +7,7 @@ Everything not set here is stage 1's (configs/kimi_k2.py). At seq_len 32,768 > 4
 the weights' YaRN on: frequencies 20-31 divided by 32, softmax scale 192^-0.5 · (0.1 ln 32 + 1)² = 0.1309 — the
 numerics of the released model, which transformers applies at any length. The learning rate continues the
 anneal's linear decay to 7e-6 (configs/kimi_k2_anneal.py) [report: 2e-5 -> 7e-6; ours: linear, split by steps].
-The report extends the context to 128K with YaRN afterwards, without further training at 128K.
+The report then extends the context to 128K with YaRN.
 """
 
 import os
