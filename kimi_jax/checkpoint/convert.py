@@ -21,6 +21,15 @@ orbax_to_hf: shards are planned from the config alone (names, dtypes, shapes); e
 tensor by tensor in row blocks read from the Orbax arrays (optionally re-quantised to FP8 with 128×128 blocks),
 written to `.tmp` and renamed, so a rerun skips complete shards. Workers write different shards.
 
+OUT may be a gs:// URL: the arrays go through tensorstore's gcs driver, every other file through etils.epath.
+Objects cannot be appended to, so there each process keeps its log in memory and rewrites the whole log object
+(`PieceLog`) at most every LOG_FLUSH_SECONDS (longer when uploads are slow, keeping them to ~1/10 of the time),
+when the run ends and when it fails; a kill loses at most the last interval's lines, whose pieces a rerun redoes
+(rewriting identical chunks). Cost: the log is ~50 bytes a piece (K2: ~280k pieces, ~14 MB at the end), so a
+one-hour one-process K2 conversion uploads at most ~360 log versions, a few GB next to the 1 TB of arrays. Each
+piece's chunks are durable once its OCDBT commit returns (no sync needed), and `_METADATA`, config.json and the
+complete status are written last, as locally.
+
 Both directions handle every release layout (layout.py): hf_to_orbax reads the layout from config.json (a Kimi
 K2.5 wrapper: text tensors under `language_model.`, vision tensors skipped and reported in one line, the wrapper's
 fields kept in OUT/hf_wrapper.json); orbax_to_hf writes the layout it is asked for.
@@ -50,11 +59,13 @@ from kimi_jax.checkpoint.host_ops import transpose_cast
 from kimi_jax.checkpoint.hf_write import write_release
 from kimi_jax.checkpoint.io_util import progress_bar, run_bounded, write_json
 from kimi_jax.checkpoint.safetensors import TensorSpec
+from kimi_jax.checkpoint.workdir import as_path, check_bucket, is_url, list_dir
 from kimi_jax.config import ModelConfig
 
 PIECE_ELEMENTS = 1 << 22  # 4 Mi elements: 16 MiB as f32; a K2 expert matrix (14.7 Mi) is 4 pieces
 STATUS_FILE = "conversion.json"
 LOG_FILE = "conversion.log"
+LOG_FLUSH_SECONDS = 5.0  # object storage: the longest a kill can make a rerun redo (see PieceLog)
 _DTYPES = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(ml_dtypes.bfloat16)}
 
 
@@ -119,8 +130,13 @@ def hf_to_orbax(hf_dir: str, out_dir: str, *, dtype: str = "float32", workers: i
     print(f"hf-to-orbax: skipping {skipped.skipped_tensors} tensors ({skipped.skipped_bytes:,} bytes, "
           f"{skipped.skipped_bytes / 1e9:.2f} GB) outside the text model: {', '.join(p + '.*' for p in prefixes)}",
           flush=True)
-  out_dir = os.path.abspath(out_dir)
-  state_dir = os.path.join(out_dir, STATE_DIR)
+  remote = is_url(out_dir)
+  if remote:
+    check_bucket(out_dir)
+  else:
+    out_dir = os.path.abspath(out_dir)
+  out = as_path(out_dir)
+  state_dir = str(out / STATE_DIR) if remote else os.path.join(out_dir, STATE_DIR)
   status = {"source": os.path.abspath(hf_dir), "dtype": dtype, "piece_elements": piece_elements}
   done = _start_or_resume(out_dir, status, state_dir)
   if done is None:
@@ -141,26 +157,26 @@ def hf_to_orbax(hf_dir: str, out_dir: str, *, dtype: str = "float32", workers: i
                      "hf-to-orbax" if process_count == 1 else f"hf-to-orbax [{process_index}/{process_count}]")
   stats, log_lock = skipped, threading.Lock()
 
-  with open(os.path.join(out_dir, _log_file(process_index, process_count)), "a") as log:
+  with PieceLog(out / _log_file(process_index, process_count)) as log:
     def convert(piece: tuple[TensorMap, tuple[int, int]]) -> None:
       entry, rows = piece
       target = arrays[entry.path]
       value = ckpt.read(entry.hf_name, rows, transpose=entry.transpose, dtype=target.dtype.numpy_dtype)
       target[entry.target(target.rank, rows)].write(value).result()
       read = int(stored[entry.hf_name] * (rows[1] - rows[0]))
-      with log_lock:  # logged only once committed: a rerun redoes anything not logged
-        log.write(_key(entry, rows) + "\n")
-        log.flush()
+      log.add(_key(entry, rows))  # logged only once committed: a rerun redoes anything not logged
+      with log_lock:
         stats.add(read, value.nbytes)
         bar.update(read)
 
     run_bounded(convert, todo, workers)
   bar.close()
-  os.sync()  # this process's chunks are durable before its done marker says so (hosts may share out_dir remotely)
+  if not remote:  # (object storage: a commit that returned is durable)
+    os.sync()  # this process's chunks are durable before its done marker says so (hosts may share out_dir remotely)
   ckpt_layout, hf_config = ckpt.layout, ckpt.hf_config
   ckpt.close()
   if process_index != 0:
-    write_json(os.path.join(out_dir, _done_file(process_index, process_count)), {"pieces": mine.stop - mine.start})
+    _write_json(out / _done_file(process_index, process_count), {"pieces": mine.stop - mine.start})
     stats.seconds = time.perf_counter() - start
     return stats
 
@@ -169,19 +185,89 @@ def hf_to_orbax(hf_dir: str, out_dir: str, *, dtype: str = "float32", workers: i
   if missing := [_key(*p) for p in pieces if _key(*p) not in done]:
     raise CheckpointError(f"{out_dir}: every process reported its share done, but {len(missing)} pieces are not "
                           f"logged (e.g. {missing[0]}); rerun all processes with the same --process_count")
-  os.sync()  # peers on this host: their writes reach the disk before the metadata that declares them complete
+  if not remote:
+    os.sync()  # peers on this host: their writes reach the disk before the metadata that declares them complete
   orbax_arrays.merge_process_dbs(state_dir, orbax_arrays.context(concurrency=workers))
   orbax_arrays.write_tree_metadata(state_dir, leaves)
   carried = ckpt_layout.carried(hf_config)
   if carried is not None:  # written before the status file marks the conversion complete
-    write_json(os.path.join(out_dir, layouts.WRAPPER_FILE), carried)
+    _write_json(out / layouts.WRAPPER_FILE, carried)
   save_config(out_dir, cfg)
   stats.seconds = time.perf_counter() - start
-  write_json(os.path.join(out_dir, STATUS_FILE), {**status, "complete": True, "seconds": stats.seconds})
-  for name in os.listdir(out_dir):
-    if _LOG_RE.fullmatch(name) or _DONE_RE.fullmatch(name):
-      os.remove(os.path.join(out_dir, name))
+  _write_json(out / STATUS_FILE, {**status, "complete": True, "seconds": stats.seconds})
+  for path in list_dir(out):
+    if _LOG_RE.fullmatch(path.name) or _DONE_RE.fullmatch(path.name):
+      path.unlink()
   return stats
+
+
+def _write_json(path, obj: Any) -> None:
+  """Readers never see half a file: locally a temporary file and a rename; an object appears whole anyway."""
+  if is_url(path):
+    path.write_text(json.dumps(obj, indent=2))
+  else:
+    write_json(os.fspath(path), obj)
+
+
+class PieceLog:
+  """The keys of the pieces this process has converted, one a line, in `path` (local path or URL).
+
+  Locally each key is appended and flushed at once (a kill loses nothing; a line it cuts short is ignored on
+  reading). Objects cannot be appended to, so for a URL the keys are kept in memory (starting with the object's
+  own lines when resuming) and the whole object is rewritten at most every LOG_FLUSH_SECONDS (or 10x the last
+  upload's time, if longer), and at exit, error or not. Every flushed version lists only committed pieces.
+  """
+
+  def __init__(self, path):
+    self._path, self._remote = path, is_url(path)
+    self._lock, self._upload_lock = threading.Lock(), threading.Lock()
+    self._file = None
+    self._lines: list[str] = []
+    self._dirty, self._flushed_at, self._interval = False, time.monotonic(), LOG_FLUSH_SECONDS
+    if self._remote and path.exists():
+      self._lines = [line + "\n" for line in path.read_text().splitlines()]
+
+  def __enter__(self) -> PieceLog:
+    if not self._remote:
+      self._file = open(self._path, "a")  # noqa: SIM115 (closed in __exit__)
+    return self
+
+  def add(self, key: str) -> None:
+    with self._lock:
+      if self._file is not None:
+        self._file.write(key + "\n")
+        self._file.flush()
+        return
+      self._lines.append(key + "\n")
+      self._dirty = True
+    if time.monotonic() - self._flushed_at >= self._interval:
+      self.flush(wait=False)
+
+  def flush(self, wait: bool = True) -> None:
+    """Rewrite the object with every key added so far (URL only); one upload at a time, the others skip."""
+    if self._file is not None or not self._upload_lock.acquire(blocking=wait):
+      return
+    try:
+      with self._lock:
+        if not self._dirty:
+          return
+        text, self._dirty = "".join(self._lines), False
+      start = time.monotonic()
+      try:
+        self._path.write_text(text)
+      except BaseException:
+        self._dirty = True
+        raise
+      self._flushed_at = time.monotonic()
+      self._interval = max(LOG_FLUSH_SECONDS, 10 * (self._flushed_at - start))
+    finally:
+      self._upload_lock.release()
+
+  def __exit__(self, *exc) -> None:
+    if self._file is not None:
+      self._file.close()
+    else:
+      self.flush()
 
 
 def share(sizes: list[int], process_index: int, process_count: int) -> slice:
@@ -212,8 +298,8 @@ WAIT_POLL_SECONDS = 0.5
 def _wait_for_peers(out_dir: str, process_count: int, timeout: float | None) -> None:
   """Block until processes 1 .. process_count - 1 have written their done markers."""
   start = last_report = time.monotonic()
-  while missing := [i for i in range(1, process_count)
-                    if not os.path.isfile(os.path.join(out_dir, _done_file(i, process_count)))]:
+  out = as_path(out_dir)
+  while missing := [i for i in range(1, process_count) if not (out / _done_file(i, process_count)).exists()]:
     now = time.monotonic()
     if timeout is not None and now - start > timeout:
       raise TimeoutError(f"{out_dir}: processes {missing} of {process_count} have not finished their shares after "
@@ -228,10 +314,11 @@ def _wait_for_peers(out_dir: str, process_count: int, timeout: float | None) -> 
 def _logged(out_dir: str) -> set[str]:
   """The keys of the pieces any process has logged as converted."""
   done = set()
-  for name in sorted(os.listdir(out_dir)):
-    if _LOG_RE.fullmatch(name):
-      with open(os.path.join(out_dir, name)) as f:
-        done.update(line[:-1] for line in f if line.endswith("\n"))  # a line cut by a kill is not a finished piece
+  for path in list_dir(as_path(out_dir)):
+    if _LOG_RE.fullmatch(path.name):
+      text = path.read_text()
+      lines = text.split("\n")[:-1]  # a line cut by a kill (no newline) is not a finished piece
+      done.update(lines)
   return done
 
 
@@ -267,11 +354,11 @@ def _start_or_resume(out_dir: str, status: dict[str, Any], state_dir: str) -> se
   Safe with several processes starting at once: each writes the (identical) status only if none exists, and
   state/ is created after the status, so whoever finds state/ also finds the status.
   """
-  status_path = os.path.join(out_dir, STATUS_FILE)
-  state_existed = os.path.exists(state_dir)  # looked at before the status: see the docstring
-  if os.path.isfile(status_path):
-    with open(status_path) as f:
-      previous = json.load(f)
+  remote = is_url(out_dir)
+  status_path = as_path(out_dir) / STATUS_FILE
+  state_existed = as_path(state_dir).exists()  # looked at before the status: see the docstring
+  if status_path.is_file():
+    previous = json.loads(status_path.read_text())
     changed = {k: (previous.get(k), v) for k, v in status.items() if previous.get(k) != v}
     if changed:
       raise ValueError(f"{out_dir} holds a conversion with other settings ({changed}); use another --out_dir")
@@ -280,6 +367,8 @@ def _start_or_resume(out_dir: str, status: dict[str, Any], state_dir: str) -> se
   elif state_existed:
     raise ValueError(f"{out_dir} already holds a checkpoint that is not a conversion in progress; "
                      "use another --out_dir")
+  elif remote:  # an object appears whole; object storage has no directories to make
+    status_path.write_text(json.dumps({**status, "complete": False}, indent=2))
   else:
     os.makedirs(out_dir, exist_ok=True)
     # A name of its own (pids repeat across hosts): processes starting together must not rename one another's away.
@@ -287,7 +376,8 @@ def _start_or_resume(out_dir: str, status: dict[str, Any], state_dir: str) -> se
     with open(tmp, "w") as f:
       json.dump({**status, "complete": False}, f, indent=2)
     os.replace(tmp, status_path)
-  os.makedirs(state_dir, exist_ok=True)
+  if not remote:
+    os.makedirs(state_dir, exist_ok=True)
   return _logged(out_dir)
 
 
@@ -310,8 +400,15 @@ def orbax_to_hf(checkpoint: str, out_dir: str, *, dtype: str = "bfloat16", fp8: 
   """
   if dtype not in _DTYPES:
     raise ValueError(f"dtype {dtype!r} not in {sorted(_DTYPES)}")
+  if is_url(out_dir):
+    raise ValueError(f"{out_dir}: orbax-to-hf writes a local directory (safetensors shards are written in place); "
+                     "give a local --out_dir and copy it up (`gcloud storage cp -r`)")
   target = layouts.get(layout)
-  carried = layouts.find_carried(target, checkpoint, wrapper_config)
+  if is_url(checkpoint) and wrapper_config is None and isinstance(target, layouts.WrapperLayout):
+    wrapper = as_path(checkpoint) / layouts.WRAPPER_FILE  # (find_carried reads local files)
+    carried = json.loads(wrapper.read_text()) if wrapper.is_file() else None
+  else:
+    carried = layouts.find_carried(target, checkpoint, wrapper_config)
   start = time.perf_counter()
   cfg, item_dir, names = _locate_state(checkpoint)
   leaves = flatten(abstract_state(cfg))
@@ -376,12 +473,9 @@ def _export_specs(entry: TensorMap, shape: tuple[int, ...], read: Callable, dtyp
 
 def _locate_state(directory: str) -> tuple[ModelConfig, str, dict[tuple[str, ...], tuple[str, ...]]]:
   """(config, Orbax item dir, our leaf path -> stored leaf path) of a model checkpoint or training workdir."""
-  from kimi_jax.checkpoint.model_io import STATE_DIR, load_config, workdir_state
+  from kimi_jax.checkpoint.model_io import locate_state
 
-  if os.path.isdir(os.path.join(directory, STATE_DIR)):
-    cfg, item_dir = load_config(directory), os.path.join(directory, STATE_DIR)
-  else:
-    cfg, item_dir = workdir_state(directory)
+  cfg, item_dir, _ = locate_state(directory)
   stored = orbax_arrays.read_tree_paths(item_dir)
   # Training checkpoints split the state into {"params": ..., "rest": ...}.
   names = {p[1:] if p[0] in ("params", "rest") else p: p for p in stored}

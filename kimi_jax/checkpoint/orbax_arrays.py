@@ -12,6 +12,9 @@ concurrent writers), and one process then merges them into the item's root datab
 merge copies only index entries; the data stays in the sub-directories, which the root references. This is the
 layout Orbax itself writes from multi-host saves.
 
+Item directories may be local paths or gs:// URLs: the arrays then go through tensorstore's gcs driver (which
+honours TENSORSTORE_GCS_HTTP_URL) and `_METADATA` through etils.epath.
+
 Paths are tuples of dict keys, e.g. ("moe_layers", "mlp", "experts", "gate").
 """
 
@@ -24,7 +27,10 @@ from typing import Any, Iterable
 import numpy as np
 import tensorstore as ts
 
+from kimi_jax.checkpoint.workdir import as_path, is_url, list_dir
+
 METADATA_FILE = "_METADATA"
+COMMIT_SUCCESS_FILE = "commit_success.txt"  # orbax.checkpoint's atomicity_types.COMMIT_SUCCESS_FILE
 PROCESS_PREFIX = "ocdbt.process_"  # Orbax's name for per-process databases (ocdbt_process_spec.PROCESS_PREFIX)
 Path = tuple[str, ...]
 
@@ -44,13 +50,30 @@ def context(*, cache_bytes: int = 0, concurrency: int = 8, sync: bool = True) ->
   })
 
 
+def _base(directory: str) -> tuple[dict[str, Any], dict[str, Any]]:
+  """(data, manifest) kvstore specs of the OCDBT database rooted at `directory` (a local path or gs:// URL)."""
+  if not is_url(directory):
+    root = os.path.abspath(directory) + "/"
+    # Data files are only referenced once a manifest commit names them, so they need no atomic rename.
+    return ({"driver": "file", "path": root, "file_io_locking": {"mode": "non_atomic"}},
+            {"driver": "file", "path": root})
+  if not directory.startswith("gs://"):
+    raise ValueError(f"{directory}: only local paths and gs:// URLs can hold Orbax arrays")
+  bucket, _, prefix = directory[len("gs://"):].partition("/")
+  prefix = prefix.strip("/")
+  if not bucket:
+    raise ValueError(f"{directory}: no bucket in the URL (gs://BUCKET/PATH)")
+  # Objects appear whole, and the manifest is replaced with a conditional write: no locking to configure.
+  gcs = {"driver": "gcs", "bucket": bucket, "path": prefix + "/" if prefix else ""}
+  return gcs, dict(gcs)
+
+
 def _kvstore(directory: str, path: Path, *, write: bool) -> dict[str, Any]:
-  root = os.path.abspath(directory) + "/"
+  base, manifest = _base(directory)
   spec = {
       "driver": "ocdbt",
-      # Data files are only referenced once a manifest commit names them, so they need no atomic rename.
-      "base": {"driver": "file", "path": root, "file_io_locking": {"mode": "non_atomic"}},
-      "manifest": {"driver": "file", "path": root},
+      "base": base,
+      "manifest": manifest,
       "cache_pool": "cache_pool#ocdbt",
       "path": ".".join(path),
   }
@@ -84,7 +107,11 @@ def create_array(directory: str, path: Path, shape: tuple[int, ...], dtype: np.d
 
 def process_dir(directory: str, process_index: int) -> str:
   """The directory of process `process_index`'s own OCDBT database inside the item at `directory`."""
-  return os.path.join(directory, f"{PROCESS_PREFIX}{process_index}")
+  return _join(directory, f"{PROCESS_PREFIX}{process_index}")
+
+
+def _join(directory: str, name: str) -> str:
+  return str(as_path(directory) / name) if is_url(directory) else os.path.join(directory, name)
 
 
 def merge_process_dbs(directory: str, ctx: ts.Context) -> int:
@@ -94,14 +121,13 @@ def merge_process_dbs(directory: str, ctx: ts.Context) -> int:
   bytes, which the converter guarantees; merging again after an interruption is harmless. One atomic commit:
   the root manifest names all of them or none.
   """
-  children = sorted(name for name in os.listdir(directory)
-                    if name.startswith(PROCESS_PREFIX) and os.path.isdir(os.path.join(directory, name)))
+  children = sorted(p.name for p in list_dir(as_path(directory)) if p.name.startswith(PROCESS_PREFIX) and p.is_dir())
   if not children:
     return 0
   parent = ts.KvStore.open(_kvstore(directory, (), write=True), context=ctx).result()
   txn = ts.Transaction(atomic=True)
   for name in children:
-    child = ts.KvStore.open(_kvstore(os.path.join(directory, name), (), write=True), context=ctx).result()
+    child = ts.KvStore.open(_kvstore(_join(directory, name), (), write=True), context=ctx).result()
     child.experimental_copy_range_to(parent.with_transaction(txn)).result()
   txn.commit_async().result()
   return len(children)
@@ -124,6 +150,11 @@ def write_tree_metadata(directory: str, paths: Iterable[Path]) -> None:
           for path in paths}
   meta = {"tree_metadata": tree, "use_ocdbt": True, "use_zarr3": False,
           "store_array_data_equal_to_fill_value": True, "custom_metadata": None}
+  if is_url(directory):  # an object appears whole or not at all
+    (as_path(directory) / METADATA_FILE).write_text(json.dumps(meta))
+    # Orbax takes an item on object storage (no atomic directory rename there) as finished only with this file.
+    (as_path(directory) / COMMIT_SUCCESS_FILE).write_text(f"Checkpoint commit was successful to {directory}")
+    return
   tmp = os.path.join(directory, METADATA_FILE + ".tmp")
   with open(tmp, "w") as f:
     json.dump(meta, f)
@@ -132,11 +163,10 @@ def write_tree_metadata(directory: str, paths: Iterable[Path]) -> None:
 
 def read_tree_paths(directory: str) -> list[Path]:
   """The leaf paths of an Orbax item directory, from its `_METADATA`."""
-  meta_path = os.path.join(directory, METADATA_FILE)
-  if not os.path.isfile(meta_path):
+  meta_path = as_path(directory) / METADATA_FILE
+  if not meta_path.is_file():
     raise FileNotFoundError(f"{directory}: no {METADATA_FILE}; not a complete Orbax checkpoint item")
-  with open(meta_path) as f:
-    meta = json.load(f)
+  meta = json.loads(meta_path.read_text())
   if not meta.get("use_ocdbt", False):
     raise ValueError(f"{meta_path}: only OCDBT checkpoints (the Orbax default) can be read slice by slice")
   return [tuple(k["key"] for k in leaf["key_metadata"]) for leaf in meta["tree_metadata"].values()]
@@ -144,8 +174,7 @@ def read_tree_paths(directory: str) -> list[Path]:
 
 def open_array(directory: str, path: Path, ctx: ts.Context) -> ts.TensorStore:
   """Open leaf `path` of an Orbax item (ours or Orbax-written) for reading slices."""
-  with open(os.path.join(directory, METADATA_FILE)) as f:
-    zarr3 = json.load(f).get("use_zarr3", False)
+  zarr3 = json.loads((as_path(directory) / METADATA_FILE).read_text()).get("use_zarr3", False)
   spec = {"driver": "zarr3" if zarr3 else "zarr", "kvstore": _kvstore(directory, path, write=False),
           "recheck_cached_data": False, "recheck_cached_metadata": False}
   return ts.open(spec, open=True, read=True, context=ctx).result()

@@ -79,6 +79,15 @@ def write_text_atomically(path: epath.Path, text: str) -> None:
   tmp.replace(path)
 
 
+def list_dir(path: epath.Path) -> list[epath.Path]:
+  """The entries of `path` as they are now. For gs://, gcsfs (behind epath) keeps a listing cached for the life of
+  the process, which would hide objects other processes (hosts) wrote since; that cache is dropped first."""
+  fs = getattr(getattr(path, "_backend", None), "fs", None)  # epath's fsspec backend (private, hence getattr)
+  if is_url(path) and fs is not None:
+    fs(path).invalidate_cache(os.fspath(path))
+  return list(path.iterdir())
+
+
 def first_line(e: BaseException) -> str:
   return (str(e).strip().splitlines() or [""])[0]
 
