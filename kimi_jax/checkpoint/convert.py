@@ -404,11 +404,7 @@ def orbax_to_hf(checkpoint: str, out_dir: str, *, dtype: str = "bfloat16", fp8: 
     raise ValueError(f"{out_dir}: orbax-to-hf writes a local directory (safetensors shards are written in place); "
                      "give a local --out_dir and copy it up (`gcloud storage cp -r`)")
   target = layouts.get(layout)
-  if is_url(checkpoint) and wrapper_config is None and isinstance(target, layouts.WrapperLayout):
-    wrapper = as_path(checkpoint) / layouts.WRAPPER_FILE  # (find_carried reads local files)
-    carried = json.loads(wrapper.read_text()) if wrapper.is_file() else None
-  else:
-    carried = layouts.find_carried(target, checkpoint, wrapper_config)
+  carried = layouts.find_carried(target, checkpoint, wrapper_config)
   start = time.perf_counter()
   cfg, item_dir, names = _locate_state(checkpoint)
   leaves = flatten(abstract_state(cfg))

@@ -21,9 +21,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 from collections.abc import Iterable
 from typing import Any
+
+from kimi_jax.checkpoint.workdir import as_path
 
 WRAPPER_FILE = "hf_wrapper.json"  # a converted k25 checkpoint's wrapper fields, all but text_config
 TEXT_MODEL_TYPES = ("kimi_k2", "deepseek_v3")
@@ -156,14 +157,10 @@ def find_carried(layout: Layout, checkpoint: str, wrapper_config: str | None = N
       raise ValueError(f"a wrapper config ({wrapper_config}) applies to the k25 layout only, not {layout.name}")
     return None
   if wrapper_config:
-    with open(wrapper_config) as f:
-      hf = json.load(f)
+    hf = json.loads(as_path(wrapper_config).read_text())
     if hf.get("model_type") != layout.model_type:
       raise ValueError(f"{wrapper_config}: model_type {hf.get('model_type')!r} is not a {layout.title} wrapper "
                        f"({layout.model_type!r})")
     return layout.carried(hf)
-  path = os.path.join(checkpoint, WRAPPER_FILE)
-  if os.path.isfile(path):
-    with open(path) as f:
-      return json.load(f)
-  return None
+  path = as_path(checkpoint) / WRAPPER_FILE  # local or gs://
+  return json.loads(path.read_text()) if path.is_file() else None
