@@ -21,7 +21,7 @@ import sys
 
 from absl import app, flags
 
-_HF_DIR = flags.DEFINE_string("hf_dir", None, "Hugging Face checkpoint directory (config.json + safetensors).")
+_HF_DIR = flags.DEFINE_string("hf_dir", None, "Hugging Face checkpoint directory (config.json + safetensors), local or gs://.")
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None,
                                   "kimi-jax model checkpoint or training workdir (orbax-to-hf input).")
 _OUT_DIR = flags.DEFINE_string("out_dir", None, "Output directory.", required=True)

@@ -114,15 +114,16 @@ class FakeGCS:
     self._call("POST", "/storage/v1/b?project=test", {"name": name})
     return name
 
-  def list_objects(self, bucket: str, prefix: str = "") -> list[str]:
-    names, token = [], None
+  def list_objects(self, bucket: str, prefix: str = "", *, sizes: bool = False) -> list[str] | dict[str, int]:
+    """The object names under `prefix`, sorted; with `sizes`, {name: bytes}."""
+    found, token = {}, None
     while True:
       query = f"prefix={urllib.parse.quote(prefix)}" + (f"&pageToken={token}" if token else "")
       out = self._call("GET", f"/storage/v1/b/{bucket}/o?{query}")
-      names += [o["name"] for o in out.get("items", [])]
+      found.update({o["name"]: int(o.get("size", 0)) for o in out.get("items", [])})
       token = out.get("nextPageToken")
       if not token:
-        return sorted(names)
+        return dict(sorted(found.items())) if sizes else sorted(found)
 
   def read_object(self, bucket: str, name: str) -> bytes:
     quoted = urllib.parse.quote(name, safe="")

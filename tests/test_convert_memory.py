@@ -70,3 +70,29 @@ def test_3gb_conversion_peak_rss_below_1gib():
                                   ckpt.read(name, transpose=True, dtype=ml_dtypes.bfloat16))
   finally:
     shutil.rmtree(work, ignore_errors=True)
+
+
+@pytest.mark.slow
+def test_conversion_into_a_bucket_peak_rss_below_1gib(gcs):
+  """The same streaming into gs:// (tensorstore's gcs driver, the log object rewritten as it goes): RSS stays
+  bounded although the ~4 GB bf16 output is far larger than what the process may hold."""
+  cfg = k2_shaped(experts_gb=1.5, fmt="fp8")
+  bucket = gcs.create_bucket("kimi-jax-memory")
+  work = tempfile.mkdtemp(prefix="kimi_convert_", dir="/tmp")
+  try:
+    total = write_synthetic(os.path.join(work, "hf"), cfg, "fp8", max_shard_bytes=1 << 30)
+    url = f"gs://{bucket}/ckpt"
+    rss = peak_rss_of([sys.executable, "-m", "kimi_jax.convert", "hf-to-orbax", "--hf_dir", os.path.join(work, "hf"),
+                       "--out_dir", url, "--dtype", "bfloat16", "--workers", "4", "--noprogress"])
+    written = sum(gcs.list_objects(bucket, "ckpt/", sizes=True).values())
+    print(f"converted {total / 1e9:.2f} GB into {url} ({written / 1e9:.2f} GB of objects), peak RSS "
+          f"{rss / 2**30:.2f} GiB")
+    assert written > 3e9 and rss < 2**30
+    assert json.loads(gcs.read_object(bucket, "ckpt/conversion.json"))["complete"]
+    ckpt = HFCheckpoint(os.path.join(work, "hf"))
+    stored = orbax_arrays.open_array(f"{url}/state", ("moe_layers", "mlp", "experts", "up"), orbax_arrays.context())
+    name = f"model.layers.{cfg.num_hidden_layers - 1}.mlp.experts.63.up_proj.weight"
+    np.testing.assert_array_equal(stored[cfg.num_moe_layers - 1, 63].read().result(),
+                                  ckpt.read(name, transpose=True, dtype=ml_dtypes.bfloat16))
+  finally:
+    shutil.rmtree(work, ignore_errors=True)

@@ -137,7 +137,7 @@ def hf_to_orbax(hf_dir: str, out_dir: str, *, dtype: str = "float32", workers: i
     out_dir = os.path.abspath(out_dir)
   out = as_path(out_dir)
   state_dir = str(out / STATE_DIR) if remote else os.path.join(out_dir, STATE_DIR)
-  status = {"source": os.path.abspath(hf_dir), "dtype": dtype, "piece_elements": piece_elements}
+  status = {"source": hf_dir if is_url(hf_dir) else os.path.abspath(hf_dir), "dtype": dtype, "piece_elements": piece_elements}
   done = _start_or_resume(out_dir, status, state_dir)
   if done is None:
     return skipped

@@ -20,6 +20,7 @@ import os
 import threading
 from typing import Any
 
+from etils import epath
 import ml_dtypes
 import numpy as np
 
@@ -27,6 +28,7 @@ from kimi_jax.checkpoint import layout as layouts
 from kimi_jax.checkpoint import quant
 from kimi_jax.checkpoint.host_ops import transpose_cast
 from kimi_jax.checkpoint.safetensors import SafetensorsFile
+from kimi_jax.checkpoint.workdir import check_bucket, is_url
 from kimi_jax.config import ModelConfig
 
 INDEX_FILE = "model.safetensors.index.json"
@@ -116,12 +118,15 @@ class HFCheckpoint:
   """
 
   def __init__(self, directory: str):
-    self.directory = directory
-    config_path = os.path.join(directory, "config.json")
-    if not os.path.isfile(config_path):
+    """`directory`: a local directory or a gs:// URL (shards are then read by byte ranges, never downloaded)."""
+    self.directory = os.fspath(directory)
+    if is_url(self.directory):
+      check_bucket(self.directory)
+    self._root = epath.Path(self.directory)
+    config_path = str(self._root / "config.json")
+    if not (self._root / "config.json").is_file():
       raise CheckpointError(f"{directory}: no config.json")
-    with open(config_path) as f:
-      self.hf_config = json.load(f)
+    self.hf_config = json.loads((self._root / "config.json").read_text())
     self.layout = layouts.detect(self.hf_config)
     try:
       self.text_config = self.layout.text_config(self.hf_config, config_path)
@@ -131,12 +136,10 @@ class HFCheckpoint:
     # A release's tensors say how they are stored; the config only supplies the block / group sizes.
     self._fp8 = scheme if isinstance(scheme, quant.Fp8Scheme) else quant.Fp8Scheme()
     self._int4 = scheme if isinstance(scheme, quant.Int4Scheme) else quant.Int4Scheme()
-    index_path = os.path.join(directory, INDEX_FILE)
-    if os.path.isfile(index_path):
-      with open(index_path) as f:
-        self.weight_map: dict[str, str] = json.load(f)["weight_map"]
-    elif os.path.isfile(os.path.join(directory, SINGLE_FILE)):
-      self.weight_map = {name: SINGLE_FILE for name in SafetensorsFile(os.path.join(directory, SINGLE_FILE)).names()}
+    if (self._root / INDEX_FILE).is_file():
+      self.weight_map: dict[str, str] = json.loads((self._root / INDEX_FILE).read_text())["weight_map"]
+    elif (self._root / SINGLE_FILE).is_file():
+      self.weight_map = {name: SINGLE_FILE for name in SafetensorsFile(str(self._root / SINGLE_FILE)).names()}
     else:
       raise CheckpointError(f"{directory}: neither {INDEX_FILE} nor {SINGLE_FILE} found")
     try:
@@ -159,7 +162,7 @@ class HFCheckpoint:
     return total
 
   def where(self, name: str) -> str:
-    return os.path.join(self.directory, self.weight_map.get(name, "?"))
+    return str(self._root / self.weight_map.get(name, "?"))
 
   def shape(self, name: str) -> tuple[int, ...]:
     """The logical (dequantised) shape; validates the quantisation tensors' shapes and dtypes."""
@@ -249,10 +252,9 @@ class HFCheckpoint:
     shard = self.weight_map[name]
     with self._lock:
       if shard not in self._files:
-        path = os.path.join(self.directory, shard)
-        if not os.path.isfile(path):
+        if not (self._root / shard).is_file():
           raise CheckpointError(f"{self.directory}: shard {shard} (holding {name!r}) is missing")
-        self._files[shard] = SafetensorsFile(path)
+        self._files[shard] = SafetensorsFile(str(self._root / shard))
       return self._files[shard]
 
   def close(self) -> None:

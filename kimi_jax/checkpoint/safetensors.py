@@ -35,20 +35,19 @@ class SafetensorsError(ValueError):
 class SafetensorsFile:
   """Lazy reader: `names()`, `info(name)` -> (dtype, shape), `get(name, rows=(r0, r1))` -> a fresh array.
 
-  Thread-safe: reads are positional (`os.pread`) on one descriptor.
+  `path` is a local file (positional reads on one descriptor) or an object URL such as gs://... (ranged reads).
+  Thread-safe.
   """
 
   def __init__(self, path: str):
     self.path = path
-    self._fd: int | None = None
-    self._lock = threading.Lock()
+    self._bytes = _RemoteBytes(path) if "://" in path else _LocalBytes(path)
     try:
-      size = os.path.getsize(path)
-      with open(path, "rb") as f:
-        (n,) = struct.unpack("<Q", f.read(8))
-        if n > size - 8:
-          raise SafetensorsError(f"{path}: header length {n} exceeds the file size {size} (truncated file?)")
-        header = json.loads(f.read(n))
+      size = self._bytes.size()
+      (n,) = struct.unpack("<Q", self._bytes.read(0, 8))
+      if n > size - 8:
+        raise SafetensorsError(f"{path}: header length {n} exceeds the file size {size} (truncated file?)")
+      header = json.loads(self._bytes.read(8, n))
     except (OSError, struct.error, json.JSONDecodeError, UnicodeDecodeError) as e:
       raise SafetensorsError(f"{path}: cannot read the safetensors header ({e})") from e
     header.pop("__metadata__", None)
@@ -82,10 +81,35 @@ class SafetensorsFile:
       raise SafetensorsError(f"{self.path}: rows [{r0}, {r1}) outside tensor {name!r} of shape {shape}")
     row_bytes = math.prod(shape[1:]) * dtype.itemsize
     out = np.empty((r1 - r0,) + shape[1:] if shape else (), dtype)
-    self._pread_into(out.reshape(-1).view(np.uint8), self._base + begin + r0 * row_bytes)
+    self._bytes.read_into(out.reshape(-1).view(np.uint8), self._base + begin + r0 * row_bytes)
     return out
 
-  def _pread_into(self, buf: np.ndarray, offset: int) -> None:
+  def close(self) -> None:
+    self._bytes.close()
+
+  def _entry(self, name: str) -> dict:
+    if name not in self._header:
+      raise SafetensorsError(f"{self.path}: no tensor named {name!r}")
+    return self._header[name]
+
+
+class _LocalBytes:
+  """Positional reads (`os.preadv`) on one descriptor, opened on first use: thread-safe, no shared offset."""
+
+  def __init__(self, path: str):
+    self.path = path
+    self._fd: int | None = None
+    self._lock = threading.Lock()
+
+  def size(self) -> int:
+    return os.path.getsize(self.path)
+
+  def read(self, offset: int, n: int) -> bytes:
+    buf = np.empty(n, np.uint8)
+    self.read_into(buf, offset)
+    return buf.tobytes()
+
+  def read_into(self, buf: np.ndarray, offset: int) -> None:
     if self._fd is None:
       with self._lock:
         if self._fd is None:
@@ -106,10 +130,38 @@ class SafetensorsFile:
     if self._fd is not None:
       _close(self._fd)
 
-  def _entry(self, name: str) -> dict:
-    if name not in self._header:
-      raise SafetensorsError(f"{self.path}: no tensor named {name!r}")
-    return self._header[name]
+
+class _RemoteBytes:
+  """Byte-range reads of an object (gs://...) through fsspec: each read is one ranged GET, so a tensor's rows
+  are fetched without downloading the shard. fsspec filesystems are safe to call from several threads."""
+
+  _BLOCK = 256 << 20  # one request at most: a long GET that fails is retried whole
+
+  def __init__(self, path: str):
+    import fsspec
+
+    self.path = path
+    self._fs, self._key = fsspec.core.url_to_fs(path)
+
+  def size(self) -> int:
+    try:
+      return int(self._fs.size(self._key))
+    except FileNotFoundError as e:
+      raise FileNotFoundError(f"{self.path} does not exist") from e
+
+  def read(self, offset: int, n: int) -> bytes:
+    return self._fs.cat_file(self._key, start=offset, end=offset + n)
+
+  def read_into(self, buf: np.ndarray, offset: int) -> None:
+    for start in range(0, len(buf), self._BLOCK):
+      n = min(self._BLOCK, len(buf) - start)
+      data = self.read(offset + start, n)
+      if len(data) != n:
+        raise SafetensorsError(f"{self.path}: unexpected end of object at byte {offset + start + len(data)}")
+      buf[start:start + n] = np.frombuffer(data, np.uint8)
+
+  def close(self) -> None:
+    pass
 
 
 class TensorSpec:
