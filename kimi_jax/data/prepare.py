@@ -6,29 +6,39 @@ r"""Tokenise JSONL / Parquet text files into ArrayRecord shards of documents for
 Each document (the `text_field` of a JSON line or Parquet row) becomes one record of int32 tokens, BOS + text +
 EOS; shards DIR/tokens-00000.array_record, ... hold --shard_size documents each. DIR/metadata.json, written
 last, names the tokenizer and the shards. Train on it with `config.data = DIR` (see `sources.open_source`).
+
+--input, --tokenizer and --output may be gs:// URLs. ArrayRecord writes only local files, so for a bucket each
+shard is written into a local temporary directory, uploaded as soon as it is complete and deleted (local disk
+holds about one shard); metadata.json is uploaded last, so a prepared directory without it is unfinished.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 import json
 import os
+import shutil
+import tempfile
 from typing import Any
 
 from absl import app, flags
 from array_record.python.array_record_module import ArrayRecordWriter
+from etils import epath
 from tqdm import tqdm
 
+from kimi_jax.checkpoint.workdir import as_path, check_bucket, is_url, write_text_atomically
 from kimi_jax.data import sources
 from kimi_jax.data.tokenizer import Tokenizer, load_tokenizer
 
 
 class _ShardWriter:
-  """Writes records to DIR/tokens-{i:05d}.array_record, starting a new shard every `shard_size` records."""
+  """Writes records to DIR/tokens-{i:05d}.array_record (DIR local), starting a new shard every `shard_size`
+  records; `on_close(name)` is called once each shard is complete."""
 
-  def __init__(self, directory: str, shard_size: int):
+  def __init__(self, directory: str, shard_size: int, on_close: Callable[[str], None] = lambda name: None):
     self.directory = directory
     self.shard_size = shard_size
+    self.on_close = on_close
     self.shards: list[dict[str, Any]] = []
     self._writer: ArrayRecordWriter | None = None
 
@@ -48,19 +58,30 @@ class _ShardWriter:
     if self._writer is not None:
       self._writer.close()
       self._writer = None
+      self.on_close(self.shards[-1]["name"])
 
 
 def prepare(inputs: str | Sequence[str], tokenizer: Tokenizer, output_dir: str, *, tokenizer_name: str,
             shard_size: int = 50_000, text_field: str = "text", progress: bool = True) -> dict[str, Any]:
-  """Tokenises every document of `inputs` (paths / globs) into shards in `output_dir`; returns the metadata."""
+  """Tokenises every document of `inputs` (paths / globs, local or gs://) into shards in `output_dir` (a directory
+  or a gs:// URL); returns the metadata."""
   if shard_size < 1:
     raise ValueError(f"shard_size must be >= 1, got {shard_size}")
   paths = sources.expand_paths(inputs)
-  if os.path.exists(os.path.join(output_dir, sources.METADATA_FILE)):
+  check_bucket(output_dir)
+  output = as_path(output_dir)
+  if (output / sources.METADATA_FILE).exists():
     raise FileExistsError(f"{output_dir} already holds prepared shards; choose another --output")
-  os.makedirs(output_dir, exist_ok=True)
-  writer = _ShardWriter(output_dir, shard_size)
-  total = sum(sources.count_documents(p) for p in paths)
+  if is_url(output_dir):
+    local = tempfile.mkdtemp(prefix="kimi-jax-prepare-")
+    writer = _ShardWriter(local, shard_size, on_close=lambda name: _upload(os.path.join(local, name), output / name))
+  else:
+    local = None
+    output.mkdir(parents=True, exist_ok=True)
+    writer = _ShardWriter(os.fspath(output), shard_size)
+  # JSONL objects would be downloaded twice to count them first: the bar then counts without a total.
+  counted = all(p.endswith(".parquet") or not is_url(p) for p in paths)
+  total = sum(sources.count_documents(p) for p in paths) if counted else None
   num_documents = num_tokens = 0
   try:
     with tqdm(total=total, unit="doc", disable=not progress, dynamic_ncols=True) as bar:
@@ -73,7 +94,11 @@ def prepare(inputs: str | Sequence[str], tokenizer: Tokenizer, output_dir: str, 
           if num_documents % 1000 == 0:
             bar.set_postfix(tokens=f"{num_tokens:,}", refresh=False)
   finally:
-    writer.close()
+    try:
+      writer.close()  # the last shard, uploaded too (also after an error: without metadata.json nothing reads it)
+    finally:
+      if local is not None:
+        shutil.rmtree(local, ignore_errors=True)
   if not num_documents:
     raise ValueError(f"{inputs!r} holds no documents")
   metadata = {
@@ -86,16 +111,22 @@ def prepare(inputs: str | Sequence[str], tokenizer: Tokenizer, output_dir: str, 
       "num_tokens": num_tokens,
       "shards": writer.shards,
   }
-  with open(os.path.join(output_dir, sources.METADATA_FILE), "w") as f:
-    json.dump(metadata, f, indent=2)
+  write_text_atomically(output / sources.METADATA_FILE, json.dumps(metadata, indent=2))
   return metadata
+
+
+def _upload(local: str, url: epath.Path) -> None:
+  """Copies a complete local shard to the bucket (streamed) and deletes it."""
+  with open(local, "rb") as src, url.open("wb") as dst:
+    shutil.copyfileobj(src, dst, 16 << 20)
+  os.remove(local)
 
 
 def _define_flags() -> None:
   flags.DEFINE_list("input", None, "Text files, comma-separated, globs allowed: .jsonl, .jsonl.gz, .parquet.",
                     required=True)
-  flags.DEFINE_string("tokenizer", "byte", '"byte" or the path of a tiktoken.model file.')
-  flags.DEFINE_string("output", None, "Directory for the shards and metadata.json.", required=True)
+  flags.DEFINE_string("tokenizer", "byte", '"byte" or the path (or gs:// URL) of a tiktoken.model file.')
+  flags.DEFINE_string("output", None, "Directory (or gs:// URL) for the shards and metadata.json.", required=True)
   flags.DEFINE_integer("shard_size", 50_000, "Documents per shard.", lower_bound=1)
   flags.DEFINE_string("text_field", "text", "JSON field / Parquet column holding each document's text.")
 

@@ -17,6 +17,8 @@ from typing import Literal, Protocol
 import numpy as np
 import tiktoken
 
+from kimi_jax.checkpoint.workdir import as_path, check_bucket
+
 
 class Tokenizer(Protocol):
   """What the pipeline and generation need from a tokenizer. Special ids are never produced by `encode(text)`."""
@@ -133,9 +135,13 @@ class KimiTokenizer:
 
   @classmethod
   def from_file(cls, path: str) -> KimiTokenizer:
-    """Loads a tiktoken rank file: one `base64(token bytes) rank` per line (Kimi's `tiktoken.model`)."""
-    with open(path, "rb") as f:
-      lines = f.read().splitlines()
+    """Loads a tiktoken rank file: one `base64(token bytes) rank` per line (Kimi's `tiktoken.model`); a local path
+    or a URL (gs://...)."""
+    check_bucket(path)
+    try:
+      lines = as_path(path).read_bytes().splitlines()
+    except FileNotFoundError as e:  # gcsfs names the object without gs://
+      raise FileNotFoundError(f"tokenizer file {path} does not exist") from e
     ranks = {}
     for lineno, line in enumerate(lines, 1):
       if not line:
@@ -192,5 +198,5 @@ def _pieces(text: str) -> Iterator[str]:
 
 
 def load_tokenizer(spec: str) -> Tokenizer:
-  """"byte" -> ByteTokenizer; anything else is the path of a tiktoken.model file -> KimiTokenizer."""
+  """"byte" -> ByteTokenizer; anything else is the path (or gs:// URL) of a tiktoken.model file -> KimiTokenizer."""
   return ByteTokenizer() if spec == "byte" else KimiTokenizer.from_file(spec)
