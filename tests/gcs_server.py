@@ -132,3 +132,88 @@ class FakeGCS:
 
   def delete_object(self, bucket: str, name: str) -> None:
     self._call("DELETE", f"/storage/v1/b/{bucket}/o/{urllib.parse.quote(name, safe='')}")
+
+
+class AuthProxy:
+  """GCS's access checks in front of the server, which has none: every request is forwarded to `upstream`, but one
+  without `Authorization: Bearer <token>` of a known token gets GCS's 401 ("Anonymous caller ..."), and a request
+  that would change anything (POST, PUT, PATCH, DELETE) made with a read-only token gets GCS's 403. The error
+  bodies have GCS's shape, so the libraries under test see what they would see from storage.googleapis.com.
+
+  tokens: {token: "read" | "write"}. Point the emulator variables at `url` to go through it.
+  """
+
+  def __init__(self, upstream: str, tokens: dict[str, str]):
+    import http.server
+    import threading
+
+    self.upstream = urllib.parse.urlsplit(upstream)
+    self.tokens = tokens
+    proxy = self
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+      protocol_version = "HTTP/1.1"
+
+      def log_message(self, *args):  # quiet
+        pass
+
+      def _handle(self):
+        body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        auth = self.headers.get("Authorization", "")
+        grant = proxy.tokens.get(auth.removeprefix("Bearer ").strip()) if auth.startswith("Bearer ") else None
+        if grant is None:
+          return self._error(401, "Anonymous caller does not have storage.objects.get access to the Google Cloud "
+                             "Storage object. Permission 'storage.objects.get' denied on resource (or it may not "
+                             "exist).", "required")
+        if grant == "read" and self.command in ("POST", "PUT", "PATCH", "DELETE"):
+          return self._error(403, "reader@test.iam.gserviceaccount.com does not have storage.objects.create "
+                             "access to the Google Cloud Storage object. Permission 'storage.objects.create' "
+                             "denied on resource (or it may not exist).", "forbidden")
+        import http.client
+
+        conn = http.client.HTTPConnection(proxy.upstream.hostname, proxy.upstream.port, timeout=60)
+        headers = {k: v for k, v in self.headers.items() if k.lower() not in ("host", "content-length")}
+        conn.request(self.command, self.path, body=body, headers=headers)
+        r = conn.getresponse()
+        data = r.read()
+        self.send_response(r.status)
+        for k, v in r.getheaders():
+          if k.lower() not in ("transfer-encoding", "content-length", "connection"):
+            self.send_header(k, v)
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+        conn.close()
+
+      def _error(self, code, message, reason):
+        data = json.dumps({"error": {"code": code, "message": message,
+                                     "errors": [{"message": message, "domain": "global", "reason": reason}]}}).encode()
+        self.send_response(code)
+        self.send_header("Content-Type", "application/json; charset=UTF-8")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+      do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = do_HEAD = _handle
+
+    self._server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    self._server.daemon_threads = True
+    self.url = f"http://127.0.0.1:{self._server.server_address[1]}"
+    self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+    self._thread.start()
+
+  def env(self, token: str | None) -> dict[str, str]:
+    """The emulator variables for a process that goes through the proxy with `token` (None: no credentials).
+    gcsfs is handed the token as a raw access token through fsspec's configuration variable (its expiry lookup at
+    oauth2.googleapis.com switched off: no network here)."""
+    env = {k: v for k, v in os.environ.items() if k not in EMULATOR_VARIABLES + ("FSSPEC_GS_TOKEN", "FETCH_RAW_TOKEN_EXPIRY")}
+    env.update(STORAGE_EMULATOR_HOST=self.url, TENSORSTORE_GCS_HTTP_URL=self.url)
+    if token is not None:
+      env.update(GOOGLE_AUTH_TOKEN_FOR_TESTING=token, FSSPEC_GS_TOKEN=token, FETCH_RAW_TOKEN_EXPIRY="false")
+    else:  # nowhere to find credentials: no key file, no gcloud configuration
+      env.update(GOOGLE_APPLICATION_CREDENTIALS="/nonexistent/credentials.json", CLOUDSDK_CONFIG="/nonexistent")
+    return env
+
+  def stop(self) -> None:
+    self._server.shutdown()
+    self._server.server_close()

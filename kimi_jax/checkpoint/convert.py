@@ -132,7 +132,7 @@ def hf_to_orbax(hf_dir: str, out_dir: str, *, dtype: str = "float32", workers: i
           flush=True)
   remote = is_url(out_dir)
   if remote:
-    check_bucket(out_dir)
+    check_bucket(out_dir, write=True)
   else:
     out_dir = os.path.abspath(out_dir)
   out = as_path(out_dir)

@@ -41,7 +41,7 @@ def load_config(directory: str, **runtime: Any) -> ModelConfig:
 
 def save_model(directory: str, cfg: ModelConfig, state: dict[str, Any]) -> None:
   """state: nested dict like `nnx.state(model, nnx.Variable).to_pure_dict()` (numpy or jax arrays)."""
-  check_bucket(directory)
+  check_bucket(directory, write=True)
   save_config(directory, cfg)
   with ocp.StandardCheckpointer() as ckptr:
     ckptr.save(as_path(directory) / STATE_DIR, state, force=True)

@@ -48,25 +48,66 @@ def as_path(path: str | os.PathLike) -> epath.Path:
   return epath.Path(path if is_url(path) else os.path.abspath(path))
 
 
-def check_bucket(path: str | os.PathLike) -> None:
-  """For gs:// paths: raise one line naming the URL when the bucket is missing or cannot be reached. Without this,
-  the first symptom is gcsfs's FileNotFoundError naming only an upload URL of the JSON API, or tensorstore's error
-  from a background save thread."""
+LOGIN_FIX = ("run `gcloud auth application-default login` (or set GOOGLE_APPLICATION_CREDENTIALS to a key file); on "
+             "a Cloud TPU / GCE VM, the VM's service account is used")
+_checked: set[tuple[str, bool]] = set()  # (bucket, write) pairs already found reachable by this process
+
+
+def check_bucket(path: str | os.PathLike, *, write: bool = False) -> None:
+  """For gs:// paths: fail early, in one line naming the URL and the fix, when the bucket is missing, no credentials
+  are found, or they may not read (or, with `write`, write) there. Otherwise the first symptom is gcsfs's error
+  naming only a JSON API upload URL, or tensorstore's from an Orbax background save thread, minutes in.
+
+  Both clients are asked, since both are used and each finds credentials on its own: gcsfs (etils.epath: small
+  files) whether the bucket exists, tensorstore (Orbax's array data) to read a key under `path`; with `write`, each
+  writes and deletes a probe object there. Done once per bucket and mode per process."""
   path = os.fspath(path)
   if not path.startswith("gs://"):
     return
-  bucket = path[len("gs://"):].split("/", 1)[0]
+  bucket, _, prefix = path[len("gs://"):].partition("/")
+  if (bucket, write) in _checked or (bucket, True) in _checked:
+    return
   try:
     exists = epath.Path(f"gs://{bucket}").exists()
   except ImportError as e:
     raise ImportError(f"{path}: gs:// paths need gcsfs (pip install gcsfs)") from e
   except Exception as e:  # credentials, permissions, network: gcsfs/google-auth raise many types
-    raise RuntimeError(f"{path}: cannot reach bucket gs://{bucket} ({type(e).__name__}: {first_line(e)}); "
-                       "check `gcloud auth application-default login` and the bucket's permissions") from e
+    raise storage_error(path, e) from e
   if not exists:
     raise FileNotFoundError(f"{path}: bucket gs://{bucket} does not exist or these credentials cannot see it; "
                             f"create it (`gcloud storage buckets create gs://{bucket}`), fix the URL, or log in "
                             "(`gcloud auth application-default login`)")
+  probe = "/".join(filter(None, [prefix.strip("/"), f".kimi-jax-access-check-{os.getpid()}-{time.time_ns()}"]))
+  try:
+    import tensorstore as ts
+
+    store = ts.KvStore.open({"driver": "gcs", "bucket": bucket}).result()
+    if write:
+      store.write(probe, b"").result()
+      store.write(probe, None).result()
+      (epath.Path(f"gs://{bucket}") / probe).write_text("")
+      (epath.Path(f"gs://{bucket}") / probe).unlink()
+    else:
+      store.read(probe).result()
+  except Exception as e:
+    raise storage_error(path, e, write=write) from e
+  _checked.add((bucket, write))
+
+
+def storage_error(path: str, e: BaseException, *, write: bool = False) -> Exception:
+  """`e` (from gcsfs, google-auth or tensorstore, reaching gs://`path`) as one line naming the URL and the fix."""
+  text, bucket = str(e), path[len("gs://"):].split("/", 1)[0]
+  cause = first_line(e).split(" [http_response_body=")[0][:300]  # tensorstore appends the whole response
+  if any(s in text for s in ("401", "UNAUTHENTICATED", "Anonymous caller", "nvalid Credentials", "credentials file",
+                             "DefaultCredentialsError")) or type(e).__name__ == "DefaultCredentialsError":
+    return PermissionError(f"{path}: no usable credentials for gs://{bucket} ({cause}); {LOGIN_FIX}")
+  if any(s in text for s in ("403", "PERMISSION_DENIED", "Forbidden", "does not have storage.")):
+    role = "roles/storage.objectAdmin" if write else "roles/storage.objectViewer"
+    return PermissionError(f"{path}: permission denied on gs://{bucket} ({cause}); grant this account {role} on the "
+                           f"bucket (`gcloud storage buckets add-iam-policy-binding gs://{bucket} --member=ACCOUNT "
+                           f"--role={role}`) or log in as another (`gcloud auth application-default login`)")
+  return RuntimeError(f"{path}: cannot reach bucket gs://{bucket} ({type(e).__name__}: {cause}); check the network "
+                      "and `gcloud auth application-default login`")
 
 
 def write_text_atomically(path: epath.Path, text: str) -> None:
@@ -124,7 +165,7 @@ class Workdir:
 
   def create(self) -> None:
     """Make the directory (local), or check that its bucket exists (object storage has no directories)."""
-    check_bucket(self.url)
+    check_bucket(self.url, write=True)
     if not self.remote:
       self.root.mkdir(parents=True, exist_ok=True)
 

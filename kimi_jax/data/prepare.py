@@ -68,7 +68,7 @@ def prepare(inputs: str | Sequence[str], tokenizer: Tokenizer, output_dir: str, 
   if shard_size < 1:
     raise ValueError(f"shard_size must be >= 1, got {shard_size}")
   paths = sources.expand_paths(inputs)
-  check_bucket(output_dir)
+  check_bucket(output_dir, write=True)
   output = as_path(output_dir)
   if (output / sources.METADATA_FILE).exists():
     raise FileExistsError(f"{output_dir} already holds prepared shards; choose another --output")
