@@ -345,8 +345,9 @@ def _print_summary(cfg: ModelConfig, c: ml_collections.ConfigDict, workdir: str,
   axes = ", ".join(f"{a}={n}" for a, n in mesh.shape.items())
   print(f"  mesh {axes} over {jax.device_count()} {jax.default_backend()} device(s), "
         f"{jax.process_count()} process(es)")
-  print(f"  workdir {workdir}: " + (f"resuming at step {start}" if start else "starting fresh")
-        + f", {c.steps} steps", flush=True)
+  fresh = f"starting from {c.init_from}" if c.init_from else "starting fresh"
+  print(f"  workdir {workdir}: " + (f"resuming at step {start}" if start else fresh) + f", {c.steps} steps",
+        flush=True)
 
 
 class MetricsWriter:
