@@ -25,6 +25,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
+from kimi_jax import backend  # noqa: E402
 from kimi_jax.expert_parallel import expert_parallel_moe  # noqa: E402
 from kimi_jax.layers.experts import routed_experts  # noqa: E402
 from _timing import time_ms  # noqa: E402
@@ -96,7 +97,7 @@ def main():
       for factor in (None, args.capacity_factor):
         moved = _bytes_moved(idx_np, mesh, strategy, factor, e, d * dtype.itemsize) / 1e6
         label = "dropless" if factor is None else f"{factor:g}"
-        if strategy == "ragged_all_to_all" and jax.default_backend() == "cpu":
+        if strategy == "ragged_all_to_all" and backend.platform() == "cpu":  # XLA:CPU has no ragged all-to-all
           rows.append((spec, strategy, label, None, None, moved))
           continue
         step = _step(lambda x, w, g, u, dn, mesh=mesh, strategy=strategy, factor=factor: expert_parallel_moe(

@@ -21,8 +21,8 @@ import jax.numpy as jnp
 import numpy as np
 
 import pallas_kernels as pk
+from kimi_jax import backend
 from kimi_jax.optim import newton_schulz_step
-from pallas_kernels._common import resolve_impl
 from _timing import time_ms  # noqa: E402
 
 
@@ -103,12 +103,13 @@ def main():
   parser.add_argument("--iters", type=int, default=10)
   args = parser.parse_args()
 
-  pallas = resolve_impl("auto")  # "tpu", "gpu", or "xla" on CPU
-  impls = ["xla"] if pallas == "xla" else [pallas, "xla"]
-  big = args.shapes == "k2" or (args.shapes == "auto" and pallas != "xla")
+  pallas = backend.pallas_options()
+  native = not pallas.get("interpret", False)  # interpret-mode timings mean nothing: XLA rows only
+  impls = [pallas["impl"], "xla"] if native else ["xla"]
+  big = args.shapes == "k2" or (args.shapes == "auto" and native)
   print(f"backend: {jax.default_backend()} ({jax.devices()[0].device_kind}), "
         f"jax {jax.__version__}")
-  if pallas == "xla":
+  if not native:
     print("CPU: XLA references only; the Pallas kernels need a TPU or GPU "
           "(interpret-mode timings are meaningless).")
   rng = np.random.default_rng(0)

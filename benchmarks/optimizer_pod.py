@@ -23,10 +23,10 @@ import jax.numpy as jnp
 import optax
 
 from kimi_jax import sharding
-from kimi_jax.layers.kernels import target_platform
+from kimi_jax.backend import target_platform
+from kimi_jax.chips import HBM_BYTES_PER_S, PEAK_FLOPS
 from kimi_jax.model import LAYER_GROUPS
 from kimi_jax.tools.aot import abstract_train_state, collective_bytes, topology_devices
-from kimi_jax.tools.plan import HBM_BYTES_PER_S, PEAK_FLOPS
 from kimi_jax.train_config import load_run_config
 
 

@@ -15,10 +15,9 @@ import statistics
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
-from kimi_jax.tools.plan import count_params, train_flops_per_token
+from kimi_jax.model_stats import count_params, train_flops_per_token
 from kimi_jax.sharding import make_mesh
 from kimi_jax.train import build_optimizer, init_train_state, make_train_step
 from kimi_jax.train_config import load_run_config, model_config

@@ -17,7 +17,7 @@ device all-gathers the [n, E] pair counts first, so senders and receivers agree 
                      cannot run it.
   all_to_all         the same exchange over `jax.lax.all_to_all` with one fixed slot of N rows per (source,
                      destination) pair when dropless: n× the bytes, runs everywhere.
-  auto               ragged_all_to_all on TPU/GPU, all_to_all on CPU.
+  auto               ragged_all_to_all on TPU/GPU, all_to_all on CPU (`kimi_jax.backend`, for the compile target).
 
 Capacity (optional): `capacity_factor` c bounds the receive buffer to R ≈ c·N rows, N being what a device
 receives under perfectly balanced routing; for all_to_all each (source, destination) slot holds ceil(c·N/n).
@@ -37,9 +37,8 @@ import jax.numpy as jnp
 from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from kimi_jax import backend
 from kimi_jax.layers.experts import combine
-
-STRATEGIES = ("ragged_all_to_all", "all_to_all")
 
 # matmul(lhs [M, K], rhs [G, K, N], group_sizes [G] int32) -> [M, N]: rows grouped contiguously by group;
 # rows past sum(group_sizes) are zeros here, so any value the matmul gives them is fine.
@@ -63,7 +62,8 @@ def expert_parallel_moe(x: jax.Array, idx: jax.Array, weights: jax.Array, gate: 
     token_axes: mesh axes sharding T, in order; must include expert_axis. Default: every mesh axis but
       tensor_axis, in mesh order. Their product must divide T.
     tensor_axis: optional mesh axis sharding F (tokens are replicated over it; outputs are summed over it).
-    strategy: "ragged_all_to_all", "all_to_all" or "auto" (see the module docstring).
+    strategy: "ragged_all_to_all", "all_to_all" or "auto" (`backend.resolve("expert_parallel", ...)`: see the
+      module docstring).
     capacity_factor: None for dropless; else c > 0 bounding the receive buffer (module docstring).
     matmul: the grouped matmul, e.g. `jax.lax.ragged_dot` or
       `functools.partial(pallas_kernels.gmm, impl="tpu")`. It only sees this device's El experts and their
@@ -75,7 +75,7 @@ def expert_parallel_moe(x: jax.Array, idx: jax.Array, weights: jax.Array, gate: 
     (out [T, D] in x's dtype, sharded like x over token_axes; dropped: int32 scalar, pairs dropped over
     the whole mesh, 0 when dropless).
   """
-  strategy = _resolve_strategy(strategy)
+  strategy = backend.resolve("expert_parallel", strategy)
   token_axes = _check(x, idx, gate, mesh, expert_axis, token_axes, tensor_axis, capacity_factor)
   n = mesh.shape[expert_axis]
   pairs = idx.shape[0] // math.prod(mesh.shape[a] for a in token_axes) * idx.shape[1]
@@ -192,14 +192,6 @@ def _as_spec(a: jax.Array, mesh: Mesh, spec: P) -> jax.Array:
   if all(t == AxisType.Explicit for t in mesh.axis_types):
     return jax.sharding.reshard(a, NamedSharding(mesh, spec))
   return a
-
-
-def _resolve_strategy(strategy: str) -> str:
-  if strategy == "auto":
-    return "all_to_all" if jax.default_backend() == "cpu" else "ragged_all_to_all"
-  if strategy not in STRATEGIES:
-    raise ValueError(f"unknown expert-parallel strategy {strategy!r}; choose one of {STRATEGIES} or 'auto'")
-  return strategy
 
 
 def _check(x, idx, gate, mesh, expert_axis, token_axes, tensor_axis, capacity_factor) -> tuple[str, ...]:

@@ -13,6 +13,7 @@ Params → optimizer → new Params; expert loads [L, E] from the forward pass �
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import time
 from typing import Any
@@ -26,13 +27,13 @@ from absl import app, flags, logging
 from flax import nnx
 from ml_collections import config_flags
 
-from kimi_jax import sharding
+from kimi_jax import backend, sharding
 from kimi_jax.checkpoint.workdir import Workdir
+from kimi_jax.chips import device_peak_flops
 from kimi_jax.config import ModelConfig
-from kimi_jax.layers.kernels import platform
 from kimi_jax.model import LAYER_GROUPS, KimiK2, lm_logits
+from kimi_jax.model_stats import abstract_model, count_params, train_flops_per_step, train_flops_per_token
 from kimi_jax.optim import kimi_muon_dims, kimi_qk_clip, muon_clip, warmup_stable_decay
-from kimi_jax.tools.plan import count_params, device_peak_flops, train_flops_per_token
 from kimi_jax.train_config import model_config
 
 
@@ -93,10 +94,12 @@ def build_optimizer(c: ml_collections.ConfigDict, cfg: ModelConfig,
 
 
 def newton_schulz_impl(impl: str) -> dict:
-  """muon_clip's ns_impl / ns_interpret for the platform being compiled for (which may differ from this host's)."""
-  if impl == "auto":
-    impl = "pallas" if platform() == "tpu" else "xla"
-  return {"ns_impl": impl, "ns_interpret": impl == "pallas" and platform() != "tpu"}
+  """muon_clip's ns_impl ("xla" or "pallas", never its own "auto", which would ask this host's backend) and
+  ns_interpret for `impl` on `backend.platform()`, the platform being compiled for."""
+  impl = backend.resolve("newton_schulz", impl)
+  # pallas_kernels.matrix_iteration has a TPU kernel only: elsewhere "pallas" runs that kernel interpreted.
+  interpret = impl == "pallas" and backend.pallas_options(native=("tpu",)).get("interpret", False)
+  return {"ns_impl": impl, "ns_interpret": interpret}
 
 
 def qk_clip_tau(c: ml_collections.ConfigDict) -> float | None:
@@ -205,17 +208,27 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformationExtr
   return jax.jit(step, donate_argnums=(0, 1, 2), out_shardings=out_shardings)
 
 
-def abstract_model(cfg: ModelConfig, mesh) -> tuple[nnx.GraphDef, Any, Any, dict, dict]:
-  """(graphdef, abstract params, abstract router state, their NamedShardings on `mesh` as pure dicts), from the
-  model's shapes alone: nothing is allocated."""
-  abstract = nnx.eval_shape(lambda: KimiK2(cfg, rngs=nnx.Rngs(0)))
-  graphdef, params, rest = nnx.split(abstract, nnx.Param, ...)
-  return graphdef, params, rest, sharding.state_shardings(params, mesh), sharding.state_shardings(rest, mesh)
+@dataclasses.dataclass(frozen=True)
+class ModelShapes:
+  """The model split as training splits it, from its shapes alone (nothing is allocated), and where it lives on a
+  mesh."""
+  graphdef: nnx.GraphDef
+  params: nnx.State  # the Params, ShapeDtypeStruct leaves
+  rest: nnx.State  # everything else (router biases), ShapeDtypeStruct leaves
+  param_shardings: dict  # NamedShardings shaped like params.to_pure_dict()
+  rest_shardings: dict  # NamedShardings shaped like rest.to_pure_dict()
+
+
+def model_shapes(cfg: ModelConfig, mesh) -> ModelShapes:
+  """The model's graphdef, abstract params and router state, and their shardings on `mesh`."""
+  graphdef, params, rest = nnx.split(abstract_model(cfg), nnx.Param, ...)
+  return ModelShapes(graphdef, params, rest, sharding.state_shardings(params, mesh),
+                     sharding.state_shardings(rest, mesh))
 
 
 def param_shardings(cfg: ModelConfig, mesh) -> dict:
   """The params' NamedShardings on `mesh`, as a pure dict."""
-  return abstract_model(cfg, mesh)[3]
+  return model_shapes(cfg, mesh).param_shardings
 
 
 def init_train_state(c: ml_collections.ConfigDict, cfg: ModelConfig, tx, mesh):
@@ -224,7 +237,8 @@ def init_train_state(c: ml_collections.ConfigDict, cfg: ModelConfig, tx, mesh):
 
   Returns (graphdef, params, rest, opt_state, shardings) with params/rest/opt_state as pure dicts.
   """
-  graphdef, _, _, param_sh, rest_sh = abstract_model(cfg, mesh)
+  shapes = model_shapes(cfg, mesh)
+  graphdef, param_sh, rest_sh = shapes.graphdef, shapes.param_shardings, shapes.rest_shardings
 
   @functools.partial(jax.jit, out_shardings=(param_sh, rest_sh))
   def create():
@@ -333,7 +347,7 @@ def _print_summary(cfg: ModelConfig, c: ml_collections.ConfigDict, workdir: str,
         f"{cfg.num_hidden_layers} layers, {cfg.n_routed_experts} experts top-{cfg.num_experts_per_tok}, "
         f"dtype {cfg.dtype}, moe_impl {cfg.moe_impl}")
   print(f"  batch {c.batch_size}×{c.seq_len} = {tokens:,} tokens/step, "
-        f"{train_flops_per_token(cfg, c.seq_len) * tokens:.3g} FLOPs/step, {c.optimizer} lr {c.learning_rate:g}")
+        f"{train_flops_per_step(cfg, c.batch_size, c.seq_len):.3g} FLOPs/step, {c.optimizer} lr {c.learning_rate:g}")
   if cfg.yarn_active:
     rope = f"YaRN factor {cfg.rope_factor:g} over {cfg.rope_original_max_position_embeddings}"
   elif cfg.rope_factor > 1:  # the weights carry YaRN fields this run leaves off: say so, it changes the numerics

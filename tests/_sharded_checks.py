@@ -18,6 +18,7 @@ from flax import nnx  # noqa: E402
 
 from kimi_jax import config, sharding  # noqa: E402
 from kimi_jax.model import KimiK2  # noqa: E402
+from kimi_jax.model_stats import abstract_model  # noqa: E402
 from kimi_jax.train import (build_optimizer, cross_entropy, init_train_state, make_train_step,  # noqa: E402
                             param_shardings)
 from kimi_jax.train_config import base_config, model_config  # noqa: E402
@@ -42,7 +43,7 @@ def main():
     return nll / count, logits
 
   (ref_loss, ref_logits), ref_grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(params, rest, tokens)
-  abstract = nnx.state(nnx.eval_shape(lambda: KimiK2(cfg, rngs=nnx.Rngs(0))), nnx.Param, ...)
+  abstract = nnx.state(abstract_model(cfg), nnx.Param, ...)
 
   results = {}
   for spec in MESHES:

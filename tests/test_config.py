@@ -5,7 +5,7 @@ import pytest
 
 from kimi_jax import config
 from kimi_jax.config import ModelConfig
-from kimi_jax.tools.plan import count_params
+from kimi_jax.model_stats import count_params
 
 FIXTURE_CONFIG = os.path.join(os.path.dirname(__file__), "reference", "data", "tiny_hf", "config.json")
 

@@ -27,7 +27,7 @@ from kimi_jax.checkpoint.hf import HFCheckpoint, load_state
 from kimi_jax.checkpoint.model_io import save_model
 from kimi_jax.config import tiny
 from kimi_jax.forward import forward_logits
-from kimi_jax.model import KimiK2
+from kimi_jax.model_stats import abstract_model
 
 FIXTURE = os.path.join(os.path.dirname(__file__), "reference", "data", "tiny_hf")
 MESHES = ("data=1,fsdp=2,expert=4", "fsdp=8")  # expert-parallel, and plain SPMD; both split the batch 8 ways
@@ -49,7 +49,7 @@ def _tokens(batch: int) -> np.ndarray:
 def _model():
   ckpt = HFCheckpoint(FIXTURE)
   cfg = ckpt.config(dtype="float32", param_dtype="float32")
-  model = nnx.eval_shape(lambda: KimiK2(cfg, rngs=nnx.Rngs(0)))
+  model = abstract_model(cfg)
   nnx.update(model, jax.tree.map(jnp.asarray, load_state(ckpt, cfg)))
   return model
 
@@ -85,7 +85,7 @@ def test_padding_helpers():
 
 def test_padding_under_a_capacity_factor_is_refused():
   """With moe_capacity_factor set, padding rows could crowd real tokens out of the expert buffers."""
-  model = nnx.eval_shape(lambda: KimiK2(tiny(moe_capacity_factor=2.0), rngs=nnx.Rngs(0)))
+  model = abstract_model(tiny(moe_capacity_factor=2.0))
   mesh = AbstractMesh((1, 2, 4, 1), sharding.MESH_AXES)
   with pytest.raises(ValueError, match="moe_capacity_factor=2.0 padding rows would compete"):
     forward_logits(model, np.zeros((2, 4), np.int32), mesh)

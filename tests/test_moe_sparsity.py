@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import pytest
 
 from kimi_jax.layers.experts import routed_experts
-from kimi_jax.layers.kernels import target_platform
+from kimi_jax.backend import target_platform
 
 os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 T, D, F, K = 1024, 512, 256, 8  # tokens, model, expert hidden, top-k

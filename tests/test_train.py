@@ -114,7 +114,7 @@ def test_init_from_a_model_checkpoint(uninterrupted, tmp_path):
 
 
 def test_device_peak_flops_table():
-  from kimi_jax.tools.plan import device_peak_flops
+  from kimi_jax.chips import device_peak_flops
 
   assert device_peak_flops("TPU v5p") == 459e12
   assert device_peak_flops("TPU v5 lite") == 197e12

@@ -264,11 +264,9 @@ class HFCheckpoint:
 
 def abstract_state(cfg: ModelConfig) -> dict[str, Any]:
   """Our full model state (params and router biases) as a nested dict of ShapeDtypeStructs."""
-  from flax import nnx
+  from kimi_jax import model_stats  # imports the model (flax, jax), which reading safetensors does not need
 
-  from kimi_jax.tools.plan import abstract_model
-
-  return nnx.state(abstract_model(cfg), nnx.Variable).to_pure_dict()
+  return model_stats.abstract_state(cfg)
 
 
 def leaf_dtype(path: tuple[str, ...], dtype: np.dtype) -> np.dtype:

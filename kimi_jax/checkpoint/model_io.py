@@ -20,6 +20,7 @@ from flax import nnx
 
 from kimi_jax.checkpoint.workdir import RUN_CONFIG_FILE, Workdir, as_path, check_bucket
 from kimi_jax.config import ModelConfig
+from kimi_jax.model_stats import abstract_model
 
 CONFIG_FILE = "config.json"
 STATE_DIR = "state"
@@ -83,7 +84,7 @@ def restore_state(directory: str, cfg: ModelConfig, shardings: PyTree | None = N
   if diff:
     changes = ", ".join(f"{k}: {a!r} (checkpoint) vs {b!r}" for k, (a, b) in sorted(diff.items()))
     raise ValueError(f"{directory} holds another architecture than the requested config ({changes})")
-  model = nnx.eval_shape(lambda: _model(cfg))
+  model = abstract_model(cfg)
   abstract = nnx.state(model, nnx.Variable).to_pure_dict()
   if shardings is None:
     target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), abstract)
@@ -120,7 +121,7 @@ def init_state_from(directory: str, cfg: ModelConfig,
   run's workdir: pure dicts shaped like `nnx.split(KimiK2(cfg), nnx.Param, ...)[1:]` (`.to_pure_dict()`), in
   cfg.param_dtype. shardings: optional (params_shardings, rest_shardings) pytrees matching them.
   """
-  model = nnx.eval_shape(lambda: _model(cfg))
+  model = abstract_model(cfg)
   _, params, _ = nnx.split(model, nnx.Param, ...)
   full = None if shardings is None else _merge(*shardings)
   state = restore_state(directory, cfg, full)
@@ -128,14 +129,8 @@ def init_state_from(directory: str, cfg: ModelConfig,
   return split["params"], split["rest"]
 
 
-def _model(cfg: ModelConfig):
-  from kimi_jax.model import KimiK2
-
-  return KimiK2(cfg, rngs=nnx.Rngs(0))
-
-
 def _build(cfg: ModelConfig, state: dict[str, Any]):
-  model = nnx.eval_shape(lambda: _model(cfg))
+  model = abstract_model(cfg)
   nnx.update(model, state)
   return model
 

@@ -12,7 +12,7 @@ e = idx[t,k], summed in float32 like transformers, and returns [T, D] in x's dty
            with each tile's expert weights gathered: exact and dropless at ≤ N + E·M rows of work. The fast
            path on CPU.
   pallas   the grouped-matmul Pallas kernel (pallas_kernels.gmm) on sorted pairs.
-  auto     see `kernels.resolve_moe_impl`: blocked on CPU, pallas on TPU, ragged on GPU.
+  auto     `backend.resolve("moe", ...)`: blocked on CPU, pallas on TPU, ragged on GPU.
 """
 
 from __future__ import annotations
@@ -22,8 +22,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from kimi_jax import sharding
-from kimi_jax.layers.kernels import pallas_options, platform, resolve_moe_impl
+from kimi_jax import backend, sharding
 
 BLOCK_ROWS = 128  # M for the blocked impl: large enough for efficient matmuls, small enough to bound padding.
 
@@ -37,22 +36,19 @@ def routed_experts(x: jax.Array, idx: jax.Array, weights: jax.Array, gate: jax.A
   than one device, the experts run expert-parallel (`kimi_jax.expert_parallel`) with this impl's grouped
   matmul on each device's local experts, dropping pairs only if `capacity_factor` bounds the buffers.
   """
-  impl = resolve_moe_impl(impl)
+  impl = backend.resolve("moe", impl)
   mesh = sharding.active_mesh()
   if impl != "dense" and mesh is not None and mesh.shape["expert"] > 1:
     from kimi_jax.expert_parallel import expert_parallel_moe
 
-    strategy = "all_to_all" if platform() == "cpu" else "ragged_all_to_all"
     out, dropped = expert_parallel_moe(
         x, idx, weights, gate, up, down, mesh=mesh, tensor_axis="tensor", token_axes=sharding.BATCH_AXES,
-        strategy=strategy, capacity_factor=capacity_factor, matmul=GROUPED_MATMULS[impl],
+        capacity_factor=capacity_factor, matmul=GROUPED_MATMULS[impl],
         check_vma=impl != "pallas")  # pallas_call outputs carry no varying axes
     return out.astype(x.dtype), dropped
   no_drops = jnp.zeros((), jnp.int32)
   if impl == "dense":
     return _dense(x, idx, weights, gate, up, down), no_drops
-  if impl not in GROUPED_MATMULS:
-    raise ValueError(f"unknown moe impl {impl!r}")
   t, k = idx.shape
   flat_expert = idx.reshape(-1)
   order = jnp.argsort(flat_expert, stable=True)  # [N] pair ids sorted by expert
@@ -93,7 +89,7 @@ def _ragged_dot(xs, w, group_sizes):
 def _pallas_gmm(xs, w, group_sizes):
   import pallas_kernels  # standalone package; imported only when this impl is chosen
 
-  return pallas_kernels.gmm(xs, w, group_sizes, **pallas_options())
+  return pallas_kernels.gmm(xs, w, group_sizes, **backend.pallas_options())
 
 
 class _Tiles(NamedTuple):

@@ -79,7 +79,8 @@ def newton_schulz(
     eps: added to each matrix's Frobenius norm before dividing, so a zero matrix maps to zero.
     impl: "xla" (a loop of jnp ops), "pallas" (on TPU: all steps in one Pallas kernel per matrix, which stays
       in VMEM, `pallas_kernels.matrix_iteration`; matrices too large for its VMEM budget take the xla loop) or
-      "auto" (pallas when JAX's default backend is TPU, else xla).
+      "auto" (pallas when JAX's default backend is TPU, else xla: the standalone default; kimi_jax.train passes an
+      explicit choice made for the platform it compiles for, which may not be this host's).
     interpret: run the Pallas kernel in interpret mode (CPU testing).
 
   Returns:
@@ -95,7 +96,7 @@ def newton_schulz(
   norm = jnp.sqrt(jnp.sum(jnp.square(x32), axis=(-2, -1), keepdims=True))
   y = (x32 / (norm + eps)).astype(dtype)  # [..., m, n]
   m, n = y.shape[-2:]
-  if impl == "auto":
+  if impl == "auto":  # kimi_jax.optim needs only jax and optax, so not kimi_jax.backend: this host's backend decides
     impl = "pallas" if jax.default_backend() == "tpu" else "xla"
   step = functools.partial(newton_schulz_step, coeffs=coeffs)
   if impl == "pallas" and _fits_kernel(m, n, dtype):

@@ -20,9 +20,10 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from kimi_jax import sharding
-from kimi_jax.layers.kernels import target_platform
-from kimi_jax.tools.plan import HBM_BYTES, PEAK_FLOPS, count_params, train_flops_per_token
-from kimi_jax.train import abstract_model, build_optimizer, make_train_step
+from kimi_jax.backend import target_platform
+from kimi_jax.chips import HBM_BYTES, PEAK_FLOPS
+from kimi_jax.model_stats import count_params, train_flops_per_step
+from kimi_jax.train import build_optimizer, make_train_step, model_shapes
 from kimi_jax.train_config import model_config
 
 COLLECTIVES = ("all-reduce", "all-gather", "all-to-all", "reduce-scatter", "collective-permute")
@@ -57,16 +58,17 @@ def abstract_train_state(c, devices) -> dict:
   state of run config `c` over `devices`; nothing is allocated."""
   mesh = sharding.make_mesh(c.mesh, devices=devices)
   cfg = model_config(c)
-  graphdef, params, rest, param_sh, rest_sh = abstract_model(cfg, mesh)
+  shapes = model_shapes(cfg, mesh)
+  param_sh, rest_sh = shapes.param_shardings, shapes.rest_shardings
   with target_platform(devices[0].platform):  # the optimizer picks its kernels for the target
     tx = build_optimizer(c, cfg, param_sh)
   with_sharding = lambda tree, sh: jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                                                 tree, sh)
-  params = with_sharding(params.to_pure_dict(), param_sh)
-  rest = with_sharding(rest.to_pure_dict(), rest_sh)
+  params = with_sharding(shapes.params.to_pure_dict(), param_sh)
+  rest = with_sharding(shapes.rest.to_pure_dict(), rest_sh)
   opt_state = jax.eval_shape(tx.init, params)
   opt_sh = sharding.like_params(opt_state, params, param_sh, mesh)
-  return dict(mesh=mesh, cfg=cfg, graphdef=graphdef, tx=tx, params=params, rest=rest,
+  return dict(mesh=mesh, cfg=cfg, graphdef=shapes.graphdef, tx=tx, params=params, rest=rest,
               opt_state=with_sharding(opt_state, opt_sh), shardings=(param_sh, rest_sh, opt_sh))
 
 
@@ -85,7 +87,7 @@ def compile_train_step(c, topology: str, mfu: float = 0.4) -> dict:
 
   step = make_train_step(state["graphdef"], state["tx"], c, state["shardings"])
   tokens = c.batch_size * c.seq_len
-  model_flops = train_flops_per_token(cfg, c.seq_len) * tokens
+  model_flops = train_flops_per_step(cfg, c.batch_size, c.seq_len)
   report = {"topology": topology, "chips": len(devices), "mesh": dict(mesh.shape), "global_batch_tokens": tokens,
             "microbatches": c.microbatches, "total_params": count_params(cfg)["total_params"],
             "hbm_bytes_per_chip": hbm, "flops_per_step": model_flops}
