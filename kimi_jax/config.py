@@ -1,9 +1,6 @@
 """ModelConfig: every architecture number of Kimi K2 (and DeepSeek-V3-shaped models), validated.
 
-Dimension letters used across the package:
-  B batch, S sequence, D model (hidden), H heads, V vocab, L stacked layers,
-  E routed experts, K experts per token, F MLP hidden, Cq / Ckv q / kv latent ranks,
-  Dn / Dr / Dv per-head nope / rope / value dims.
+Dimension letters, mesh axes and dtypes: the package conventions in kimi_jax/__init__.py.
 
 Architecture fields mirror the Hugging Face config.json names where one exists. The last group
 (`use_yarn`, `dtype`, `param_dtype`, `moe_impl`, `attention_impl`, `remat`, `moe_capacity_factor`,
@@ -48,7 +45,7 @@ class ModelConfig:
   topk_group: int = 1
   num_attention_heads: int  # H (= kv heads in MLA)
   q_lora_rank: int  # Cq
-  kv_lora_rank: int  # Ckv
+  kv_lora_rank: int  # C
   qk_nope_head_dim: int  # Dn
   qk_rope_head_dim: int  # Dr
   v_head_dim: int  # Dv

@@ -1,27 +1,27 @@
 """Expert parallelism: routed experts with `jax.shard_map` over the mesh's expert axis.
 
-Letters: T tokens, D model, E experts, K experts per token, F expert hidden; per device: t = T / token shards,
-N = t·K (token, expert) pairs, n expert-axis size, El = E / n local experts, F' = F / tensor-axis size,
-R receive-buffer rows.
+Letters: the package's (kimi_jax/__init__.py): N tokens, D model, E experts, K experts per token, Fe expert hidden.
+Here also, per device (primed): N' = N / token shards tokens, P' = N'·K (token, expert) pairs, A devices on the
+expert axis, E' = E / A local experts, Fe' = Fe / tensor-axis size, R receive-buffer rows.
 
-Each device holds t tokens and El experts. It sorts its N pairs by expert, sends each expert's run to the
+Each device holds N' tokens and E' experts. It sorts its P' pairs by expert, sends each expert's run to the
 device owning that expert, runs the grouped matmul over its local experts on what it received (rows grouped
 by local expert), sends the results back, and combines each token's K outputs with the routing weights in
 float32: the math of `kimi_jax.layers.experts.routed_experts`, which is the reference.
 
-Exchange: one slice per global expert. Source s sends expert g's kept pairs to device g // El, which writes
+Exchange: one slice per global expert. Source s sends expert g's kept pairs to device g // E', which writes
 them where the grouped matmul wants them: after the rows of lower local experts and of lower sources. Every
-device all-gathers the [n, E] pair counts first, so senders and receivers agree on all offsets.
-  ragged_all_to_all  `jax.lax.ragged_all_to_all`: exact bytes, R = n·N rows (the worst case) when dropless,
+device all-gathers the [A, E] pair counts first, so senders and receivers agree on all offsets.
+  ragged_all_to_all  `jax.lax.ragged_all_to_all`: exact bytes, R = A·P' rows (the worst case) when dropless,
                      which at K2 scale is too much memory: pass a capacity_factor there. TPU/GPU; XLA:CPU
                      cannot run it.
-  all_to_all         the same exchange over `jax.lax.all_to_all` with one fixed slot of N rows per (source,
-                     destination) pair when dropless: n× the bytes, runs everywhere.
+  all_to_all         the same exchange over `jax.lax.all_to_all` with one fixed slot of P' rows per (source,
+                     destination) pair when dropless: A× the bytes, runs everywhere.
   auto               ragged_all_to_all on TPU/GPU, all_to_all on CPU (`kimi_jax.backend`, for the compile target).
 
-Capacity (optional): `capacity_factor` c bounds the receive buffer to R ≈ c·N rows, N being what a device
-receives under perfectly balanced routing; for all_to_all each (source, destination) slot holds ceil(c·N/n).
-When a buffer would overflow, each (source, expert) keeps at most L pairs, L being the largest level that
+Capacity (optional): `capacity_factor` c bounds the receive buffer to R ≈ c·P' rows, P' being what a device
+receives under perfectly balanced routing; for all_to_all each (source, destination) slot holds ceil(c·P'/A).
+When a buffer would overflow, each (source, expert) keeps at most λ pairs, λ being the largest level that
 fits, and drops the rest, latest tokens first. Dropped pairs contribute zero, and the count of dropped pairs
 over the whole mesh is returned.
 """
@@ -40,7 +40,7 @@ from jax.sharding import PartitionSpec as P
 from kimi_jax import backend
 from kimi_jax.layers.experts import combine
 
-# matmul(lhs [M, K], rhs [G, K, N], group_sizes [G] int32) -> [M, N]: rows grouped contiguously by group;
+# matmul(lhs [rows, in], rhs [groups, in, out], group_sizes [groups] int32) -> [rows, out]: rows grouped by group;
 # rows past sum(group_sizes) are zeros here, so any value the matmul gives them is fine.
 GroupedMatmul = Callable[[jax.Array, jax.Array, jax.Array], jax.Array]
 
@@ -54,25 +54,25 @@ def expert_parallel_moe(x: jax.Array, idx: jax.Array, weights: jax.Array, gate: 
   """Routed experts, experts sharded over `expert_axis`; call it inside or outside jit.
 
   Args:
-    x: [T, D] tokens; idx: [T, K] int expert ids; weights: [T, K] f32 routing weights.
-    gate, up: [E, D, F]; down: [E, F, D] expert weights (any sharding: they are resharded to the specs
+    x: [N, D] tokens; idx: [N, K] int expert ids; weights: [N, K] f32 routing weights.
+    gate, up: [E, D, Fe]; down: [E, Fe, D] expert weights (any sharding: they are resharded to the specs
       below, so FSDP-sharded D is gathered on use).
     mesh: the device mesh (`jax.sharding.Mesh`, Auto or Explicit axes).
-    expert_axis: mesh axis sharding E; its size n must divide E.
-    token_axes: mesh axes sharding T, in order; must include expert_axis. Default: every mesh axis but
-      tensor_axis, in mesh order. Their product must divide T.
+    expert_axis: mesh axis sharding E; its size A must divide E.
+    token_axes: mesh axes sharding N, in order; must include expert_axis. Default: every mesh axis but
+      tensor_axis, in mesh order. Their product must divide N.
     tensor_axis: optional mesh axis sharding F (tokens are replicated over it; outputs are summed over it).
     strategy: "ragged_all_to_all", "all_to_all" or "auto" (`backend.resolve("expert_parallel", ...)`: see the
       module docstring).
     capacity_factor: None for dropless; else c > 0 bounding the receive buffer (module docstring).
     matmul: the grouped matmul, e.g. `jax.lax.ragged_dot` or
-      `functools.partial(pallas_kernels.gmm, impl="tpu")`. It only sees this device's El experts and their
+      `functools.partial(pallas_kernels.gmm, impl="tpu")`. It only sees this device's E' experts and their
       group sizes, so no group offset is needed.
     check_vma: `jax.shard_map`'s check of which values vary over which mesh axes. A Pallas matmul whose
       outputs carry no such annotation (pallas_kernels.gmm today) needs False; results are the same.
 
   Returns:
-    (out [T, D] in x's dtype, sharded like x over token_axes; dropped: int32 scalar, pairs dropped over
+    (out [N, D] in x's dtype, sharded like x over token_axes; dropped: int32 scalar, pairs dropped over
     the whole mesh, 0 when dropless).
   """
   strategy = backend.resolve("expert_parallel", strategy)
@@ -99,29 +99,29 @@ def expert_parallel_moe(x: jax.Array, idx: jax.Array, weights: jax.Array, gate: 
 
 def _moe_shard(x, idx, weights, gate, up, down, *, axis, n, rows, capacity, per_source, exchange, matmul,
                token_axes, tensor_axis):
-  """One device. x: [t, D]; idx, weights: [t, K]; gate, up: [El, D, F']; down: [El, F', D] -> ([t, D], [])."""
+  """One device. x: [N', D]; idx, weights: [N', K]; gate, up: [E', D, Fe']; down: [E', Fe', D] -> ([N', D], [])."""
   t, k = idx.shape
   local = gate.shape[0]
   me = jax.lax.axis_index(axis)
   flat = idx.reshape(-1)
-  order = jnp.argsort(flat, stable=True)  # [N] pair ids sorted by expert
+  order = jnp.argsort(flat, stable=True)  # [P'] pair ids sorted by expert
   counts = jnp.bincount(flat, length=n * local).astype(jnp.int32)  # [E]
-  all_counts = jax.lax.all_gather(counts, axis)  # [n, E]: pairs from each source to each expert
+  all_counts = jax.lax.all_gather(counts, axis)  # [A, E]: pairs from each source to each expert
   kept = all_counts if capacity is None else _kept_counts(all_counts, n, capacity, per_source)
   # Offsets of (source, expert) runs: in the source's sorted pairs, and in the owner's receive buffer
   # (grouped by local expert, then by source).
-  src_offsets = _exclusive_cumsum(all_counts, axis=1)  # [n, E]
-  totals = kept.sum(0).reshape(n, local)  # [n, El]: rows each device gets per local expert
-  dst_offsets = _exclusive_cumsum(totals, axis=1).reshape(1, -1) + _exclusive_cumsum(kept, axis=0)  # [n, E]
-  mine = lambda a: jax.lax.dynamic_slice_in_dim(a, me * local, local, axis=1).reshape(-1)  # [n, E] -> [n·El]
-  xs = x[order // k]  # [N, D]
+  src_offsets = _exclusive_cumsum(all_counts, axis=1)  # [A, E]
+  totals = kept.sum(0).reshape(n, local)  # [A, E']: rows each device gets per local expert
+  dst_offsets = _exclusive_cumsum(totals, axis=1).reshape(1, -1) + _exclusive_cumsum(kept, axis=0)  # [A, E]
+  mine = lambda a: jax.lax.dynamic_slice_in_dim(a, me * local, local, axis=1).reshape(-1)  # [A, E] -> [A·E']
+  xs = x[order // k]  # [P', D]
   recv = exchange(xs, jnp.zeros((rows, x.shape[1]), x.dtype), src_offsets[me], kept[me], dst_offsets[me],
                   mine(kept), axis_name=axis)  # [R, D] grouped by local expert
-  group_sizes = jax.lax.dynamic_index_in_dim(totals, me, keepdims=False)  # [El]
+  group_sizes = jax.lax.dynamic_index_in_dim(totals, me, keepdims=False)  # [E']
   hidden = jax.nn.silu(matmul(recv, gate, group_sizes)) * matmul(recv, up, group_sizes)
   ys = matmul(hidden, down, group_sizes)  # [R, D]
   back = exchange(ys, jnp.zeros_like(xs), mine(dst_offsets), mine(kept), mine(src_offsets), kept[me],
-                  axis_name=axis)  # [N, D] sorted like xs; dropped pairs stay zero
+                  axis_name=axis)  # [P', D] sorted like xs; dropped pairs stay zero
   inverse = jnp.zeros_like(order).at[order].set(jnp.arange(order.shape[0], dtype=order.dtype))
   out = combine(back[inverse].reshape(t, k, -1).astype(jnp.float32), weights)
   if tensor_axis is not None:
@@ -131,7 +131,7 @@ def _moe_shard(x, idx, weights, gate, up, down, *, axis, n, rows, capacity, per_
 
 
 def _kept_counts(counts: jax.Array, n: int, capacity: int, per_source: bool) -> jax.Array:
-  """counts: [n, E] pairs per (source, expert) -> [n, E] pairs kept, each block's sum within `capacity`.
+  """counts: [A, E] pairs per (source, expert) -> [A, E] pairs kept, each block's sum within `capacity`.
 
   A block is one (source, destination) slot when per_source, else everything one destination receives.
   Within a block every cell keeps min(count, level), the level being the largest that fits.

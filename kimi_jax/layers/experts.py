@@ -1,15 +1,15 @@
 """Routed-expert compute behind one function, `routed_experts(..., impl=)`.
 
-Letters: T tokens, D model, E experts, K experts per token, F expert hidden, N = T·K (token, expert) pairs,
-G tiles (blocked impl), M tile rows.
+Letters: the package's (kimi_jax/__init__.py): N tokens, D model, E experts, K experts per token, Fe expert
+hidden, P = N·K (token, expert) pairs; here also G tiles and M rows per tile (blocked impl).
 
 Every impl computes, for each token t, sum_k w[t,k] · down_e(silu(gate_e(x_t)) * up_e(x_t)) with
-e = idx[t,k], summed in float32 like transformers, and returns [T, D] in x's dtype.
+e = idx[t,k], summed in float32 like transformers, and returns [N, D] in x's dtype.
   dense    every expert on every token, then a weighted combine: the reference (E/K × the FLOPs).
   ragged   pairs sorted by expert and `jax.lax.ragged_dot`: exact FLOPs on TPU/GPU; XLA:CPU expands it to
            a dense masked product (E × the FLOPs of the pairs).
   blocked  pairs sorted by expert, each expert's run padded to M-row tiles, one batched matmul over tiles
-           with each tile's expert weights gathered: exact and dropless at ≤ N + E·M rows of work. The fast
+           with each tile's expert weights gathered: exact and dropless at ≤ P + E·M rows of work. The fast
            path on CPU.
   pallas   the grouped-matmul Pallas kernel (pallas_kernels.gmm) on sorted pairs.
   auto     `backend.resolve("moe", ...)`: blocked on CPU, pallas on TPU, ragged on GPU.
@@ -30,9 +30,9 @@ BLOCK_ROWS = 128  # M for the blocked impl: large enough for efficient matmuls, 
 def routed_experts(x: jax.Array, idx: jax.Array, weights: jax.Array, gate: jax.Array, up: jax.Array,
                    down: jax.Array, *, impl: str, capacity_factor: float | None = None
                    ) -> tuple[jax.Array, jax.Array]:
-  """x: [T, D]; idx: [T, K] int; weights: [T, K] f32; gate, up: [E, D, F]; down: [E, F, D].
+  """x: [N, D]; idx: [N, K] int; weights: [N, K] f32; gate, up: [E, D, Fe]; down: [E, Fe, D].
 
-  Returns ([T, D], dropped (token, expert) pairs: int32 scalar). Under a mesh whose `expert` axis has more
+  Returns ([N, D], dropped (token, expert) pairs: int32 scalar). Under a mesh whose `expert` axis has more
   than one device, the experts run expert-parallel (`kimi_jax.expert_parallel`) with this impl's grouped
   matmul on each device's local experts, dropping pairs only if `capacity_factor` bounds the buffers.
   """
@@ -51,10 +51,10 @@ def routed_experts(x: jax.Array, idx: jax.Array, weights: jax.Array, gate: jax.A
     return _dense(x, idx, weights, gate, up, down), no_drops
   t, k = idx.shape
   flat_expert = idx.reshape(-1)
-  order = jnp.argsort(flat_expert, stable=True)  # [N] pair ids sorted by expert
+  order = jnp.argsort(flat_expert, stable=True)  # [P] pair ids sorted by expert
   token = order // k
   group_sizes = jnp.bincount(flat_expert, length=gate.shape[0]).astype(jnp.int32)
-  xs = x[token]  # [N, D]
+  xs = x[token]  # [P, D]
   if impl == "blocked":
     ys = _blocked_ffn(xs, group_sizes, gate, up, down)
   else:
@@ -68,7 +68,7 @@ def routed_experts(x: jax.Array, idx: jax.Array, weights: jax.Array, gate: jax.A
 
 
 def combine(ys: jax.Array, weights: jax.Array) -> jax.Array:
-  """ys: [T, K, D] f32 expert outputs; weights: [T, K] f32 -> [T, D] f32, sum_k w·y in true float32 (the default
+  """ys: [N, K, D] f32 expert outputs; weights: [N, K] f32 -> [N, D] f32, sum_k w·y in true float32 (the default
   dot precision is one bf16 pass on TPU, TF32 on GPU; transformers combines in float32)."""
   with jax.named_scope("expert_combine"):  # the name tests find in compiled HLO
     return jnp.einsum("tkd,tk->td", ys, weights, precision=jax.lax.Precision.HIGHEST)
@@ -93,8 +93,8 @@ def _pallas_gmm(xs, w, group_sizes):
 
 
 class _Tiles(NamedTuple):
-  """Where each of N expert-sorted rows sits when every expert's run is padded to whole M-row tiles."""
-  row: jax.Array  # [N] row in the tiled layout [G·M]
+  """Where each of P expert-sorted rows sits when every expert's run is padded to whole M-row tiles."""
+  row: jax.Array  # [P] row in the tiled layout [G·M]
   expert: jax.Array  # [G] expert of each tile (tiles past the last group: the last expert, rows all zero)
   rows_per_tile: int
 
@@ -113,19 +113,19 @@ def _tiles(group_sizes: jax.Array, n: int) -> _Tiles:
 
 
 def _to_tiles(xs: jax.Array, tiles: _Tiles) -> jax.Array:
-  """[N, D] -> [G, M, D], zero rows as padding."""
+  """[P, D] -> [G, M, D], zero rows as padding."""
   num_tiles = tiles.expert.shape[0]
   out = jnp.zeros((num_tiles * tiles.rows_per_tile, xs.shape[1]), xs.dtype).at[tiles.row].set(xs)
   return out.reshape(num_tiles, tiles.rows_per_tile, xs.shape[1])
 
 
 def _from_tiles(y: jax.Array, tiles: _Tiles) -> jax.Array:
-  """[G, M, D] -> [N, D]."""
+  """[G, M, D] -> [P, D]."""
   return y.reshape(-1, y.shape[-1])[tiles.row]
 
 
 def _blocked_matmul(xs: jax.Array, w: jax.Array, group_sizes: jax.Array) -> jax.Array:
-  """Grouped matmul by tiles. xs: [N, K] sorted by group; w: [E, K, F] -> [N, F] (rows past the groups: 0)."""
+  """Grouped matmul by tiles. xs: [P, in] sorted by group; w: [E, in, out] -> [P, out] (rows past the groups: 0)."""
   n = xs.shape[0]
   valid = jnp.arange(n) < jnp.sum(group_sizes)
   # Rows past sum(group_sizes) join the last group here and are zeroed after.
@@ -137,7 +137,7 @@ def _blocked_matmul(xs: jax.Array, w: jax.Array, group_sizes: jax.Array) -> jax.
 
 def _blocked_ffn(xs: jax.Array, group_sizes: jax.Array, gate: jax.Array, up: jax.Array,
                  down: jax.Array) -> jax.Array:
-  """xs: [N, D] sorted by expert with `group_sizes` [E] -> [N, D]: the expert FFN of each row, one tiling."""
+  """xs: [P, D] sorted by expert with `group_sizes` [E] -> [P, D]: the expert FFN of each row, one tiling."""
   tiles = _tiles(group_sizes, xs.shape[0])
   tiled = _to_tiles(xs, tiles)
   hidden = jax.nn.silu(jnp.einsum("gmd,gdf->gmf", tiled, gate[tiles.expert]))

@@ -1,6 +1,7 @@
 """SwiGLU MLP: down(silu(gate(x)) * up(x)). Used by the dense layers and as the shared expert.
 
-Letters: D model dim, F hidden dim.
+Letters (kimi_jax/__init__.py): D model, F hidden (intermediate_size in a dense layer; n_shared_experts · Fe
+as the shared expert).
 """
 
 from __future__ import annotations

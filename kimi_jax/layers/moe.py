@@ -1,6 +1,7 @@
 """Mixture of experts: sigmoid router with a selection-only bias, routed experts and a shared expert.
 
-Letters: B batch, S sequence, T = B·S tokens, D model, E experts, K experts per token, F expert hidden.
+Letters (kimi_jax/__init__.py): B batch, S sequence, N = B·S tokens, D model, E experts, K experts per token, Fe
+expert hidden.
 
 Router (transformers' DeepseekV3 `noaux_tc`): s = sigmoid(x·W) in float32; choose the top K of s + bias
 (optionally within the best `topk_group` of `n_group` groups, ranked by the sum of each group's best two; the
@@ -28,12 +29,12 @@ class RouterBias(nnx.Variable):
 
 
 def route(scores: jax.Array, bias: jax.Array, cfg: ModelConfig) -> tuple[jax.Array, jax.Array]:
-  """scores: [T, E] sigmoid outputs (f32); bias: [E] -> (weights [T, K] f32, idx [T, K] int32)."""
+  """scores: [N, E] sigmoid outputs (f32); bias: [E] -> (weights [N, K] f32, idx [N, K] int32)."""
   choice = scores + bias
   if cfg.n_group > 1:
     t, e = choice.shape
     grouped = choice.reshape(t, cfg.n_group, e // cfg.n_group)
-    group_score = jax.lax.top_k(grouped, 2)[0].sum(-1)  # [T, n_group]: sum of each group's best two
+    group_score = jax.lax.top_k(grouped, 2)[0].sum(-1)  # [N, n_group]: sum of each group's best two
     _, keep = jax.lax.top_k(group_score, cfg.topk_group)
     group_mask = jnp.zeros_like(group_score, bool).at[jnp.arange(t)[:, None], keep].set(True)
     choice = jnp.where(group_mask[..., None], grouped, -jnp.inf).reshape(t, e)
@@ -52,7 +53,7 @@ class Router(nnx.Module):
     self.cfg = cfg
 
   def __call__(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """x: [T, D] -> (weights [T, K] f32, idx [T, K] int32)."""
+    """x: [N, D] -> (weights [N, K] f32, idx [N, K] int32)."""
     # True float32: the default precision is one bf16 pass on TPU and TF32 on GPU, enough to flip near-tied
     # top-K choices against transformers' float32 router.
     with jax.named_scope("router_logits"):  # the name tests find in compiled HLO
@@ -63,7 +64,7 @@ class Router(nnx.Module):
 
 
 class Experts(nnx.Module):
-  """E SwiGLU experts stored stacked: gate, up [E, D, F]; down [E, F, D]."""
+  """E SwiGLU experts stored stacked: gate, up [E, D, Fe]; down [E, Fe, D]."""
 
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
     e, d, f = cfg.n_routed_experts, cfg.hidden_size, cfg.moe_intermediate_size
@@ -74,7 +75,7 @@ class Experts(nnx.Module):
     self.cfg = cfg
 
   def __call__(self, x: jax.Array, weights: jax.Array, idx: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """x: [T, D]; weights, idx: [T, K] -> ([T, D], dropped pairs: int32 scalar)."""
+    """x: [N, D]; weights, idx: [N, K] -> ([N, D], dropped pairs: int32 scalar)."""
     dtype = jnp.dtype(self.cfg.dtype)
     return routed_experts(x.astype(dtype), idx, weights, self.gate[...].astype(dtype), self.up[...].astype(dtype),
                           self.down[...].astype(dtype), impl=self.cfg.moe_impl,

@@ -1,6 +1,6 @@
 """YaRN rotary embeddings in Kimi K2 / DeepSeek-V3's interleaved layout.
 
-Letters: B batch, S sequence, R rope dim (qk_rope_head_dim).
+Letters (kimi_jax/__init__.py): B batch, S sequence, Dr rope dim (qk_rope_head_dim).
 
 The checkpoint's rope dims are interleaved pairs: (x[2i], x[2i+1]) rotate together at frequency i.
 transformers de-interleaves q and k the same way before a half rotation; a dot product is blind to that
@@ -20,8 +20,8 @@ from kimi_jax.config import ModelConfig, yarn_mscale
 
 
 def yarn_inv_freq(cfg: ModelConfig) -> np.ndarray:
-  """Per-pair inverse frequencies [R/2] (float32): YaRN-blended between extrapolation and interpolation when
-  `cfg.yarn_active`, plain RoPE (θ^(−2i/R)) otherwise."""
+  """Per-pair inverse frequencies [Dr/2] (float32): YaRN-blended between extrapolation and interpolation when
+  `cfg.yarn_active`, plain RoPE (θ^(−2i/Dr)) otherwise."""
   dim, base, factor = cfg.qk_rope_head_dim, cfg.rope_theta, cfg.rope_factor
   inv_freq = 1.0 / base ** (np.arange(0, dim, 2, dtype=np.float64) / dim)
   if not cfg.yarn_active:
@@ -56,7 +56,7 @@ def rope_cos_sin(positions: jax.Array, cfg: ModelConfig) -> tuple[jax.Array, jax
 
 
 def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
-  """Rotate interleaved pairs. x: [B, S, ..., R]; cos, sin: [B, S, R/2] -> x's shape, float32."""
+  """Rotate interleaved pairs. x: [B, S, ..., Dr]; cos, sin: [B, S, R/2] -> x's shape, float32."""
   extra = x.ndim - cos.ndim
   cos = cos.reshape(cos.shape[:2] + (1,) * extra + cos.shape[2:])
   sin = sin.reshape(cos.shape)

@@ -1,13 +1,13 @@
 """Muon: momentum, Newton–Schulz orthogonalisation and RMS matching for the matrix leaves of a pytree.
 
 Dimension letters
-  A, B   the two matrix axes of a leaf, named by its `muon_dims` pair (a, b)
-  m, n   the wide orientation of an A×B matrix: m = min(A, B), n = max(A, B)
-  ...    every other axis of the leaf is a batch axis (stacked layers L, experts E): each slice is one matrix
+  I, J   the two matrix axes of a leaf, named by its `muon_dims` pair (a, b)
+  m, n   the wide orientation of an I×J matrix: m = min(I, J), n = max(I, J)
+  ...    every other axis of the leaf is a stack axis (stacked layers L, experts E): each slice is one matrix
 
 Per Muon leaf, with gradient G, momentum μ and the momentum buffer M (kept in float32 whatever the dtype of
 the params, so that bf16 params do not lose the small μ-weighted increments):
-  M ← μ M + G;   U = G + μ M (Nesterov) or M;   O = NS(U);   update = rms_scale · sqrt(max(A, B)) · O
+  M ← μ M + G;   U = G + μ M (Nesterov) or M;   O = NS(U);   update = rms_scale · sqrt(max(I, J)) · O
 """
 
 import functools
@@ -72,7 +72,7 @@ def newton_schulz(
   """Approximately orthogonalises every matrix in x: U S Vᵀ → U p⁽ˢᵗᵉᵖˢ⁾(S/‖x‖_F) Vᵀ.
 
   Args:
-    x: [..., A, B]; leading axes are batch axes.
+    x: [..., I, J]; leading axes are stack axes.
     steps: Newton–Schulz iterations.
     coeffs: (a, b, c) of the quintic p(σ) = aσ + bσ³ + cσ⁵.
     dtype: dtype the iterations run in (bf16 on accelerators; float32 for reference-exact results).
@@ -84,7 +84,7 @@ def newton_schulz(
     interpret: run the Pallas kernel in interpret mode (CPU testing).
 
   Returns:
-    [..., A, B] in x.dtype; singular values in about [0.68, 1.13] (see NS_COEFFS).
+    [..., I, J] in x.dtype; singular values in about [0.68, 1.13] (see NS_COEFFS).
   """
   if impl not in ("xla", "pallas", "auto"):
     raise ValueError(f"newton_schulz impl must be 'xla', 'pallas' or 'auto', got {impl!r}")
@@ -119,7 +119,7 @@ def default_muon_dims(params: Any) -> Any:
   A leaf with ndim >= 2 still gets None when any key on its path contains (case-insensitively) one of
   ADAMW_NAME_HINTS: "embed" (embeddings, unembeddings), "lm_head", "norm" (norm scales, also when stacked to
   [L, D]), "bias". Everything else with ndim >= 2 is a Muon matrix on its last two axes, all leading axes being
-  batch axes. To override, pass `muon_dims` explicitly: a pytree like params with None or (a, b) per leaf, or a
+  stack axes. To override, pass `muon_dims` explicitly: a pytree like params with None or (a, b) per leaf, or a
   function params -> such a pytree (e.g. this one post-edited, or `kimi_jax.optim.kimi_muon_dims`).
   """
 
@@ -208,7 +208,7 @@ def scale_by_muon(
     nesterov: feed G + μ M (True) or M (False) to Newton–Schulz.
     ns_steps, ns_coeffs, ns_dtype, ns_eps, ns_impl, ns_interpret: see `newton_schulz` (steps, coeffs, dtype, eps,
       impl, interpret).
-    rms_scale: the update is O · rms_scale · sqrt(max(A, B)), giving it an RMS of about rms_scale, like AdamW's.
+    rms_scale: the update is O · rms_scale · sqrt(max(I, J)), giving it an RMS of about rms_scale, like AdamW's.
     muon_dims: routing per leaf (see `resolve_muon_dims`); leaves with None are returned unchanged. A function
       is called on params at init and on the updates at update, so it must depend only on paths and shapes.
     param_shardings: None, or the params' layout as a pytree like params of `jax.sharding.NamedSharding` (or a
@@ -239,7 +239,7 @@ def scale_by_muon(
         continue
       buf = momentum * buf + g.astype(jnp.float32)
       u = g.astype(jnp.float32) + momentum * buf if nesterov else buf
-      u = jnp.moveaxis(u, d, (-2, -1))  # [..., A, B]
+      u = jnp.moveaxis(u, d, (-2, -1))  # [..., I, J]
       if layout is None:
         o = ns(u)
       else:

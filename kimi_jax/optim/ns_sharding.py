@@ -1,9 +1,9 @@
 """Where Newton–Schulz runs on a mesh: whole matrices per device, the batch of matrices spread over the devices.
 
-A stacked Muon leaf [..., A, B] (layers, experts, then the matrix) is usually sharded on its matrix axes too
+A stacked Muon leaf [..., I, J] (layers, experts, then the matrix) is usually sharded on its matrix axes too
 (FSDP splits the model dim). Left to itself, XLA then partitions every Newton–Schulz step as partial Gram
 products plus an all-reduce of the m×m Gram matrix, and repeats the m³ products on every device of the group.
-`spread_layout` moves the mesh axes off the matrix axes onto batch axes instead (padding a batch axis with zero
+`spread_layout` moves the mesh axes off the matrix axes onto stack axes instead (padding a stack axis with zero
 matrices when that is cheap), so that each device orthogonalises only its own whole matrices: one all-to-all
 in, one out, no per-step collectives. Mesh axes that shard nothing (data-parallel replicas) are used the same way.
 """
@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import NamedSharding, PartitionSpec
 
-# A batch axis may be padded with zero matrices by at most this fraction of its size to take a mesh axis
+# A stack axis may be padded with zero matrices by at most this fraction of its size to take a mesh axis
 # (K2's 60 MoE layers → 64 over fsdp=8: 6.7 %). Past it the mesh axis stays where it was.
 MAX_PADDING = 0.125
 
@@ -34,14 +34,14 @@ def _entry(names: Sequence[str]) -> Any:
 def spread_layout(
     shape: Sequence[int], spec: PartitionSpec, axis_sizes: Mapping[str, int], max_padding: float = MAX_PADDING
 ) -> tuple[tuple[int, ...], PartitionSpec]:
-  """The padded shape and the spec to run Newton–Schulz on a [..., A, B] array laid out as `spec`.
+  """The padded shape and the spec to run Newton–Schulz on a [..., I, J] array laid out as `spec`.
 
   Mesh axes leave the two matrix axes, and mesh axes of size > 1 that `spec` does not use join in, each going
-  to the batch axis it divides after the least padding (within `max_padding`); an axis that fits nowhere stays
+  to the stack axis it divides after the least padding (within `max_padding`); an axis that fits nowhere stays
   on its matrix axis (or stays unused). Batch axes keep their own mesh axes.
   """
   if len(shape) < 2:
-    raise ValueError(f"spread_layout needs [..., A, B], got shape {tuple(shape)}")
+    raise ValueError(f"spread_layout needs [..., I, J], got shape {tuple(shape)}")
   entries = [_names(e) for e in (*spec, *([None] * (len(shape) - len(spec))))]
   nb = len(shape) - 2
   used = {a for e in entries for a in e}
@@ -70,7 +70,7 @@ def moved_spec(spec: PartitionSpec, ndim: int, dims: tuple[int, int]) -> Partiti
 
 
 def spread(x: jax.Array, sharding: NamedSharding, local_fn, global_fn, result_dtype: Any = None) -> jax.Array:
-  """fn(x) for x [..., A, B] laid out as `sharding`, computed in the `spread_layout` layout, returned in x's.
+  """fn(x) for x [..., I, J] laid out as `sharding`, computed in the `spread_layout` layout, returned in x's.
 
   When that layout leaves both matrix axes whole, `local_fn` runs under shard_map on each device's own matrices
   (so it may be a Pallas kernel, which XLA cannot partition); otherwise `global_fn` runs on the global array

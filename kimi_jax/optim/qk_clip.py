@@ -4,7 +4,7 @@ Dimension letters
   H        query heads: one max logit per head;  G  kv heads (GQA): query head h reads kv head h // (H / G)
   Dh       MHA/GQA head dim;  Dn, Dr, Dv  MLA nope, rope and value head dims
   X, Y     the two matrix axes of a kernel (its last two axes)
-  ...      leading batch axes shared by a max-logits array [..., H] and its kernels [..., X, Y] (stacked layers L)
+  ...      leading stack axes shared by a max-logits array [..., H] and its kernels [..., X, Y] (stacked layers L)
 
 Layout: one of a kernel's two matrix axes (`axis`: -1 for our [in, out] kernels, -2 for torch-style [out, in])
 holds the heads head-major: head j owns entries j·W + [0, W) of that axis, W being the per-head width, which a
@@ -108,7 +108,7 @@ def mla_qk_clip(
   """qk-clip for Multi-head Latent Attention (DeepSeek-V3 / Kimi K2).
 
   q_b [..., Cq, H·(Dn+Dr)]: per head, the Dn q_nope columns are scaled by √γ_h and the Dr q_rope columns by γ_h.
-  kv_b [..., Ckv, H·(Dn+Dv)]: per head, the Dn k_nope columns by √γ_h; the Dv value columns are untouched.
+  kv_b [..., C, H·(Dn+Dv)]: per head, the Dn k_nope columns by √γ_h; the Dv value columns are untouched.
   The rope key k_rope (in kv_a) is shared by all heads, so it is left alone and q_rope takes the whole γ_h.
   """
 
