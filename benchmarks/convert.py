@@ -3,7 +3,7 @@ same files.
 
     python benchmarks/convert.py [--gb 1] [--format fp8] [--workers 1,4] [--processes 1,2,4] [--dir /tmp] [--keep]
 
-Writes a synthetic release (kimi_jax/checkpoint/synthetic.py: K2 shapes scaled down to hidden 2048 and 64
+Writes a synthetic release (tests/builders/synthetic.py: K2 shapes scaled down to hidden 2048 and 64
 experts, random bytes in the release format) of about --gb GB, then times, each in a fresh process:
   raw read      every shard file read once with large sequential reads (the disk/page-cache ceiling)
   hf-to-orbax   python -m kimi_jax.convert hf-to-orbax --dtype bfloat16 --workers N
@@ -31,7 +31,8 @@ import time
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
 sys.path.insert(0, ROOT)
 
-from kimi_jax.checkpoint.synthetic import FORMATS, k2_shaped, write_synthetic  # noqa: E402
+sys.path.insert(0, os.path.join(ROOT, "tests"))  # the synthetic-release builder is test data
+from builders.synthetic import FORMATS, k2_shaped, write_synthetic  # noqa: E402
 
 _MEASURE = ("import resource, subprocess, sys, time; t = time.perf_counter(); "
             "subprocess.run(sys.argv[1:], check=True, stdout=subprocess.DEVNULL); "

@@ -14,7 +14,7 @@ import pytest
 
 from kimi_jax.checkpoint import orbax_arrays
 from kimi_jax.checkpoint.hf import HFCheckpoint, abstract_state, flatten
-from kimi_jax.checkpoint.synthetic import k2_shaped, write_synthetic
+from builders.synthetic import k2_shaped, write_synthetic
 from kimi_jax.config import tiny
 
 

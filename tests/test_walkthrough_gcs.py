@@ -27,7 +27,7 @@ def bucket(gcs, tmp_path_factory):
   """`gcloud storage buckets create`, then `gcloud storage cp -r` of the release and the text."""
   import fsspec
 
-  from kimi_jax.checkpoint.synthetic import write_synthetic
+  from builders.synthetic import write_synthetic
   from kimi_jax.config import tiny
   from kimi_jax.data.sources import load_corpus
 
