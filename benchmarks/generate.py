@@ -25,7 +25,7 @@ from flax import nnx
 
 from kimi_jax import generate as gen
 from kimi_jax.config import ModelConfig
-from kimi_jax.layers.mla_decode import CACHE_KINDS
+from kimi_jax.layers.cache import CACHE_KINDS
 from kimi_jax.model import KimiK2
 
 PROMPT = 16

@@ -66,8 +66,8 @@ class ModelConfig:
   use_yarn: bool = True  # apply the rope_* YaRN fields (no-op when rope_factor is 1)
   dtype: str = "bfloat16"  # compute dtype
   param_dtype: str = "float32"
-  moe_impl: str = "auto"  # see kimi_jax/layers/kernels.py
-  attention_impl: str = "auto"  # see kimi_jax/layers/kernels.py
+  moe_impl: str = "auto"  # see kimi_jax/backend.py
+  attention_impl: str = "auto"  # see kimi_jax/backend.py
   remat: str = "none"
   moe_capacity_factor: float | None = None  # expert-parallel receive buffers; None: dropless (worst case)
   moe_seq_chunk: int = 0  # MoE over this many positions at a time (divides S); 0: the whole sequence

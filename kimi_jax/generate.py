@@ -12,7 +12,8 @@ Batching: prompts are **right-padded** into one [B, S] buffer. Row b holds its n
 position `lengths[b]` and attends to the first `lengths[b] + 1` entries. Cache buffers have a fixed size
 [L, B, T, ...] and lengths are data, so one compiled step serves every row and every step.
 
-Cache kinds (`kimi_jax.layers.mla_decode`): "latent" (default; the normalised latent and the rope key,
+Prefill and decode are the model's own forward with a cache (`KimiK2.__call__`); this file holds the loop around
+it. Cache kinds (`kimi_jax.layers.cache`): "latent" (default; the normalised latent and the rope key,
 kv_lora_rank + qk_rope_head_dim values per token per layer, decoded with absorbed weights) and "expanded"
 (per-head k and v; the baseline for `benchmarks/generate.py`).
 
@@ -42,22 +43,17 @@ from absl import app, flags
 from flax import nnx
 from jax.sharding import Mesh
 
-from kimi_jax import sharding
+from kimi_jax import backend, sharding
 from kimi_jax.config import MOE_IMPLS, ModelConfig
-from kimi_jax.layers.kernels import resolve_attention_impl
-from kimi_jax.layers.mla_decode import CACHE_KINDS, cache_entry, cache_spec, decode_attention
-from kimi_jax.layers.rope import rope_cos_sin
-from kimi_jax.model import ACTIVATION, LAYER_GROUPS, KimiK2, check_tokens
+from kimi_jax.layers.cache import CACHE_KINDS, Cache
+from kimi_jax.model import KimiK2, check_tokens, init_cache
 
 PROMPT_BUCKET = 64  # prompt buffers are padded to a multiple of this, so similar prompts share one compile
 CACHE_BUCKET = 256  # the default cache length is rounded up to a multiple of this
 
-Cache = dict[str, dict[str, jax.Array]]  # {layer group: {name: [L, B, T, ...]}}
-CACHE_AXES = ("layers", "batch", "seq")  # logical names of a cache buffer's [L, B, T] dims; per-token dims whole
-
 
 class DecodeState(NamedTuple):
-  cache: Cache
+  cache: Cache  # {layer group: {name: [L, B, T, ...]}}
   lengths: jax.Array  # [B] int32: valid cache entries per row = the position of the row's next token
 
 
@@ -78,20 +74,11 @@ class Sampling:
       raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
 
 
-# Cache, prefill and decode ------------------------------------------------------------------------------------
-
-def init_cache(cfg: ModelConfig, batch: int, max_len: int, kind: str = "latent") -> Cache:
-  """Zeroed cache {group: {name: [L, B, T, ...]}} in the compute dtype. Wrap in jax.eval_shape to size it."""
-  spec = cache_spec(cfg, kind)
-  layers = {"dense_layers": cfg.num_dense_layers, "moe_layers": cfg.num_moe_layers}
-  return {group: {name: jnp.zeros((layers[group], batch, max_len) + shape, jnp.dtype(cfg.dtype))
-                  for name, shape in spec.items()}
-          for group in LAYER_GROUPS if layers[group]}
-
+# Prefill and decode -------------------------------------------------------------------------------------------
 
 def prefill(model: KimiK2, tokens: jax.Array, lengths: jax.Array, *, max_len: int,
             kind: str = "latent") -> tuple[jax.Array, DecodeState]:
-  """Full forward over right-padded prompts that also fills a new cache of length `max_len`.
+  """Full forward over right-padded prompts that also fills a new cache (`init_cache`) of length `max_len`.
 
   tokens: [B, S] int (row b valid in [0, lengths[b])); lengths: [B] int32, 1 ≤ lengths ≤ S ≤ max_len.
   Returns the logits at each row's last prompt token [B, V] float32 and the decode state.
@@ -107,94 +94,28 @@ def decode_step(model: KimiK2, state: DecodeState, tokens: jax.Array, *,
                 impl: str = "auto") -> tuple[jax.Array, DecodeState]:
   """Feed one token per row at position state.lengths[b]. tokens: [B] int -> (logits [B, V] f32, new state).
 
-  impl: decode attention, "xla" | "pallas" | "auto" (see `mla_decode.decode_attention`). `state` is donated.
+  impl: decode attention, "xla" | "pallas" | "auto" (see `attention.latent_attention`). `state` is donated.
   """
   graphdef, params = nnx.split(model)
-  return _decode(graphdef, params, state, jnp.asarray(tokens, jnp.int32), impl=resolve_attention_impl(impl))
+  return _decode(graphdef, params, state, jnp.asarray(tokens, jnp.int32), impl=backend.resolve("attention", impl))
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "max_len", "kind"))
 def _prefill(graphdef, params, tokens, lengths, *, max_len, kind):
-  return _prefill_logits(nnx.merge(graphdef, params), tokens, lengths, max_len, kind)
+  model = nnx.merge(graphdef, params)
+  b, s = tokens.shape
+  positions = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
+  segment_ids = (positions < lengths[:, None]).astype(jnp.int32)  # 0 marks padding
+  x, aux = model.features(tokens, positions=positions, segment_ids=segment_ids,
+                          cache=init_cache(model.cfg, b, max_len, kind))
+  return model.logits(x[jnp.arange(b), lengths - 1]), DecodeState(aux["cache"], lengths)
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "impl"), donate_argnames=("state",))
 def _decode(graphdef, params, state, tokens, *, impl):
-  return _decode_logits(nnx.merge(graphdef, params), state, tokens, impl)
-
-
-def _prefill_logits(model: KimiK2, tokens: jax.Array, lengths: jax.Array, max_len: int,
-                    kind: str) -> tuple[jax.Array, DecodeState]:
-  cfg = model.cfg
-  b, s = tokens.shape
-  positions = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
-  segment_ids = (positions < lengths[:, None]).astype(jnp.int32)  # 0 marks padding
-  cos, sin = rope_cos_sin(positions, cfg)
-  x = sharding.constrain(model.embed(tokens, jnp.dtype(cfg.dtype)), ACTIVATION)
-  cache = init_cache(cfg, b, max_len, kind)
-  for group in cache:
-    graphdef, layer_states = nnx.split(getattr(model, group))
-
-    def body(x, layer_state, graphdef=graphdef):
-      layer = nnx.merge(graphdef, layer_state)
-      entry = cache_entry(layer.attn, layer.attn_norm(x), cos, sin, kind)
-      return layer(x, cos, sin, segment_ids)[0], entry
-
-    x, entries = jax.lax.scan(body, x, layer_states)  # entries: {name: [L, B, S, ...]}
-    cache[group] = {name: jax.lax.dynamic_update_slice_in_dim(buf, entries[name], 0, axis=2)
-                    for name, buf in cache[group].items()}
-  last = x[jnp.arange(b), lengths - 1]  # [B, D]
-  return _logits(model, last), DecodeState(_constrain_cache(cache), lengths)
-
-
-def _decode_logits(model: KimiK2, state: DecodeState, tokens: jax.Array,
-                   impl: str) -> tuple[jax.Array, DecodeState]:
-  cfg = model.cfg
-  positions = state.lengths
-  cos, sin = rope_cos_sin(positions[:, None], cfg)  # [B, 1, Dr/2]
-  x = sharding.constrain(model.embed(tokens[:, None], jnp.dtype(cfg.dtype)), ACTIVATION)  # [B, 1, D]
-  cache = {}
-  for group, group_cache in state.cache.items():
-    x, cache[group] = _decode_layers(getattr(model, group), x, cos, sin, group_cache, positions, impl)
-  # The donated cache comes back laid out as it went in, so every step reuses one compiled layout.
-  return _logits(model, x[:, 0]), DecodeState(_constrain_cache(cache), positions + 1)
-
-
-def _constrain_cache(cache: Cache) -> Cache:
-  """Under an active mesh, each buffer's B is split like the batch (`CACHE_AXES`); identity without one."""
-  return jax.tree.map(lambda a: sharding.constrain(a, CACHE_AXES + (None,) * (a.ndim - len(CACHE_AXES))), cache)
-
-
-def _decode_layers(layers, x, cos, sin, cache, positions, impl):
-  """Stacked layers on x [B, 1, D]; writes each layer's entry at `positions` [B] into cache {name: [L, B, T, ...]}.
-
-  The cache is carried through the scan, so each step updates one token per row in place.
-  """
-  graphdef, layer_states = nnx.split(layers)
-  kind = "latent" if "latent" in cache else "expanded"
-  rows = jnp.arange(x.shape[0])
-  num_layers = next(iter(cache.values())).shape[0]
-
-  def body(carry, xs):  # DecoderLayer.__call__ with its attention replaced by decode attention over the cache
-    x, cache = carry
-    layer_state, i = xs
-    layer = nnx.merge(graphdef, layer_state)
-    h = layer.attn_norm(x)
-    entry = cache_entry(layer.attn, h, cos, sin, kind)
-    cache = {name: buf.at[i, rows, positions].set(entry[name][:, 0]) for name, buf in cache.items()}
-    layer_cache = {name: buf[i] for name, buf in cache.items()}
-    x = x + decode_attention(layer.attn, h, cos, sin, layer_cache, positions + 1, kind, impl=impl).astype(x.dtype)
-    h = layer.mlp_norm(x)
-    mlp_out = layer.mlp(h, jnp.ones(h.shape[:2], bool))[0] if layer.moe else layer.mlp(h)
-    return (x + mlp_out.astype(x.dtype), cache), None
-
-  (x, cache), _ = jax.lax.scan(body, (x, cache), (layer_states, jnp.arange(num_layers)))
-  return x, cache
-
-
-def _logits(model: KimiK2, x: jax.Array) -> jax.Array:
-  """x: [B, D] last-layer output -> [B, V] float32, as the model's head computes them."""
-  return model.logits(model.final_norm(x))
+  model = nnx.merge(graphdef, params)
+  x, aux = model.features(tokens[:, None], positions=state.lengths[:, None], cache=state.cache, attention_impl=impl)
+  return model.logits(x[:, 0]), DecodeState(aux["cache"], state.lengths + 1)
 
 
 # Sampling -----------------------------------------------------------------------------------------------------
@@ -240,7 +161,7 @@ def stream(model: KimiK2, prompts: Sequence[Sequence[int]], *, max_new_tokens: i
   Yields (tokens [B] int32, emitted [B] bool): row b produced tokens[b] if emitted[b]. A row stops at its first
   stop token, which is not emitted; the loop ends when every row has stopped or after max_new_tokens steps.
   max_len: cache length T (default: longest prompt + max_new_tokens, rounded up to CACHE_BUCKET and capped at
-  max_position_embeddings). attention_impl: decode attention, see `mla_decode.decode_attention`.
+  max_position_embeddings). attention_impl: decode attention, see `decode_step`.
   mesh: run sharded over it, the model's variables already placed there (`sharding.shard_model`); the batch is
   padded to its batch shards (module docstring).
   Step t+1 is dispatched before step t's tokens are read back, so the host never idles the device.
@@ -257,7 +178,7 @@ def stream(model: KimiK2, prompts: Sequence[Sequence[int]], *, max_new_tokens: i
                                                          sharding.batch_sharding(mesh, 1)))
     on_mesh = functools.partial(sharding.use_mesh, mesh)  # entered per dispatch, never across a yield
   graphdef, params = nnx.split(model)
-  impl = resolve_attention_impl(attention_impl)
+  impl = backend.resolve("attention", attention_impl)
   pick = functools.partial(_pick, sampling=sampling, stop_tokens=tuple(int(t) for t in stop_tokens))
   with on_mesh():
     logits, state = _prefill(graphdef, params, tokens, lengths, max_len=max_len, kind=cache_kind)

@@ -109,6 +109,20 @@ def test_decode_matches_full_forward_on_a_random_tiny_model(tiny_model, tiny_gre
   np.testing.assert_allclose(got, full, atol=1e-4, rtol=0)
 
 
+def test_model_forward_with_a_cache(tiny_model, tiny_greedy):
+  """`KimiK2.__call__` itself, with a cache: a prefill, then a decode step, give the full forward's logits."""
+  prompt, new = tiny_greedy
+  n = len(prompt)
+  tokens = jnp.asarray([prompt + new[:1]])
+  forward = nnx.jit(lambda m, t, p, c: m(t, positions=p, cache=c))
+  full, _ = forward(tiny_model, tokens, None, None)
+  logits, aux = forward(tiny_model, tokens[:, :n], None, gen.init_cache(tiny_model.cfg, 1, 16))
+  np.testing.assert_allclose(logits[0], full[0, :n], atol=1e-4, rtol=0)
+  step, aux = forward(tiny_model, tokens[:, n:], jnp.asarray([[n]]), aux["cache"])
+  np.testing.assert_allclose(step[0, 0], full[0, n], atol=1e-4, rtol=0)
+  assert jax.tree.map(lambda a: a.shape[2], aux["cache"]) == {g: {"latent": 16, "rope": 16} for g in aux["cache"]}
+
+
 def test_sample_keeps_the_training_demo_signature(tiny_model, tiny_greedy):
   prompt, new = tiny_greedy
   stop = new[3]
