@@ -26,7 +26,7 @@ from kimi_jax import sharding
 from kimi_jax.backend import target_platform
 from kimi_jax.chips import HBM_BYTES_PER_S, PEAK_FLOPS
 from kimi_jax.model import LAYER_GROUPS
-from kimi_jax.tools.aot import abstract_train_state, collective_bytes, topology_devices
+from kimi_jax.tools.aot import abstract_training, collective_bytes, topology_devices
 from kimi_jax.train_config import load_run_config
 
 
@@ -41,9 +41,10 @@ class Row:
 
 
 def compile_update(c, devices, label) -> Row:
-  state = abstract_train_state(c, devices)
-  mesh, cfg, tx, params, opt_state = (state[k] for k in ("mesh", "cfg", "tx", "params", "opt_state"))
-  param_sh, _, opt_sh = state["shardings"]
+  training = abstract_training(c, devices)
+  mesh, cfg, tx, params, opt_state = (training.mesh, training.cfg, training.tx, training.state.params,
+                                      training.state.opt_state)
+  shardings = training.state.shardings()
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
   layers = {"dense_layers": cfg.first_k_dense_replace, "moe_layers": cfg.num_hidden_layers - cfg.first_k_dense_replace}
   max_logits = {g: jax.ShapeDtypeStruct((layers[g], cfg.num_attention_heads), jnp.float32, sharding=replicated)
@@ -53,7 +54,7 @@ def compile_update(c, devices, label) -> Row:
     updates, opt_state = tx.update(grads, opt_state, params, max_logits=max_logits)
     return optax.apply_updates(params, updates), opt_state
 
-  step = jax.jit(update, out_shardings=(param_sh, opt_sh), donate_argnums=(1, 2))
+  step = jax.jit(update, out_shardings=(shardings.params, shardings.opt_state), donate_argnums=(1, 2))
   t0 = time.perf_counter()
   with target_platform("tpu"), sharding.use_mesh(mesh):
     compiled = step.lower(params, opt_state, params, max_logits).compile()

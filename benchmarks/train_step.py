@@ -17,6 +17,7 @@ import time
 import jax
 import numpy as np
 
+from kimi_jax.data.batch import Batch
 from kimi_jax.model_stats import count_params, train_flops_per_token
 from kimi_jax.sharding import make_mesh
 from kimi_jax.train import build_optimizer, init_train_state, make_train_step
@@ -30,19 +31,16 @@ def time_train_step(c, steps: int) -> list[float]:
   cfg = model_config(c)
   tx = build_optimizer(c, cfg)
   mesh = make_mesh(c.mesh)
-  graphdef, params, rest, opt_state, shardings = init_train_state(c, cfg, tx, mesh)
-  step = make_train_step(graphdef, tx, c, shardings)
+  graphdef, state = init_train_state(c, cfg, tx, mesh)
+  step = make_train_step(graphdef, tx, c, state.shardings())
   rng = np.random.default_rng(0)
   shape = (c.batch_size, c.seq_len)
-  batch = {"inputs": rng.integers(0, cfg.vocab_size, shape, dtype=np.int32),
-           "targets": rng.integers(0, cfg.vocab_size, shape, dtype=np.int32),
-           "segment_ids": np.ones(shape, np.int32),
-           "positions": np.broadcast_to(np.arange(c.seq_len, dtype=np.int32), shape).copy(),
-           "loss_mask": np.ones(shape, np.float32)}
+  batch = Batch.unpacked(rng.integers(0, cfg.vocab_size, shape, dtype=np.int32),
+                         rng.integers(0, cfg.vocab_size, shape, dtype=np.int32))
   times = []
   for _ in range(steps + 1):
     start = time.perf_counter()
-    params, rest, opt_state, metrics = step(params, rest, opt_state, batch)
+    state, metrics = step(state, batch)
     jax.block_until_ready(metrics["loss"])
     times.append(time.perf_counter() - start)
   return times[1:]  # drop the compile step

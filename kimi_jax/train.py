@@ -6,9 +6,10 @@ Rerunning the same command resumes from the latest checkpoint in WORKDIR/checkpo
 WORKDIR/metrics.jsonl, one JSON object per logged step. WORKDIR may be a local path or a gs:// URL
 (kimi_jax/checkpoint/workdir.py lays it out on either).
 
-Batch flow (per step): data iterator → {inputs, targets, segment_ids, positions: int32 [B, S],
-loss_mask: f32 [B, S]} → model → logits [B, S, V] f32 → masked next-token cross-entropy → grads w.r.t. the
-Params → optimizer → new Params; expert loads [L, E] from the forward pass → router biases.
+Per step: data iterator → `Batch` (kimi_jax/data/batch.py: inputs, targets, segment_ids, positions, loss_mask,
+all [B, S]) → model → logits [B, S, V] f32 → masked next-token cross-entropy → grads w.r.t. the Params →
+optimizer → new Params; expert loads [L, E] from the forward pass → router biases. The step maps
+`TrainState` (params, rest, opt_state) to the next one.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -31,10 +32,45 @@ from kimi_jax import backend, sharding
 from kimi_jax.checkpoint.workdir import Workdir
 from kimi_jax.chips import device_peak_flops
 from kimi_jax.config import ModelConfig
+from kimi_jax.data.batch import Batch
 from kimi_jax.model import LAYER_GROUPS, KimiK2, lm_logits
 from kimi_jax.model_stats import abstract_model, count_params, train_flops_per_step, train_flops_per_token
 from kimi_jax.optim import kimi_muon_dims, kimi_qk_clip, muon_clip, warmup_stable_decay
 from kimi_jax.train_config import model_config
+
+if TYPE_CHECKING:  # Orbax is imported only when a run writes checkpoints
+  from kimi_jax.checkpoint.manager import TrainCheckpointer
+
+# Where `rest` keeps the router biases: one RouterBias [L, E] stacked over the MoE layers (kimi_jax/model.py).
+ROUTER_BIAS_PATH = ("moe_layers", "mlp", "router", "bias")
+
+
+class TrainState(NamedTuple):
+  """Every array training updates, as pure dicts: what `init_train_state` makes and the train step takes and
+  returns. A pytree; the same type holds the state's shardings (`shardings()`) or ShapeDtypeStructs
+  (`abstract_train_state`). Checkpoints store it as items "state" = {"params", "rest"} and "opt_state"."""
+
+  params: dict  # the model's nnx.Param variables: what the optimizer trains
+  rest: dict  # every other model variable: the router biases (ROUTER_BIAS_PATH), moved by expert load
+  opt_state: optax.OptState  # the optimizer's state for params
+
+  def shardings(self) -> TrainState:
+    """The sharding of every leaf (arrays, or ShapeDtypeStructs that carry one)."""
+    return jax.tree.map(lambda a: a.sharding, self)
+
+
+def router_biases(rest: dict) -> jax.Array:
+  """The RouterBias [L, E] of `rest` (a model's non-Param variables as a pure dict, L its MoE layers)."""
+  return functools.reduce(lambda tree, key: tree[key], ROUTER_BIAS_PATH, rest)
+
+
+def with_router_biases(rest: dict, bias: jax.Array) -> dict:
+  """`rest` with its RouterBias [L, E] replaced by `bias`; the dicts on the path are copied, `rest` is unchanged."""
+
+  def replace(tree: dict, path: tuple[str, ...]) -> Any:
+    return bias if not path else {**tree, path[0]: replace(tree[path[0]], path[1:])}
+
+  return replace(rest, ROUTER_BIAS_PATH)
 
 
 def learning_rate_schedule(c: ml_collections.ConfigDict) -> optax.Schedule:
@@ -145,18 +181,18 @@ def update_router_bias(bias: jax.Array, load: jax.Array, rate: float) -> jax.Arr
 
 
 def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformationExtraArgs,
-                    c: ml_collections.ConfigDict, shardings: Any = None):
-  """Returns step(params, rest, opt_state, batch) -> (params, rest, opt_state, metrics), jit-compiled.
+                    c: ml_collections.ConfigDict, shardings: TrainState | None = None):
+  """Returns step(state: TrainState, batch: Batch) -> (state, metrics), jit-compiled; `state` is donated.
 
-  The batch is split into `c.microbatches` pieces whose gradients are summed in a scan, so activation memory
-  is that of one piece. Expert loads and max logits are accumulated across pieces (sum / max). `shardings`
-  (params, rest, opt_state) pins the state's layout across steps.
+  The batch [B, S] is split into `c.microbatches` pieces whose gradients are summed in a scan, so activation
+  memory is that of one piece. Expert loads and max logits are accumulated across pieces (sum / max).
+  `shardings` (a TrainState of NamedShardings) pins the state's layout across steps.
   """
 
-  def loss_fn(params, rest, batch):
+  def loss_fn(params, rest, batch: Batch):
     model = nnx.merge(graphdef, params, rest)
-    x, aux = model.features(batch["inputs"], positions=batch["positions"], segment_ids=batch["segment_ids"])
-    nll_sum, count = chunked_cross_entropy(x, model.lm_head.kernel[...], batch["targets"], batch["loss_mask"],
+    x, aux = model.features(batch.inputs, positions=batch.positions, segment_ids=batch.segment_ids)
+    nll_sum, count = chunked_cross_entropy(x, model.lm_head.kernel[...], batch.targets, batch.loss_mask,
                                            c.loss_chunk)
     return nll_sum, (count, aux)
 
@@ -183,11 +219,12 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformationExtr
     (nll, count, aux, grads), _ = jax.lax.scan(body, first, jax.tree.map(lambda x: x[1:], pieces))
     return nll, count, aux, grads
 
-  def step(params, rest, opt_state, batch):
+  def step(state: TrainState, batch: Batch):
+    params, rest = state.params, state.rest
     nll, count, aux, grads = accumulate(params, rest, batch)
     count = jnp.maximum(count, 1.0)
     grads = jax.tree.map(lambda g: g / count, grads)  # gradient of the mean NLL over all masked tokens
-    updates, opt_state = tx.update(grads, opt_state, params, max_logits=aux["max_logits"])
+    updates, opt_state = tx.update(grads, state.opt_state, params, max_logits=aux["max_logits"])
     params = optax.apply_updates(params, updates)
     per_layer = jnp.concatenate([jnp.max(aux["max_logits"][g], axis=-1) for g in LAYER_GROUPS
                                  if g in aux["max_logits"]])  # [L] max over heads
@@ -196,16 +233,15 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformationExtr
     if c.optimizer == "muon_clip" and qk_clip_tau(c) is not None:
       metrics["heads_clipped"] = sum(jnp.sum(v > qk_clip_tau(c)) for v in aux["max_logits"].values())
     if "expert_load" in aux:
-      router = rest["moe_layers"]["mlp"]["router"]
-      router["bias"] = update_router_bias(router["bias"], aux["expert_load"], c.router_bias_update_rate)
+      rest = with_router_biases(rest, update_router_bias(router_biases(rest), aux["expert_load"],
+                                                         c.router_bias_update_rate))
       load = aux["expert_load"].astype(jnp.float32)
       metrics["expert_load_max_over_mean"] = jnp.max(load / jnp.mean(load, axis=-1, keepdims=True))
       metrics["dropped_pairs"] = aux["dropped_pairs"]
       metrics["expert_load"] = aux["expert_load"]  # [L, E]; the writer turns it into histograms
-    return params, rest, opt_state, metrics
+    return TrainState(params, rest, opt_state), metrics
 
-  out_shardings = None if shardings is None else (*shardings, None)
-  return jax.jit(step, donate_argnums=(0, 1, 2), out_shardings=out_shardings)
+  return jax.jit(step, donate_argnums=0, out_shardings=None if shardings is None else (shardings, None))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -231,16 +267,28 @@ def param_shardings(cfg: ModelConfig, mesh) -> dict:
   return model_shapes(cfg, mesh).param_shardings
 
 
-def init_train_state(c: ml_collections.ConfigDict, cfg: ModelConfig, tx, mesh):
-  """Params, router biases and optimizer state, created directly in their shards (no host holds the model),
-  from `c.init_from` when set.
+def abstract_train_state(shapes: ModelShapes, tx: optax.GradientTransformation, mesh) -> TrainState:
+  """The train state's ShapeDtypeStructs, each carrying its NamedSharding on `mesh` (nothing is allocated).
 
-  Returns (graphdef, params, rest, opt_state, shardings) with params/rest/opt_state as pure dicts.
+  The optimizer state's moments take their parameter's sharding; its counters are replicated.
   """
-  shapes = model_shapes(cfg, mesh)
-  graphdef, param_sh, rest_sh = shapes.graphdef, shapes.param_shardings, shapes.rest_shardings
+  with_sharding = lambda tree, sh: jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                                                tree, sh)
+  params = with_sharding(shapes.params.to_pure_dict(), shapes.param_shardings)
+  rest = with_sharding(shapes.rest.to_pure_dict(), shapes.rest_shardings)
+  opt_state = jax.eval_shape(tx.init, params)
+  opt_sh = sharding.like_params(opt_state, params, shapes.param_shardings, mesh)
+  return TrainState(params, rest, with_sharding(opt_state, opt_sh))
 
-  @functools.partial(jax.jit, out_shardings=(param_sh, rest_sh))
+
+def init_train_state(c: ml_collections.ConfigDict, cfg: ModelConfig, tx,
+                     mesh) -> tuple[nnx.GraphDef, TrainState]:
+  """(graphdef, state), as nnx.split gives them: params, router biases and optimizer state created directly in
+  their shards on `mesh` (no host holds the model), from `c.init_from` when set."""
+  shapes = model_shapes(cfg, mesh)
+  sh = abstract_train_state(shapes, tx, mesh).shardings()
+
+  @functools.partial(jax.jit, out_shardings=(sh.params, sh.rest))
   def create():
     _, params, rest = nnx.split(KimiK2(cfg, rngs=nnx.Rngs(c.seed)), nnx.Param, ...)
     return params.to_pure_dict(), rest.to_pure_dict()
@@ -248,12 +296,26 @@ def init_train_state(c: ml_collections.ConfigDict, cfg: ModelConfig, tx, mesh):
   if c.init_from:  # each host reads only its shards; no random copy is ever made
     from kimi_jax.checkpoint.model_io import init_state_from
 
-    params, rest = init_state_from(c.init_from, cfg, shardings=(param_sh, rest_sh))
+    params, rest = init_state_from(c.init_from, cfg, shardings=(sh.params, sh.rest))
   else:
     params, rest = create()
-  opt_sh = sharding.like_params(jax.eval_shape(tx.init, params), params, param_sh, mesh)
-  opt_state = jax.jit(tx.init, out_shardings=opt_sh)(params)
-  return graphdef, params, rest, opt_state, (param_sh, rest_sh, opt_sh)
+  opt_state = jax.jit(tx.init, out_shardings=sh.opt_state)(params)
+  return shapes.graphdef, TrainState(params, rest, opt_state)
+
+
+def _save_checkpoint(ckpt: TrainCheckpointer, step: int, state: TrainState, data_state: dict) -> None:
+  """Starts an async save of `state` as the items "state" = {"params", "rest"} (the layout
+  kimi_jax.checkpoint.model_io reads as a model) and "opt_state", with the data iterator's state."""
+  ckpt.save(step, {"params": state.params, "rest": state.rest}, state.opt_state, data_state)
+
+
+def _restore_checkpoint(ckpt: TrainCheckpointer, step: int, like: TrainState) -> tuple[TrainState, dict]:
+  """(state, data iterator state) saved by `_save_checkpoint` at `step`, in the shapes, dtypes and shardings of
+  `like` (arrays or ShapeDtypeStructs)."""
+  target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding), like)
+  model, opt_state, data_state = ckpt.restore(step, {"params": target.params, "rest": target.rest},
+                                              target.opt_state)
+  return TrainState(model["params"], model["rest"], opt_state), data_state
 
 
 def train(c: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
@@ -282,7 +344,7 @@ def train(c: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     raise ValueError(f"config.batch_size={c.batch_size} is not divisible by microbatches × processes "
                      f"({c.microbatches} × {jax.process_count()})")
   tx = build_optimizer(c, cfg, param_shardings(cfg, mesh) if mesh.size > 1 else None)
-  graphdef, params, rest, opt_state, shardings = init_train_state(c, cfg, tx, mesh)
+  graphdef, state = init_train_state(c, cfg, tx, mesh)
   data = ShardedBatches(num_shards=c.data_shards or jax.process_count(), global_batch_size=c.batch_size,
                         process_index=jax.process_index(), process_count=jax.process_count(), tokenizer=tokenizer,
                         source=open_source(c.data, tokenizer, text_field=c.text_field), seq_len=c.seq_len,
@@ -290,16 +352,13 @@ def train(c: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   ckpt = wd.checkpointer(keep=c.keep_checkpoints, keep_period=c.keep_period or None)
   start = ckpt.latest_step() or 0
   if start:
-    abstract = lambda tree: jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding), tree)
-    state, opt_state, data_state = ckpt.restore(start, abstract({"params": params, "rest": rest}),
-                                                abstract(opt_state))
-    params, rest = state["params"], state["rest"]
+    state, data_state = _restore_checkpoint(ckpt, start, state)
     data.set_state(data_state)
   if jax.process_index() == 0:
     _print_summary(cfg, c, workdir, start, mesh)
 
-  step_fn = make_train_step(graphdef, tx, c, shardings)
-  batch_sharding = sharding.batch_sharding(mesh)
+  step_fn = make_train_step(graphdef, tx, c, state.shardings())
+  to_global = functools.partial(jax.make_array_from_process_local_data, sharding.batch_sharding(mesh))
   schedule = learning_rate_schedule(c)
   tokens_per_step = c.batch_size * c.seq_len
   writer = MetricsWriter(wd, resume_step=start, flops_per_token=train_flops_per_token(cfg, c.seq_len))
@@ -307,9 +366,9 @@ def train(c: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   progress = _Progress(start, c.steps)
   window_start, window_steps = time.perf_counter(), 0
   for step in range(start + 1, c.steps + 1):
-    batch = {k: jax.make_array_from_process_local_data(batch_sharding, v) for k, v in next(data).items()}
+    batch = jax.tree.map(to_global, next(data))
     with sharding.use_mesh(mesh):
-      params, rest, opt_state, metrics = step_fn(params, rest, opt_state, batch)
+      state, metrics = step_fn(state, batch)
     window_steps += 1
     if step % c.log_every == 0 or step in (1, c.steps):  # step 1 shows the starting loss
       jax.block_until_ready(metrics)  # dispatch is async: time the finished steps, not their launch
@@ -320,7 +379,7 @@ def train(c: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
       first = first or last
       window_start, window_steps = time.perf_counter(), 0
     if step % c.checkpoint_every == 0 or step == c.steps:
-      ckpt.save(step, {"params": params, "rest": rest}, opt_state, data.get_state())
+      _save_checkpoint(ckpt, step, state, data.get_state())
       writer.flush()  # on a bucket, the metrics up to a checkpoint are stored with it
   ckpt.wait()
   ckpt.close()
@@ -331,7 +390,7 @@ def train(c: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   if c.sample_tokens and jax.process_index() == 0:
     from kimi_jax.generate import sample
 
-    trained = nnx.merge(graphdef, nnx.State(jax.device_get(params)), nnx.State(jax.device_get(rest)))
+    trained = nnx.merge(graphdef, nnx.State(jax.device_get(state.params)), nnx.State(jax.device_get(state.rest)))
     prompt = tokenizer.encode(c.sample_prompt, add_bos=True)
     new = sample(trained, prompt, max_new_tokens=c.sample_tokens, temperature=c.sample_temperature, seed=c.seed,
                  stop_token=tokenizer.eos_id)

@@ -17,6 +17,7 @@ import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from kimi_jax import config, sharding  # noqa: E402
+from kimi_jax.data.batch import Batch  # noqa: E402
 from kimi_jax.model import KimiK2  # noqa: E402
 from kimi_jax.model_stats import abstract_model  # noqa: E402
 from kimi_jax.train import (build_optimizer, cross_entropy, init_train_state, make_train_step,  # noqa: E402
@@ -75,18 +76,15 @@ def one_train_step(mesh_spec: str, **train):
   cfg = model_config(c)
   mesh = sharding.make_mesh(c.mesh, devices=jax.devices()[:1] if mesh_spec == "" else None)
   tx = build_optimizer(c, cfg, param_shardings(cfg, mesh))
-  graphdef, params, rest, opt_state, shardings = init_train_state(c, cfg, tx, mesh)
-  step = make_train_step(graphdef, tx, c, shardings)
+  graphdef, state = init_train_state(c, cfg, tx, mesh)
+  step = make_train_step(graphdef, tx, c, state.shardings())
   rng = np.random.default_rng(1)
-  batch = {"inputs": rng.integers(0, 259, (8, 16)), "targets": rng.integers(0, 259, (8, 16)),
-           "segment_ids": np.ones((8, 16)), "positions": np.tile(np.arange(16), (8, 1)),
-           "loss_mask": np.ones((8, 16))}
-  batch = {k: jax.device_put(v.astype(np.float32 if k == "loss_mask" else np.int32), sharding.batch_sharding(mesh))
-           for k, v in batch.items()}
-  start = jax.device_get(params)
+  batch = Batch.unpacked(rng.integers(0, 259, (8, 16)), rng.integers(0, 259, (8, 16)))
+  batch = jax.device_put(batch, sharding.batch_sharding(mesh))
+  start = jax.device_get(state.params)
   with sharding.use_mesh(mesh):
-    params, _, _, metrics = step(params, rest, opt_state, batch)
-  return start, jax.device_get(params), float(metrics["loss"])
+    state, metrics = step(state, batch)
+  return start, jax.device_get(state.params), float(metrics["loss"])
 
 
 def max_diff(a, b):

@@ -67,21 +67,12 @@ def test_k2_params_are_sharded_on_the_production_mesh():
 
 def _compiled_hlo_lines(c, topology: str, scope: str) -> list[str]:
   """Lines of the TPU-compiled train step's HLO whose ops come from the named scope `scope`."""
-  import jax
-  import numpy as np
-
   from kimi_jax import sharding
   from kimi_jax.backend import target_platform
-  from kimi_jax.train import make_train_step
 
-  state = aot.abstract_train_state(c, aot.topology_devices(topology))
-  batch_sh = sharding.batch_sharding(state["mesh"])
-  batch = {k: jax.ShapeDtypeStruct((c.batch_size, c.seq_len), np.float32 if k == "loss_mask" else np.int32,
-                                   sharding=batch_sh)
-           for k in ("inputs", "targets", "segment_ids", "positions", "loss_mask")}
-  step = make_train_step(state["graphdef"], state["tx"], c, state["shardings"])
-  with target_platform("tpu"), sharding.use_mesh(state["mesh"]):
-    text = step.lower(state["params"], state["rest"], state["opt_state"], batch).compile().as_text()
+  training = aot.abstract_training(c, aot.topology_devices(topology))
+  with target_platform("tpu"), sharding.use_mesh(training.mesh):
+    text = training.train_step().lower(training.state, training.batch()).compile().as_text()
   return [line for line in text.splitlines() if f"/{scope}/" in line]
 
 

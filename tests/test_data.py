@@ -7,21 +7,16 @@ import json
 import time
 
 import grain
+import jax
 import numpy as np
 import pytest
 
 from kimi_jax.data import pipeline, sources
+from kimi_jax.data.batch import DTYPES, Batch
 from kimi_jax.data.tokenizer import ByteTokenizer
 
 TOK = ByteTokenizer()
 S, B = 64, 4
-KEYS = {
-    "inputs": np.int32,
-    "targets": np.int32,
-    "segment_ids": np.int32,
-    "positions": np.int32,
-    "loss_mask": np.float32,
-}
 
 
 @pytest.fixture(scope="module")
@@ -51,32 +46,32 @@ def epoch_chunks(docs, **kw) -> list[tuple[tuple[int, ...], tuple[int, ...]]]:
   return [(tuple(c["inputs"].tolist()), tuple(c["targets"].tolist())) for doc in ds for c in split.flat_map(doc)]
 
 
-def segments(batch) -> list[tuple[tuple[int, ...], tuple[int, ...]]]:
+def segments(batch: Batch) -> list[tuple[tuple[int, ...], tuple[int, ...]]]:
   """(inputs, targets) of every packed segment in a batch."""
   out = []
-  for inputs, targets, seg in zip(batch["inputs"], batch["targets"], batch["segment_ids"]):
+  for inputs, targets, seg in zip(batch.inputs, batch.targets, batch.segment_ids):
     for s in range(1, seg.max() + 1):
       out.append((tuple(inputs[seg == s].tolist()), tuple(targets[seg == s].tolist())))
   return out
 
 
-def take(it, n: int) -> list[dict[str, np.ndarray]]:
+def take(it, n: int) -> list[Batch]:
   return list(itertools.islice(it, n))
 
 
 def assert_same_batches(xs, ys):
   assert len(xs) == len(ys)
   for x, y in zip(xs, ys):
-    for k in KEYS:
-      np.testing.assert_array_equal(x[k], y[k], err_msg=k)
+    for name, a, b in zip(Batch._fields, x, y):
+      np.testing.assert_array_equal(a, b, err_msg=name)
 
 
-def check_batch(b: dict[str, np.ndarray], batch_size: int, seq_len: int) -> None:
+def check_batch(b: Batch, batch_size: int, seq_len: int) -> None:
   """Every invariant of a packed batch that can be checked from the batch alone."""
-  assert set(b) == set(KEYS)
-  for k, dtype in KEYS.items():
-    assert b[k].shape == (batch_size, seq_len) and b[k].dtype == dtype, k
-  inputs, targets, seg, pos, mask = (b[k] for k in KEYS)
+  assert isinstance(b, Batch)
+  for name, x, dtype in zip(Batch._fields, b, DTYPES):
+    assert x.shape == (batch_size, seq_len) and x.dtype == dtype, name
+  inputs, targets, seg, pos, mask = b.inputs, b.targets, b.segment_ids, b.positions, b.loss_mask
   pad, eos = seg == 0, inputs == TOK.eos_id
   assert (inputs[pad] == TOK.pad_id).all() and (targets[pad] == TOK.pad_id).all() and (pos[pad] == 0).all()
   assert not (inputs[~pad] == TOK.pad_id).any()
@@ -140,7 +135,7 @@ def test_batches_are_packed_segments_of_chunks(docs):
     check_batch(b, B, S)
   segs = [seg for b in batches for seg in segments(b)]
   assert set(segs) == set(reference_chunks(docs, S))  # ~3 epochs: every chunk seen
-  assert max(b["segment_ids"].max() for b in batches) > 1  # short chunks share rows
+  assert max(b.segment_ids.max() for b in batches) > 1  # short chunks share rows
 
 
 def test_real_corpus_batches():
@@ -154,7 +149,7 @@ def test_same_seed_same_batches_other_seed_differs(docs):
   first = take(make(7), 40)
   assert_same_batches(first, take(make(7), 40))
   other = take(make(8), 40)
-  assert any((x["inputs"] != y["inputs"]).any() for x, y in zip(first, other))
+  assert any((x.inputs != y.inputs).any() for x, y in zip(first, other))
 
 
 @pytest.mark.parametrize("steps", [0, 1, 5, 37])  # 37 batches is past the first epoch
@@ -205,3 +200,25 @@ def test_throughput_8x256():
   take(it, 200)
   rate = 200 / (time.perf_counter() - start)
   assert rate >= 50, f"{rate:.0f} batches/s"
+
+
+def test_batch_abstract_and_unpacked():
+  """Batch.abstract gives each field's ShapeDtypeStruct; Batch.unpacked makes whole-row segments."""
+  sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  abstract = Batch.abstract(B, S, sharding)
+  assert isinstance(abstract, Batch)
+  for x, dtype in zip(abstract, DTYPES):
+    assert (x.shape, x.dtype, x.sharding) == ((B, S), dtype, sharding)
+  b = Batch.unpacked(np.arange(6).reshape(2, 3), np.arange(1, 7).reshape(2, 3))
+  assert [x.dtype for x in b] == list(DTYPES)
+  np.testing.assert_array_equal(b.positions, [[0, 1, 2], [0, 1, 2]])
+  assert (b.segment_ids == 1).all() and (b.loss_mask == 1).all() and b.targets[1, 2] == 6
+
+
+def test_sharded_batches_concatenate_streams_field_by_field(docs):
+  """ShardedBatches yields a Batch whose rows are its streams' rows, stream after stream."""
+  kw = dict(tokenizer=TOK, seq_len=S, seed=0, documents=docs)
+  got = next(pipeline.ShardedBatches(num_shards=2, global_batch_size=2 * B, process_index=0, process_count=1, **kw))
+  streams = [next(pipeline.make_train_iterator(batch_size=B, process_index=v, process_count=2, **kw)) for v in (0, 1)]
+  check_batch(got, 2 * B, S)
+  assert_same_batches([Batch(*(x[:B] for x in got)), Batch(*(x[B:] for x in got))], streams)

@@ -135,7 +135,7 @@ def test_kimi_tokenizer_shards(docs, tmp_path):
   assert as_lists(source) == [tokens(d, tok) for d in docs]
   it = pipeline.make_train_iterator(tokenizer=tok, seq_len=32, batch_size=2, seed=0, source=source)
   batches = list(itertools.islice(it, 10))
-  inputs, seg = (np.stack([b[k] for b in batches]) for k in ("inputs", "segment_ids"))
+  inputs, seg = np.stack([b.inputs for b in batches]), np.stack([b.segment_ids for b in batches])
   assert inputs.max() < tok.vocab_size and (inputs == tok.bos_id).any() and (inputs[seg == 0] == tok.pad_id).all()
   with pytest.raises(ValueError, match=r"out was prepared with tokenizer 'tiktoken.model' .* but training uses "
                                        r"\{'vocab_size': 259"):

@@ -28,7 +28,7 @@ def test_document_logits_do_not_depend_on_packed_neighbours():
   rng = np.random.default_rng(0)
   docs = [f"{i}: " + "".join(rng.choice(list("abcdefgh日 "), size=rng.integers(2, 25))) for i in range(12)]
   batch = next(pipeline.make_train_iterator(tokenizer=TOK, seq_len=S, batch_size=B, seed=0, documents=docs))
-  seg, pos = batch["segment_ids"], batch["positions"]
+  seg, pos = batch.segment_ids, batch.positions
   where = [(b, s) for b in range(B) for s in range(1, seg[b].max() + 1)]  # N packed documents
   assert len(where) >= 5, "rows must hold several documents"
 
@@ -37,12 +37,12 @@ def test_document_logits_do_not_depend_on_packed_neighbours():
   alone = np.full((len(where), S), TOK.pad_id, np.int32)
   alone_seg = np.zeros((len(where), S), np.int32)
   for n, (b, s) in enumerate(where):
-    doc = batch["inputs"][b][seg[b] == s]
+    doc = batch.inputs[b][seg[b] == s]
     assert doc[0] == TOK.bos_id and doc[-1] == TOK.eos_id, "whole documents"
     alone[n, :len(doc)], alone_seg[n, :len(doc)] = doc, 1
   alone_pos = np.where(alone_seg > 0, np.arange(S), 0)
   logits = np.asarray(logits_fn(
-      model, np.concatenate([batch["inputs"], alone, batch["inputs"]]), np.concatenate([pos, alone_pos, pos]),
+      model, np.concatenate([batch.inputs, alone, batch.inputs]), np.concatenate([pos, alone_pos, pos]),
       np.concatenate([seg, alone_seg, (seg > 0).astype(np.int32)]).astype(np.int32)))  # [B + N + B, S, V]
   packed, single, leaky = logits[:B], logits[B:-B], logits[-B:]
 

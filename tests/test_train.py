@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from kimi_jax.train import train, update_router_bias
+from kimi_jax.train import ROUTER_BIAS_PATH, router_biases, train, update_router_bias, with_router_biases
 from kimi_jax.train_config import base_config
 
 
@@ -72,6 +72,25 @@ def test_router_bias_update_moves_toward_balance():
   bias = jnp.zeros((1, 4))
   load = jnp.array([[10, 0, 5, 5]])
   np.testing.assert_allclose(update_router_bias(bias, load, 0.1), [[-0.1, 0.1, 0.0, 0.0]])
+
+
+def test_router_biases_are_found_and_replaced_by_name():
+  """ROUTER_BIAS_PATH names the model's one RouterBias [L, E]; replacing it leaves the given dict as it was."""
+  import jax
+  from flax import nnx
+
+  from kimi_jax.layers.moe import RouterBias
+  from kimi_jax.model_stats import abstract_model
+  from kimi_jax.train_config import model_config
+
+  cfg = model_config(small_config(1))
+  biases = nnx.state(abstract_model(cfg), RouterBias).to_pure_dict()
+  [(path, leaf)] = jax.tree_util.tree_flatten_with_path(biases)[0]
+  assert tuple(k.key for k in path) == ROUTER_BIAS_PATH
+  assert leaf.shape == (cfg.num_moe_layers, cfg.n_routed_experts)
+  rest = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), biases)
+  new = with_router_biases(rest, jnp.ones(leaf.shape))
+  assert float(router_biases(new).sum()) == leaf.size and float(router_biases(rest).sum()) == 0
 
 
 def test_unknown_config_field_is_an_error(tmp_path):

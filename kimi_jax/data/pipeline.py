@@ -34,6 +34,7 @@ import functools
 import grain
 import numpy as np
 
+from kimi_jax.data.batch import Batch
 from kimi_jax.data.sources import DocumentSource, TokenizedTexts, load_corpus
 from kimi_jax.data.tokenizer import Tokenizer
 
@@ -94,12 +95,7 @@ def make_train_iterator(
     process_index, process_count: this host's shard (typically jax.process_index(), jax.process_count()).
 
   Yields:
-    dicts of numpy arrays, all [B, S]:
-      inputs: int32 token ids; PAD on padding.
-      targets: int32, the next token of the same document; PAD at each document's EOS and on padding.
-      segment_ids: int32, 1, 2, ... for the chunks packed into a row, 0 on padding.
-      positions: int32, 0, 1, ... restarting at each segment; 0 on padding.
-      loss_mask: float32, 1 where targets is a real token: 0 on padding and on each document's last token.
+    `Batch`es of numpy arrays, every field [B, S] (see `kimi_jax.data.batch` for the fields and dtypes).
   """
   if seq_len < 1:
     raise ValueError(f"seq_len must be >= 1, got {seq_len}")
@@ -133,15 +129,15 @@ def _scramble(seed: int, stream: int) -> int:
   return int(np.random.SeedSequence([seed, stream]).generate_state(1)[0])
 
 
-def _to_model_batch(packed: dict[str, np.ndarray], *, pad_id: int) -> dict[str, np.ndarray]:
-  """Renames grain's packing outputs (all [B, S]) and derives loss_mask: [B, S] float32."""
-  return {
-      "inputs": packed["inputs"],
-      "targets": packed["targets"],
-      "segment_ids": packed["inputs_segment_ids"],
-      "positions": packed["inputs_positions"],
-      "loss_mask": (packed["targets"] != pad_id).astype(np.float32),
-  }
+def _to_model_batch(packed: dict[str, np.ndarray], *, pad_id: int) -> Batch:
+  """grain's packing outputs (all [B, S]) as a Batch, with loss_mask [B, S] derived from the targets."""
+  return Batch(
+      inputs=packed["inputs"],
+      targets=packed["targets"],
+      segment_ids=packed["inputs_segment_ids"],
+      positions=packed["inputs_positions"],
+      loss_mask=(packed["targets"] != pad_id).astype(np.float32),
+  )
 
 
 class ShardedBatches:
@@ -150,7 +146,7 @@ class ShardedBatches:
   Stream v is `make_train_iterator(..., process_index=v, process_count=num_shards)` with B / num_shards rows
   per batch, so what row r of the global batch holds depends on `num_shards`, not on how many processes
   read it: 1 process × 8 devices and 2 processes × 4 devices train on identical data. Yields this process's
-  rows, [B / process_count, S] per field; `get_state` / `set_state` cover all of its streams.
+  rows as a `Batch`, [B / process_count, S] per field; `get_state` / `set_state` cover all of its streams.
   """
 
   def __init__(self, *, num_shards: int, global_batch_size: int, process_index: int, process_count: int,
@@ -169,9 +165,9 @@ class ShardedBatches:
   def __iter__(self):
     return self
 
-  def __next__(self) -> dict[str, np.ndarray]:
+  def __next__(self) -> Batch:
     parts = [next(stream) for stream in self._streams]
-    return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+    return Batch(*(np.concatenate(field) for field in zip(*parts)))  # each field's rows, stream after stream
 
   def get_state(self) -> dict:
     return {"streams": [stream.get_state() for stream in self._streams]}

@@ -9,21 +9,26 @@ Builds the abstract model, optimizer state and batch with their shardings over a
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
 import re
 
 import jax
-import numpy as np
+import ml_collections
+import optax
 from absl import app, flags
+from flax import nnx
 from ml_collections import config_flags
 
 from kimi_jax import sharding
 from kimi_jax.backend import target_platform
 from kimi_jax.chips import HBM_BYTES, PEAK_FLOPS
+from kimi_jax.config import ModelConfig
+from kimi_jax.data.batch import Batch
 from kimi_jax.model_stats import count_params, train_flops_per_step
-from kimi_jax.train import build_optimizer, make_train_step, model_shapes
+from kimi_jax.train import TrainState, abstract_train_state, build_optimizer, make_train_step, model_shapes
 from kimi_jax.train_config import model_config
 
 COLLECTIVES = ("all-reduce", "all-gather", "all-to-all", "reduce-scatter", "collective-permute")
@@ -53,23 +58,33 @@ def topology_devices(topology: str) -> list:
   return topologies.get_topology_desc(topology, "tpu").devices
 
 
-def abstract_train_state(c, devices) -> dict:
-  """Mesh, model config, optimizer and the abstract (shape, dtype, sharding) params, router state and optimizer
-  state of run config `c` over `devices`; nothing is allocated."""
+@dataclasses.dataclass(frozen=True)
+class AbstractTraining:
+  """Run config `c`'s training over a topology's devices, from shapes alone (nothing is allocated)."""
+  c: ml_collections.ConfigDict
+  mesh: jax.sharding.Mesh
+  cfg: ModelConfig
+  graphdef: nnx.GraphDef
+  tx: optax.GradientTransformationExtraArgs
+  state: TrainState  # ShapeDtypeStructs carrying their NamedShardings on `mesh`
+
+  def train_step(self):
+    """`train.make_train_step` for this run, its state's layout pinned to `state`'s shardings."""
+    return make_train_step(self.graphdef, self.tx, self.c, self.state.shardings())
+
+  def batch(self) -> Batch:
+    """The global batch [c.batch_size, c.seq_len] as ShapeDtypeStructs, split over the mesh."""
+    return Batch.abstract(self.c.batch_size, self.c.seq_len, sharding.batch_sharding(self.mesh))
+
+
+def abstract_training(c, devices) -> AbstractTraining:
+  """Mesh, model config, optimizer and abstract train state of run config `c` over `devices`."""
   mesh = sharding.make_mesh(c.mesh, devices=devices)
   cfg = model_config(c)
   shapes = model_shapes(cfg, mesh)
-  param_sh, rest_sh = shapes.param_shardings, shapes.rest_shardings
   with target_platform(devices[0].platform):  # the optimizer picks its kernels for the target
-    tx = build_optimizer(c, cfg, param_sh)
-  with_sharding = lambda tree, sh: jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                                                tree, sh)
-  params = with_sharding(shapes.params.to_pure_dict(), param_sh)
-  rest = with_sharding(shapes.rest.to_pure_dict(), rest_sh)
-  opt_state = jax.eval_shape(tx.init, params)
-  opt_sh = sharding.like_params(opt_state, params, param_sh, mesh)
-  return dict(mesh=mesh, cfg=cfg, graphdef=shapes.graphdef, tx=tx, params=params, rest=rest,
-              opt_state=with_sharding(opt_state, opt_sh), shardings=(param_sh, rest_sh, opt_sh))
+    tx = build_optimizer(c, cfg, shapes.param_shardings)
+  return AbstractTraining(c, mesh, cfg, shapes.graphdef, tx, abstract_train_state(shapes, tx, mesh))
 
 
 def compile_train_step(c, topology: str, mfu: float = 0.4) -> dict:
@@ -78,21 +93,16 @@ def compile_train_step(c, topology: str, mfu: float = 0.4) -> dict:
   chip = topology.split(":")[0]
   peak_flops, hbm = PEAK_FLOPS[chip], HBM_BYTES[chip]
   sharding.check_batch(c.batch_size, sharding.make_mesh(c.mesh, devices=devices))
-  state = abstract_train_state(c, devices)
-  mesh, cfg, params, rest, opt_state = (state[k] for k in ("mesh", "cfg", "params", "rest", "opt_state"))
-  batch_sh = sharding.batch_sharding(mesh)
-  shape = (c.batch_size, c.seq_len)
-  batch = {k: jax.ShapeDtypeStruct(shape, np.float32 if k == "loss_mask" else np.int32, sharding=batch_sh)
-           for k in ("inputs", "targets", "segment_ids", "positions", "loss_mask")}
-
-  step = make_train_step(state["graphdef"], state["tx"], c, state["shardings"])
+  training = abstract_training(c, devices)
+  mesh, cfg = training.mesh, training.cfg
+  step = training.train_step()
   tokens = c.batch_size * c.seq_len
   model_flops = train_flops_per_step(cfg, c.batch_size, c.seq_len)
   report = {"topology": topology, "chips": len(devices), "mesh": dict(mesh.shape), "global_batch_tokens": tokens,
             "microbatches": c.microbatches, "total_params": count_params(cfg)["total_params"],
             "hbm_bytes_per_chip": hbm, "flops_per_step": model_flops}
   with target_platform("tpu"), sharding.use_mesh(mesh):
-    lowered = step.lower(params, rest, opt_state, batch)
+    lowered = step.lower(training.state, training.batch())
     try:
       compiled = lowered.compile()
     except jax.errors.JaxRuntimeError as e:  # libtpu refuses programs that cannot fit; report, don't crash
