@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 WORKDIR ?= runs/demo
 PYTEST_ARGS ?=
 
-.PHONY: demo test test-slow bench clean
+.PHONY: demo test lint test-slow bench clean
 
 $(STAMP): setup.py
 	@set -e; \
@@ -25,6 +25,10 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	JAX_PLATFORMS=$${JAX_PLATFORMS:-cpu} $(PY) -m pytest -q $(PYTEST_ARGS)
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/ruff check .
 
 test-slow: $(STAMP)
 	$(PY) -m pip install -q -e '.[test,notebook,bench]'

@@ -34,9 +34,11 @@ sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "tests"))  # the synthetic-release builder is test data
 from builders.synthetic import FORMATS, k2_shaped, write_synthetic  # noqa: E402
 
-_MEASURE = ("import resource, subprocess, sys, time; t = time.perf_counter(); "
-            "subprocess.run(sys.argv[1:], check=True, stdout=subprocess.DEVNULL); "
-            "print(time.perf_counter() - t, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)")
+_MEASURE = (
+  "import resource, subprocess, sys, time; t = time.perf_counter(); "
+  "subprocess.run(sys.argv[1:], check=True, stdout=subprocess.DEVNULL); "
+  "print(time.perf_counter() - t, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)"
+)
 
 
 def drop_cache(directory: str) -> None:
@@ -61,15 +63,22 @@ def raw_read(directory: str) -> tuple[float, int]:
 
 def measure(cmd: list[str]) -> tuple[float, float]:
   """(seconds, peak RSS GiB) of `cmd` run in a fresh process."""
-  out = subprocess.run([sys.executable, "-c", _MEASURE, *cmd], capture_output=True, text=True, check=True,
-                       cwd=ROOT, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+  out = subprocess.run(
+    [sys.executable, "-c", _MEASURE, *cmd],
+    capture_output=True,
+    text=True,
+    check=True,
+    cwd=ROOT,
+    env={**os.environ, "JAX_PLATFORMS": "cpu"},
+  )
   seconds, rss_kib = out.stdout.split()
   return float(seconds), int(rss_kib) / 2**20
 
 
 def dir_bytes(directory: str) -> int:
-  return sum(os.path.getsize(p) for p in glob.glob(os.path.join(directory, "**", "*"), recursive=True)
-             if os.path.isfile(p))
+  return sum(
+    os.path.getsize(p) for p in glob.glob(os.path.join(directory, "**", "*"), recursive=True) if os.path.isfile(p)
+  )
 
 
 def assert_same_arrays(a: str, b: str) -> None:
@@ -85,7 +94,7 @@ def assert_same_arrays(a: str, b: str) -> None:
     x, y = orbax_arrays.open_array(sa, path, ctx), orbax_arrays.open_array(sb, path, ctx)
     if x.dtype != y.dtype or x.shape != y.shape:
       raise AssertionError(f"{'.'.join(path)}: {x.dtype}{x.shape} in {a}, {y.dtype}{y.shape} in {b}")
-    for i in itertools.product(*(range(n) for n in x.shape[:max(x.ndim - 2, 0)])):  # one matrix at a time
+    for i in itertools.product(*(range(n) for n in x.shape[: max(x.ndim - 2, 0)])):  # one matrix at a time
       if x[i].read().result().tobytes() != y[i].read().result().tobytes():
         raise AssertionError(f"{'.'.join(path)}{list(i)} differs between {a} and {b}")
 
@@ -95,8 +104,11 @@ def main():
   parser.add_argument("--gb", type=float, default=1.0, help="approximate size of the routed experts")
   parser.add_argument("--format", choices=FORMATS, default="fp8")
   parser.add_argument("--workers", default="1,4", help="comma-separated worker counts for hf-to-orbax")
-  parser.add_argument("--processes", default="1,2,4",
-                      help="comma-separated process counts for the multi-process hf-to-orbax rows ('' for none)")
+  parser.add_argument(
+    "--processes",
+    default="1,2,4",
+    help="comma-separated process counts for the multi-process hf-to-orbax rows ('' for none)",
+  )
   parser.add_argument("--process_workers", type=int, default=1, help="--workers of each of those processes")
   parser.add_argument("--dir", default=tempfile.gettempdir(), help="where to write (needs ~4x --gb of space)")
   parser.add_argument("--keep", action="store_true", help="keep the files")
@@ -110,8 +122,11 @@ def main():
     cfg = k2_shaped(args.gb, args.format)
     start = time.perf_counter()
     size = write_synthetic(hf, cfg, args.format, max_shard_bytes=1 << 30)
-    print(f"synthetic {args.format} release: {size / 1e9:.2f} GB, {cfg.num_hidden_layers} layers, "
-          f"{cfg.n_routed_experts} experts, written in {time.perf_counter() - start:.1f} s", flush=True)
+    print(
+      f"synthetic {args.format} release: {size / 1e9:.2f} GB, {cfg.num_hidden_layers} layers, "
+      f"{cfg.n_routed_experts} experts, written in {time.perf_counter() - start:.1f} s",
+      flush=True,
+    )
     drop_cache(hf)
     seconds, nbytes = raw_read(hf)
     rows.append(("raw read (1 thread)", nbytes, seconds, None))
@@ -119,17 +134,49 @@ def main():
     for workers in (int(w) for w in args.workers.split(",")):
       ckpt = os.path.join(work, f"orbax_{workers}")
       drop_cache(hf)
-      seconds, rss = measure([*convert, "hf-to-orbax", "--hf_dir", hf, "--out_dir", ckpt, "--dtype", "bfloat16",
-                              "--workers", str(workers), "--noprogress"])
+      seconds, rss = measure(
+        [
+          *convert,
+          "hf-to-orbax",
+          "--hf_dir",
+          hf,
+          "--out_dir",
+          ckpt,
+          "--dtype",
+          "bfloat16",
+          "--workers",
+          str(workers),
+          "--noprogress",
+        ]
+      )
       rows.append((f"hf-to-orbax bf16, {workers} worker(s)", size, seconds, rss))
       print(rows[-1], flush=True)
     first = None
     for processes in (int(p) for p in args.processes.split(",") if p):
       out = os.path.join(work, f"orbax_{processes}p")
       drop_cache(hf)
-      seconds, rss = measure([sys.executable, "-m", "launch.local", "--num_processes", str(processes), "--",
-                              "-m", "kimi_jax.convert", "hf-to-orbax", "--hf_dir", hf, "--out_dir", out,
-                              "--dtype", "bfloat16", "--workers", str(args.process_workers), "--noprogress"])
+      seconds, rss = measure(
+        [
+          sys.executable,
+          "-m",
+          "launch.local",
+          "--num_processes",
+          str(processes),
+          "--",
+          "-m",
+          "kimi_jax.convert",
+          "hf-to-orbax",
+          "--hf_dir",
+          hf,
+          "--out_dir",
+          out,
+          "--dtype",
+          "bfloat16",
+          "--workers",
+          str(args.process_workers),
+          "--noprogress",
+        ]
+      )
       rows.append((f"hf-to-orbax bf16, {processes} proc x {args.process_workers} worker(s)", size, seconds, rss))
       print(rows[-1], flush=True)
       if first is None:
@@ -140,10 +187,23 @@ def main():
     for fp8 in (False, True):
       out = os.path.join(work, f"hf_{fp8}")
       drop_cache(ckpt)
-      seconds, rss = measure([*convert, "orbax-to-hf", "--checkpoint", ckpt, "--out_dir", out, "--workers", "4",
-                              "--noprogress", *(["--fp8"] if fp8 else [])])
-      rows.append((f"orbax-to-hf {'fp8' if fp8 else 'bf16'}, 4 workers", dir_bytes(os.path.join(ckpt, "state")),
-                   seconds, rss))
+      seconds, rss = measure(
+        [
+          *convert,
+          "orbax-to-hf",
+          "--checkpoint",
+          ckpt,
+          "--out_dir",
+          out,
+          "--workers",
+          "4",
+          "--noprogress",
+          *(["--fp8"] if fp8 else []),
+        ]
+      )
+      rows.append(
+        (f"orbax-to-hf {'fp8' if fp8 else 'bf16'}, 4 workers", dir_bytes(os.path.join(ckpt, "state")), seconds, rss)
+      )
       shutil.rmtree(out)
   finally:
     if not args.keep:

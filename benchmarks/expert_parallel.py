@@ -21,6 +21,7 @@ os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")  
 import argparse  # noqa: E402
 import math  # noqa: E402
 
+from _timing import time_ms  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
@@ -28,7 +29,6 @@ import numpy as np  # noqa: E402
 from kimi_jax import backend  # noqa: E402
 from kimi_jax.expert_parallel import expert_parallel_moe  # noqa: E402
 from kimi_jax.layers.experts import routed_experts  # noqa: E402
-from _timing import time_ms  # noqa: E402
 
 
 def _step(moe):
@@ -55,7 +55,7 @@ def _bytes_moved(idx: np.ndarray, mesh, strategy: str, capacity_factor, num_expe
     slot = pairs if capacity_factor is None else min(pairs, math.ceil(capacity_factor * pairs / n))
     rows = mesh.size * (n - 1) * slot  # every slot is shipped, full or not
   else:
-    later = math.prod(list(mesh.shape.values())[list(mesh.axis_names).index("expert") + 1:])
+    later = math.prod(list(mesh.shape.values())[list(mesh.axis_names).index("expert") + 1 :])
     source = np.arange(mesh.size)[:, None] // later % n  # each shard's position on the expert axis
     rows = int((shards // (num_experts // n) != source).sum())  # pairs routed off-device (dropless: a bound)
   return 4 * rows * row_bytes
@@ -70,8 +70,12 @@ def main():
   parser.add_argument("--top_k", type=int, default=4)
   parser.add_argument("--dtype", default="float32")
   parser.add_argument("--capacity_factor", type=float, default=1.25)
-  parser.add_argument("--meshes", default=None, help="';'-separated mesh specs, each using every device "
-                      "(default: expert=8;data=2,expert=4;data=4,expert=2 on 8 devices, else expert=<devices>)")
+  parser.add_argument(
+    "--meshes",
+    default=None,
+    help="';'-separated mesh specs, each using every device "
+    "(default: expert=8;data=2,expert=4;data=4,expert=2 on 8 devices, else expert=<devices>)",
+  )
   parser.add_argument("--iters", type=int, default=5)
   args = parser.parse_args()
 
@@ -89,8 +93,9 @@ def main():
 
   reference = _step(lambda x, w, g, u, dn: routed_experts(x, idx, w, g, u, dn, impl="auto"))
   rows = [("1 device", "routed_experts(auto)", "-", time_ms(reference, params, args.iters), 0, 0.0)]
-  meshes = args.meshes or ("expert=8;data=2,expert=4;data=4,expert=2" if jax.device_count() == 8
-                            else f"expert={jax.device_count()}")
+  meshes = args.meshes or (
+    "expert=8;data=2,expert=4;data=4,expert=2" if jax.device_count() == 8 else f"expert={jax.device_count()}"
+  )
   for spec in meshes.split(";"):
     mesh = _mesh(spec)
     for strategy in ("all_to_all", "ragged_all_to_all"):
@@ -100,13 +105,18 @@ def main():
         if strategy == "ragged_all_to_all" and backend.platform() == "cpu":  # XLA:CPU has no ragged all-to-all
           rows.append((spec, strategy, label, None, None, moved))
           continue
-        step = _step(lambda x, w, g, u, dn, mesh=mesh, strategy=strategy, factor=factor: expert_parallel_moe(
-            x, idx, w, g, u, dn, mesh=mesh, strategy=strategy, capacity_factor=factor))
+        step = _step(
+          lambda x, w, g, u, dn, mesh=mesh, strategy=strategy, factor=factor: expert_parallel_moe(
+            x, idx, w, g, u, dn, mesh=mesh, strategy=strategy, capacity_factor=factor
+          )
+        )
         rows.append((spec, strategy, label, time_ms(step, params, args.iters), int(step(*params)[1]), moved))
 
   header = ("mesh", "strategy", "capacity", "ms fwd+bwd", "dropped", "MB moved")
-  table = [header] + [(m, s, c, "n/a" if ms is None else f"{ms:.1f}", "-" if dr is None else str(dr), f"{mb:.1f}")
-                      for m, s, c, ms, dr, mb in rows]
+  table = [header] + [
+    (m, s, c, "n/a" if ms is None else f"{ms:.1f}", "-" if dr is None else str(dr), f"{mb:.1f}")
+    for m, s, c, ms, dr, mb in rows
+  ]
   widths = [max(len(row[i]) for row in table) for i in range(len(header))]
   for row in table:
     print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)))

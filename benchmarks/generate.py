@@ -18,10 +18,10 @@ import argparse
 import statistics
 import time
 
+from flax import nnx
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
 from kimi_jax import generate as gen
 from kimi_jax.config import ModelConfig
@@ -34,12 +34,32 @@ PROMPT = 16
 def k2_attention_config(heads: int, layers: int, dtype: str) -> ModelConfig:
   """K2's MLA dimensions and YaRN, with a small hidden size, vocab and MoE so it fits a CPU."""
   return ModelConfig(
-      vocab_size=4096, hidden_size=1024, num_hidden_layers=layers, first_k_dense_replace=1,
-      intermediate_size=2048, moe_intermediate_size=256, n_routed_experts=8, num_experts_per_tok=2,
-      n_shared_experts=1, routed_scaling_factor=2.827, num_attention_heads=heads, q_lora_rank=1536,
-      kv_lora_rank=512, qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128, rope_theta=50000.0,
-      rope_factor=32.0, rope_beta_fast=1.0, rope_beta_slow=1.0, rope_mscale=1.0, rope_mscale_all_dim=1.0,
-      max_position_embeddings=131072, dtype=dtype, param_dtype=dtype)
+    vocab_size=4096,
+    hidden_size=1024,
+    num_hidden_layers=layers,
+    first_k_dense_replace=1,
+    intermediate_size=2048,
+    moe_intermediate_size=256,
+    n_routed_experts=8,
+    num_experts_per_tok=2,
+    n_shared_experts=1,
+    routed_scaling_factor=2.827,
+    num_attention_heads=heads,
+    q_lora_rank=1536,
+    kv_lora_rank=512,
+    qk_nope_head_dim=128,
+    qk_rope_head_dim=64,
+    v_head_dim=128,
+    rope_theta=50000.0,
+    rope_factor=32.0,
+    rope_beta_fast=1.0,
+    rope_beta_slow=1.0,
+    rope_mscale=1.0,
+    rope_mscale_all_dim=1.0,
+    max_position_embeddings=131072,
+    dtype=dtype,
+    param_dtype=dtype,
+  )
 
 
 def random_model(cfg: ModelConfig) -> KimiK2:
@@ -48,10 +68,14 @@ def random_model(cfg: ModelConfig) -> KimiK2:
   state = nnx.state(model, nnx.Variable).to_pure_dict()
   leaves, treedef = jax.tree.flatten_with_path(state)
   keys = jax.random.split(jax.random.key(0), len(leaves))
-  values = [jnp.ones(a.shape, a.dtype) if path[-1].key == "scale" else
-            jnp.zeros(a.shape, a.dtype) if path[-1].key == "bias" else
-            (0.02 * jax.random.normal(k, a.shape)).astype(a.dtype)
-            for (path, a), k in zip(leaves, keys)]
+  values = [
+    jnp.ones(a.shape, a.dtype)
+    if path[-1].key == "scale"
+    else jnp.zeros(a.shape, a.dtype)
+    if path[-1].key == "bias"
+    else (0.02 * jax.random.normal(k, a.shape)).astype(a.dtype)
+    for (path, a), k in zip(leaves, keys)
+  ]
   nnx.update(model, jax.tree.unflatten(treedef, values))
   return model
 
@@ -86,20 +110,25 @@ def main():
   model = random_model(cfg)
   itemsize = jnp.dtype(args.dtype).itemsize
   print(f"backend: {jax.default_backend()} ({jax.devices()[0].device_kind}), jax {jax.__version__}")
-  print(f"model: K2 attention dims, H={cfg.num_attention_heads}, L={cfg.num_hidden_layers}, D={cfg.hidden_size}, "
-        f"{args.dtype}; B={args.batch}; decode attention impl xla\n")
-  print(f"{'cache':<9} {'T':>6} {'values/tok/layer':>16} {'cache MB':>9} {'ms/step':>8} {'tokens/s':>9} "
-        f"{'vs latent':>9}")
+  print(
+    f"model: K2 attention dims, H={cfg.num_attention_heads}, L={cfg.num_hidden_layers}, D={cfg.hidden_size}, "
+    f"{args.dtype}; B={args.batch}; decode attention impl xla\n"
+  )
+  print(
+    f"{'cache':<9} {'T':>6} {'values/tok/layer':>16} {'cache MB':>9} {'ms/step':>8} {'tokens/s':>9} {'vs latent':>9}"
+  )
   for max_len in (int(t) for t in args.lengths.split(",")):
     latent_rate = None
     for kind in CACHE_KINDS:
-      shapes = jax.eval_shape(lambda: gen.init_cache(cfg, args.batch, max_len, kind))
+      shapes = jax.eval_shape(lambda max_len=max_len, kind=kind: gen.init_cache(cfg, args.batch, max_len, kind))
       values = sum(int(np.prod(a.shape)) for a in jax.tree.leaves(shapes))
       per_token = values // (cfg.num_hidden_layers * args.batch * max_len)
       rate = args.batch / time_decode(model, args.batch, max_len, kind, args.steps)
       latent_rate = latent_rate or rate
-      print(f"{kind:<9} {max_len:>6} {per_token:>16} {values * itemsize / 2**20:>9.1f} "
-            f"{1e3 * args.batch / rate:>8.2f} {rate:>9.1f} {rate / latent_rate:>8.2f}x")
+      print(
+        f"{kind:<9} {max_len:>6} {per_token:>16} {values * itemsize / 2**20:>9.1f} "
+        f"{1e3 * args.batch / rate:>8.2f} {rate:>9.1f} {rate / latent_rate:>8.2f}x"
+      )
 
 
 if __name__ == "__main__":

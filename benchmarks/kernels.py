@@ -16,14 +16,14 @@ from __future__ import annotations
 
 import argparse
 
+from _timing import time_ms  # noqa: E402
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-import pallas_kernels as pk
 from kimi_jax import backend
 from kimi_jax.optim import newton_schulz_step
-from _timing import time_ms  # noqa: E402
+import pallas_kernels as pk
 
 
 def _gmm_cases(big):
@@ -39,9 +39,12 @@ def bench_gmm(impls, big, iters, rng):
     sizes = jnp.asarray(rng.multinomial(m, np.ones(g) / g), jnp.int32)  # uneven groups
     flops = 2 * int(sizes.sum()) * k * n
     for impl in impls:
-      fwd = jax.jit(lambda a, b, impl=impl: pk.gmm(a, b, sizes, impl=impl))
-      grad = jax.jit(jax.grad(lambda a, b, impl=impl: pk.gmm(a, b, sizes, impl=impl)
-                              .astype(jnp.float32).sum(), argnums=(0, 1)))
+      fwd = jax.jit(lambda a, b, impl=impl, sizes=sizes: pk.gmm(a, b, sizes, impl=impl))
+      grad = jax.jit(
+        jax.grad(
+          lambda a, b, impl=impl, sizes=sizes: pk.gmm(a, b, sizes, impl=impl).astype(jnp.float32).sum(), argnums=(0, 1)
+        )
+      )
       shape = f"M={m} K={k} N={n} G={g}"
       rows.append(("gmm fwd", shape, impl, time_ms(fwd, (lhs, rhs), iters), flops))
       rows.append(("gmm fwd+bwd", shape, impl, time_ms(grad, (lhs, rhs), iters), 3 * flops))
@@ -56,12 +59,14 @@ def bench_attention(impls, big, iters, rng):
   rows = []
   for impl in impls:
     fwd = jax.jit(lambda q, k, v, impl=impl: pk.flash_attention(q, k, v, impl=impl))
-    grad = jax.jit(jax.grad(lambda q, k, v, impl=impl: pk.flash_attention(q, k, v, impl=impl)
-                            .astype(jnp.float32).sum(), argnums=(0, 1, 2)))
+    grad = jax.jit(
+      jax.grad(
+        lambda q, k, v, impl=impl: pk.flash_attention(q, k, v, impl=impl).astype(jnp.float32).sum(), argnums=(0, 1, 2)
+      )
+    )
     shape = f"B={b} S={s} H={h} Dqk={dqk} Dv={dv}"
     rows.append(("attention fwd", shape, impl, time_ms(fwd, (q, k, v), iters), flops))
-    rows.append(("attention fwd+bwd", shape, impl, time_ms(grad, (q, k, v), iters),
-                 int(3.5 * flops)))
+    rows.append(("attention fwd+bwd", shape, impl, time_ms(grad, (q, k, v), iters), int(3.5 * flops)))
   return rows
 
 
@@ -73,8 +78,7 @@ def bench_mla_decode(impls, big, iters, rng):
   rows = []
   for impl in impls:
     fn = jax.jit(lambda *a, impl=impl: pk.mla_decode(*a, 0.13, impl=impl))
-    rows.append(("mla_decode", f"B={b} H={h} C={c} R={r} T={t}", impl,
-                 time_ms(fn, args, iters), flops))
+    rows.append(("mla_decode", f"B={b} H={h} C={c} R={r} T={t}", impl, time_ms(fn, args, iters), flops))
   return rows
 
 
@@ -91,14 +95,19 @@ def bench_newton_schulz(impls, big, iters, rng):
   return rows
 
 
-BENCHES = {"gmm": bench_gmm, "attention": bench_attention, "mla_decode": bench_mla_decode,
-           "newton_schulz": bench_newton_schulz}
+BENCHES = {
+  "gmm": bench_gmm,
+  "attention": bench_attention,
+  "mla_decode": bench_mla_decode,
+  "newton_schulz": bench_newton_schulz,
+}
 
 
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  parser.add_argument("--shapes", choices=["auto", "small", "k2"], default="auto",
-                      help="auto: k2 shapes on TPU/GPU, small ones on CPU")
+  parser.add_argument(
+    "--shapes", choices=["auto", "small", "k2"], default="auto", help="auto: k2 shapes on TPU/GPU, small ones on CPU"
+  )
   parser.add_argument("--only", choices=list(BENCHES), action="append")
   parser.add_argument("--iters", type=int, default=10)
   args = parser.parse_args()
@@ -107,11 +116,9 @@ def main():
   native = not pallas.get("interpret", False)  # interpret-mode timings mean nothing: XLA rows only
   impls = [pallas["impl"], "xla"] if native else ["xla"]
   big = args.shapes == "k2" or (args.shapes == "auto" and native)
-  print(f"backend: {jax.default_backend()} ({jax.devices()[0].device_kind}), "
-        f"jax {jax.__version__}")
+  print(f"backend: {jax.default_backend()} ({jax.devices()[0].device_kind}), jax {jax.__version__}")
   if not native:
-    print("CPU: XLA references only; the Pallas kernels need a TPU or GPU "
-          "(interpret-mode timings are meaningless).")
+    print("CPU: XLA references only; the Pallas kernels need a TPU or GPU (interpret-mode timings are meaningless).")
   rng = np.random.default_rng(0)
   rows = []
   for name in args.only or list(BENCHES):

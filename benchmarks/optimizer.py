@@ -27,8 +27,8 @@ import optax
 from kimi_jax import optim
 
 TREES = {
-    "tiny": dict(D=256, L=4, H=4, Cq=64, Ckv=32, Dn=32, Dr=16, Dv=32, F=512, E=16, Fe=128, Fs=128, V=1024),
-    "proxy": dict(D=512, L=8, H=8, Cq=192, Ckv=128, Dn=64, Dr=32, Dv=64, F=1536, E=32, Fe=256, Fs=256, V=32768),
+  "tiny": dict(D=256, L=4, H=4, Cq=64, Ckv=32, Dn=32, Dr=16, Dv=32, F=512, E=16, Fe=128, Fs=128, V=1024),
+  "proxy": dict(D=512, L=8, H=8, Cq=192, Ckv=128, Dn=64, Dr=32, Dv=64, F=1536, E=32, Fe=256, Fs=256, V=32768),
 }
 
 
@@ -37,18 +37,18 @@ def param_shapes(D, L, H, Cq, Ckv, Dn, Dr, Dv, F, E, Fe, Fs, V):
 
   def stack(n, mlp):
     return {
-        "attn_norm": {"scale": (n, D)},
-        "mlp_norm": {"scale": (n, D)},
-        "attn": {
-            "q_a": {"kernel": (n, D, Cq)},
-            "q_a_norm": {"scale": (n, Cq)},
-            "q_b": {"kernel": (n, Cq, H * (Dn + Dr))},
-            "kv_a": {"kernel": (n, D, Ckv + Dr)},
-            "kv_a_norm": {"scale": (n, Ckv)},
-            "kv_b": {"kernel": (n, Ckv, H * (Dn + Dv))},
-            "o": {"kernel": (n, H * Dv, D)},
-        },
-        "mlp": mlp,
+      "attn_norm": {"scale": (n, D)},
+      "mlp_norm": {"scale": (n, D)},
+      "attn": {
+        "q_a": {"kernel": (n, D, Cq)},
+        "q_a_norm": {"scale": (n, Cq)},
+        "q_b": {"kernel": (n, Cq, H * (Dn + Dr))},
+        "kv_a": {"kernel": (n, D, Ckv + Dr)},
+        "kv_a_norm": {"scale": (n, Ckv)},
+        "kv_b": {"kernel": (n, Ckv, H * (Dn + Dv))},
+        "o": {"kernel": (n, H * Dv, D)},
+      },
+      "mlp": mlp,
     }
 
   def ffn(n, hidden):
@@ -57,11 +57,11 @@ def param_shapes(D, L, H, Cq, Ckv, Dn, Dr, Dv, F, E, Fe, Fs, V):
   m = L - 1
   experts = {"gate": (m, E, D, Fe), "up": (m, E, D, Fe), "down": (m, E, Fe, D)}
   return {
-      "embed": {"embedding": (V, D)},
-      "final_norm": {"scale": (D,)},
-      "lm_head": {"kernel": (D, V)},
-      "dense_layers": stack(1, ffn(1, F)),
-      "moe_layers": stack(m, {"router": {"kernel": (m, D, E)}, "experts": experts, "shared": ffn(m, Fs)}),
+    "embed": {"embedding": (V, D)},
+    "final_norm": {"scale": (D,)},
+    "lm_head": {"kernel": (D, V)},
+    "dense_layers": stack(1, ffn(1, F)),
+    "moe_layers": stack(m, {"router": {"kernel": (m, D, E)}, "experts": experts, "shared": ffn(m, Fs)}),
   }
 
 
@@ -104,21 +104,30 @@ def main():
   parser.add_argument("--trees", nargs="+", default=list(TREES), choices=list(TREES))
   parser.add_argument("--iters", type=int, default=3)
   parser.add_argument("--ns-dtypes", nargs="+", default=["bfloat16"], help="also try float32 (CPU: similar speed)")
-  parser.add_argument("--ns-impls", nargs="+", default=["auto"], choices=["auto", "xla", "pallas"],
-                      help="Newton–Schulz implementation (auto: the Pallas kernel on TPU, XLA elsewhere)")
+  parser.add_argument(
+    "--ns-impls",
+    nargs="+",
+    default=["auto"],
+    choices=["auto", "xla", "pallas"],
+    help="Newton–Schulz implementation (auto: the Pallas kernel on TPU, XLA elsewhere)",
+  )
   args = parser.parse_args()
 
   print(f"device: {jax.devices()[0].device_kind} ({jax.default_backend()}), median of {args.iters}, compile excluded")
-  print(f"{'tree':6} {'params':>8} {'optimizer':26} {'update ms':>10} {'× adamw':>8} {'compile s':>10} "
-        f"{'NS TFLOP/s':>10}")
+  print(
+    f"{'tree':6} {'params':>8} {'optimizer':26} {'update ms':>10} {'× adamw':>8} {'compile s':>10} {'NS TFLOP/s':>10}"
+  )
   for name in args.trees:
     cfg = TREES[name]
     shapes = param_shapes(**cfg)
     params, grads = random_tree(shapes, 0), random_tree(shapes, 1)
     n = sum(x.size for x in jax.tree.leaves(params))
     # Above τ = 100 everywhere, so every head is clipped (the most work qk-clip can do).
-    max_logits = {s: jnp.full((params[s]["attn"]["q_b"]["kernel"].shape[0], cfg["H"]), 150.0) for s in params
-                  if s in ("dense_layers", "moe_layers")}
+    max_logits = {
+      s: jnp.full((params[s]["attn"]["q_b"]["kernel"].shape[0], cfg["H"]), 150.0)
+      for s in params
+      if s in ("dense_layers", "moe_layers")
+    }
     qk = optim.kimi_qk_clip(cfg["H"], cfg["Dn"], cfg["Dr"], cfg["Dv"])
     adamw = optax.adamw(2e-4, b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.1)
     adamw_c, adamw_t = time_update(adamw, params, grads, args.iters)
@@ -126,8 +135,7 @@ def main():
     rows = [("optax.adamw", adamw_c, adamw_t, "")]
     for dtype in args.ns_dtypes:
       for impl in args.ns_impls:
-        tx = optim.muon_clip(2e-4, ns_dtype=jnp.dtype(dtype), ns_impl=impl, muon_dims=optim.kimi_muon_dims,
-                             qk_clip=qk)
+        tx = optim.muon_clip(2e-4, ns_dtype=jnp.dtype(dtype), ns_impl=impl, muon_dims=optim.kimi_muon_dims, qk_clip=qk)
         compile_s, t = time_update(tx, params, grads, args.iters, max_logits=max_logits)
         rows.append((f"muon_clip ({dtype}, {impl})", compile_s, t, f"{flops / t / 1e12:.3f}"))
     for label, compile_s, t, rate in rows:

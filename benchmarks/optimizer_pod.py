@@ -42,13 +42,21 @@ class Row:
 
 def compile_update(c, devices, label) -> Row:
   training = abstract_training(c, devices)
-  mesh, cfg, tx, params, opt_state = (training.mesh, training.cfg, training.tx, training.state.params,
-                                      training.state.opt_state)
+  mesh, cfg, tx, params, opt_state = (
+    training.mesh,
+    training.cfg,
+    training.tx,
+    training.state.params,
+    training.state.opt_state,
+  )
   shardings = training.state.shardings()
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
   layers = {"dense_layers": cfg.first_k_dense_replace, "moe_layers": cfg.num_hidden_layers - cfg.first_k_dense_replace}
-  max_logits = {g: jax.ShapeDtypeStruct((layers[g], cfg.num_attention_heads), jnp.float32, sharding=replicated)
-                for g in LAYER_GROUPS if layers[g]}
+  max_logits = {
+    g: jax.ShapeDtypeStruct((layers[g], cfg.num_attention_heads), jnp.float32, sharding=replicated)
+    for g in LAYER_GROUPS
+    if layers[g]
+  }
 
   def update(grads, opt_state, params, max_logits):
     updates, opt_state = tx.update(grads, opt_state, params, max_logits=max_logits)
@@ -60,9 +68,14 @@ def compile_update(c, devices, label) -> Row:
     compiled = step.lower(params, opt_state, params, max_logits).compile()
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-  return Row(label, float(cost.get("flops", 0.0)), float(cost.get("bytes accessed", 0.0)),
-             collective_bytes(compiled.as_text()), compiled.memory_analysis().temp_size_in_bytes,
-             time.perf_counter() - t0)
+  return Row(
+    label,
+    float(cost.get("flops", 0.0)),
+    float(cost.get("bytes accessed", 0.0)),
+    collective_bytes(compiled.as_text()),
+    compiled.memory_analysis().temp_size_in_bytes,
+    time.perf_counter() - t0,
+  )
 
 
 def main():
@@ -76,26 +89,35 @@ def main():
   chip = args.topology.split(":")[0]
   peak, bandwidth = PEAK_FLOPS[chip], HBM_BYTES_PER_S[chip]
   rows = []
-  for label, optimizer, spread, impl in (("adamw", "adamw", False, "xla"),
-                                         ("muon_clip, XLA layout", "muon_clip", False, "xla"),
-                                         ("muon_clip, spread", "muon_clip", True, "xla"),
-                                         ("muon_clip, spread+Pallas", "muon_clip", True, "pallas")):
+  for label, optimizer, spread, impl in (
+    ("adamw", "adamw", False, "xla"),
+    ("muon_clip, XLA layout", "muon_clip", False, "xla"),
+    ("muon_clip, spread", "muon_clip", True, "xla"),
+    ("muon_clip, spread+Pallas", "muon_clip", True, "pallas"),
+  ):
     c.optimizer, c.spread_newton_schulz, c.muon_ns_impl = optimizer, spread, impl
     rows.append(compile_update(c, devices, label))
 
   gib = 1 << 30
-  print(f"{os.path.basename(args.config)} on {args.topology} ({len(devices)} chips, mesh {c.mesh}); per chip, "
-        f"from XLA's cost analysis of the compiled update")
-  print(f"{'optimizer':25} {'TFLOP':>8} {'HBM GiB':>8} {'all-reduce':>10} {'all-gather':>10} {'all-to-all':>10} "
-        f"{'temp GiB':>8} {'roofline ms':>11} {'× adamw':>7} {'compile s':>9}")
+  print(
+    f"{os.path.basename(args.config)} on {args.topology} ({len(devices)} chips, mesh {c.mesh}); per chip, "
+    f"from XLA's cost analysis of the compiled update"
+  )
+  print(
+    f"{'optimizer':25} {'TFLOP':>8} {'HBM GiB':>8} {'all-reduce':>10} {'all-gather':>10} {'all-to-all':>10} "
+    f"{'temp GiB':>8} {'roofline ms':>11} {'× adamw':>7} {'compile s':>9}"
+  )
   roofline = lambda r: max(r.flops / peak, r.hbm_bytes / bandwidth) * 1e3
   for r in rows:
     coll = r.collectives
-    print(f"{r.label:25} {r.flops / 1e12:8.2f} {r.hbm_bytes / gib:8.1f} {coll['all-reduce'] / gib:10.1f} "
-          f"{coll['all-gather'] / gib:10.1f} {coll['all-to-all'] / gib:10.1f} {r.temp_bytes / gib:8.1f} "
-          f"{roofline(r):11.2f} {roofline(r) / roofline(rows[0]):7.2f} {r.compile_s:9.0f}")
-  print("collectives: GiB of results per chip; roofline: max(FLOPs / peak, HBM bytes / bandwidth), collectives "
-        "not included")
+    print(
+      f"{r.label:25} {r.flops / 1e12:8.2f} {r.hbm_bytes / gib:8.1f} {coll['all-reduce'] / gib:10.1f} "
+      f"{coll['all-gather'] / gib:10.1f} {coll['all-to-all'] / gib:10.1f} {r.temp_bytes / gib:8.1f} "
+      f"{roofline(r):11.2f} {roofline(r) / roofline(rows[0]):7.2f} {r.compile_s:9.0f}"
+    )
+  print(
+    "collectives: GiB of results per chip; roofline: max(FLOPs / peak, HBM bytes / bandwidth), collectives not included"
+  )
 
 
 if __name__ == "__main__":

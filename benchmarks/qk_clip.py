@@ -60,51 +60,69 @@ def summarize(plain: list[dict], clip: list[dict], tau: float) -> dict:
   first_clip = next((r["step"] for r in clip if r.get("heads_clipped", 0) > 0), None)
   after = [r["max_logit"] for r in clip if first_clip is not None and r["step"] > first_clip]
   return {
-      "tau": tau,
-      "plain_peak": peak(plain)["max_logit"], "plain_peak_step": peak(plain)["step"],
-      "clip_peak": peak(clip)["max_logit"], "clip_peak_step": peak(clip)["step"],
-      "plain_final_loss": plain[-1]["loss"], "clip_final_loss": clip[-1]["loss"],
-      "tail_steps": tail,
-      "plain_tail_loss": statistics.mean(r["loss"] for r in plain[-tail:]),
-      "clip_tail_loss": statistics.mean(r["loss"] for r in clip[-tail:]),
-      "plain_final_max_logit": plain[-1]["max_logit"], "clip_final_max_logit": clip[-1]["max_logit"],
-      "first_clip_step": first_clip,
-      "clip_max_after_first": max(after) if after else None,
-      "clip_median_after_first": statistics.median(after) if after else None,
-      "plain_first_above_tau": next((r["step"] for r in plain if r["max_logit"] > tau), None),
-      "clip_steps_with_clip": sum(1 for r in clip if r.get("heads_clipped", 0) > 0),
+    "tau": tau,
+    "plain_peak": peak(plain)["max_logit"],
+    "plain_peak_step": peak(plain)["step"],
+    "clip_peak": peak(clip)["max_logit"],
+    "clip_peak_step": peak(clip)["step"],
+    "plain_final_loss": plain[-1]["loss"],
+    "clip_final_loss": clip[-1]["loss"],
+    "tail_steps": tail,
+    "plain_tail_loss": statistics.mean(r["loss"] for r in plain[-tail:]),
+    "clip_tail_loss": statistics.mean(r["loss"] for r in clip[-tail:]),
+    "plain_final_max_logit": plain[-1]["max_logit"],
+    "clip_final_max_logit": clip[-1]["max_logit"],
+    "first_clip_step": first_clip,
+    "clip_max_after_first": max(after) if after else None,
+    "clip_median_after_first": statistics.median(after) if after else None,
+    "plain_first_above_tau": next((r["step"] for r in plain if r["max_logit"] > tau), None),
+    "clip_steps_with_clip": sum(1 for r in clip if r.get("heads_clipped", 0) > 0),
   }
 
 
 def print_table(plain: list[dict], clip: list[dict], every: int) -> None:
-  print(f"{'step':>5} | {'plain Muon loss':>15} {'max logit':>9} | {'MuonClip loss':>13} {'max logit':>9} "
-        f"{'heads clipped':>13}")
+  print(
+    f"{'step':>5} | {'plain Muon loss':>15} {'max logit':>9} | {'MuonClip loss':>13} {'max logit':>9} "
+    f"{'heads clipped':>13}"
+  )
   print("-" * 75)
   for p, q in zip(plain, clip):
     if p["step"] == 1 or p["step"] % every == 0 or p["step"] == plain[-1]["step"]:
-      print(f"{p['step']:>5} | {p['loss']:>15.3f} {p['max_logit']:>9.1f} | {q['loss']:>13.3f} "
-            f"{q['max_logit']:>9.1f} {q.get('heads_clipped', 0):>13d}")
+      print(
+        f"{p['step']:>5} | {p['loss']:>15.3f} {p['max_logit']:>9.1f} | {q['loss']:>13.3f} "
+        f"{q['max_logit']:>9.1f} {q.get('heads_clipped', 0):>13d}"
+      )
 
 
 def print_summary(s: dict, heads: int) -> bool:
   tau = s["tau"]
   fmt = lambda v, spec=".1f": "n/a" if v is None else format(v, spec)
   print(f"\nSummary (τ = {tau:g}; max logits are the pre-clip forward-pass maxima; {heads} heads in all):")
-  print(f"  peak max logit    plain Muon {s['plain_peak']:.1f} (step {s['plain_peak_step']}, "
-        f"{s['plain_peak'] / tau:.1f}τ)   MuonClip {s['clip_peak']:.1f} (step {s['clip_peak_step']})")
+  print(
+    f"  peak max logit    plain Muon {s['plain_peak']:.1f} (step {s['plain_peak_step']}, "
+    f"{s['plain_peak'] / tau:.1f}τ)   MuonClip {s['clip_peak']:.1f} (step {s['clip_peak_step']})"
+  )
   print(f"  final max logit   plain Muon {s['plain_final_max_logit']:.1f}   MuonClip {s['clip_final_max_logit']:.1f}")
   print(f"  plain Muon first exceeds τ at step {fmt(s['plain_first_above_tau'], 'd')}")
-  print(f"  MuonClip first clip at step {fmt(s['first_clip_step'], 'd')}; after it max logit ≤ "
-        f"{fmt(s['clip_max_after_first'])} (median {fmt(s['clip_median_after_first'])}); "
-        f"{s['clip_steps_with_clip']} steps clipped at least one head")
-  print(f"  final loss        plain Muon {s['plain_final_loss']:.3f}   MuonClip {s['clip_final_loss']:.3f}   "
-        f"(mean of last {s['tail_steps']} steps: {s['plain_tail_loss']:.3f} vs {s['clip_tail_loss']:.3f})")
+  print(
+    f"  MuonClip first clip at step {fmt(s['first_clip_step'], 'd')}; after it max logit ≤ "
+    f"{fmt(s['clip_max_after_first'])} (median {fmt(s['clip_median_after_first'])}); "
+    f"{s['clip_steps_with_clip']} steps clipped at least one head"
+  )
+  print(
+    f"  final loss        plain Muon {s['plain_final_loss']:.3f}   MuonClip {s['clip_final_loss']:.3f}   "
+    f"(mean of last {s['tail_steps']} steps: {s['plain_tail_loss']:.3f} vs {s['clip_tail_loss']:.3f})"
+  )
   checks = [
-      (f"plain Muon runs far past τ (peak ≥ 3τ = {3 * tau:g})", s["plain_peak"] >= 3 * tau),
-      (f"MuonClip holds at τ after the first clip (max ≤ 1.5τ = {1.5 * tau:g})",
-       s["clip_max_after_first"] is not None and s["clip_max_after_first"] <= 1.5 * tau),
-      (f"MuonClip's loss no worse (last-{s['tail_steps']} mean ≤ plain + 0.02)",
-       s["clip_tail_loss"] <= s["plain_tail_loss"] + 0.02),
+    (f"plain Muon runs far past τ (peak ≥ 3τ = {3 * tau:g})", s["plain_peak"] >= 3 * tau),
+    (
+      f"MuonClip holds at τ after the first clip (max ≤ 1.5τ = {1.5 * tau:g})",
+      s["clip_max_after_first"] is not None and s["clip_max_after_first"] <= 1.5 * tau,
+    ),
+    (
+      f"MuonClip's loss no worse (last-{s['tail_steps']} mean ≤ plain + 0.02)",
+      s["clip_tail_loss"] <= s["plain_tail_loss"] + 0.02,
+    ),
   ]
   print("\nVerdict:")
   for text, ok in checks:
@@ -151,24 +169,33 @@ def main() -> int:
   p.add_argument("--seed", type=int, default=None, help="model init and data order (configs/qk_clip.py: 0)")
   p.add_argument("--table-every", type=int, default=None, help="table row interval (default steps/20)")
   p.add_argument("--png", default=os.path.join(REPO, "docs", "qk_clip.png"), help="plot path ('' for none)")
-  p.add_argument("--control", action="store_true",
-                 help=f"a third run with τ = {NEVER:g} (clip compiled in, never fires): how far two runs that differ "
-                      "only in float rounding drift apart, i.e. the noise floor of the loss comparison")
+  p.add_argument(
+    "--control",
+    action="store_true",
+    help=f"a third run with τ = {NEVER:g} (clip compiled in, never fires): how far two runs that differ "
+    "only in float rounding drift apart, i.e. the noise floor of the loss comparison",
+  )
   p.add_argument("--json", default="", help="also write both runs' metrics and the summary here")
   p.add_argument("--workdir", default="", help="keep the two runs' workdirs here (default: a temp dir, removed)")
   args = p.parse_args()
 
   c = load_run_config(os.path.join(REPO, "configs", "qk_clip.py"))
-  for name, value in (("steps", args.steps), ("qk_clip_tau", args.tau), ("learning_rate", args.lr),
-                      ("seed", args.seed)):
+  for name, value in (
+    ("steps", args.steps),
+    ("qk_clip_tau", args.tau),
+    ("learning_rate", args.lr),
+    ("seed", args.seed),
+  ):
     if value is not None:
       c[name] = value
   tau = c.qk_clip_tau
   m = c.model
   layers = m.num_hidden_layers
-  title = (f"K2-shaped MLA, {layers} layers ({m.first_k_dense_replace} dense), {m.num_attention_heads} heads, "
-           f"D={m.hidden_size}; batch {c.batch_size}×{c.seq_len}; lr {c.learning_rate:g} "
-           f"({c.warmup_steps} warm-up, then constant); seed {c.seed}")
+  title = (
+    f"K2-shaped MLA, {layers} layers ({m.first_k_dense_replace} dense), {m.num_attention_heads} heads, "
+    f"D={m.hidden_size}; batch {c.batch_size}×{c.seq_len}; lr {c.learning_rate:g} "
+    f"({c.warmup_steps} warm-up, then constant); seed {c.seed}"
+  )
   print(f"qk-clip benchmark: {title}; {c.steps} steps per run, τ = {tau:g}\n", flush=True)
 
   root = args.workdir or tempfile.mkdtemp(prefix="qk_clip_")
@@ -194,13 +221,15 @@ def main() -> int:
   ok = print_summary(s, layers * m.num_attention_heads)
   if args.control:
     ctrl = runs[CONTROL]
-    s["control_tail_loss"] = statistics.mean(r["loss"] for r in ctrl[-s["tail_steps"]:])
+    s["control_tail_loss"] = statistics.mean(r["loss"] for r in ctrl[-s["tail_steps"] :])
     s["control_peak"] = max(r["max_logit"] for r in ctrl)
     first_diff = next((a["step"] for a, b in zip(plain, ctrl) if a["loss"] != b["loss"]), None)
-    print(f"\nControl (τ = {NEVER:g}, never fires; differs from plain Muon only in float rounding, first at step "
-          f"{first_diff}): peak max logit {s['control_peak']:.1f}, last-{s['tail_steps']} mean loss "
-          f"{s['control_tail_loss']:.3f} (plain − control {s['plain_tail_loss'] - s['control_tail_loss']:+.3f}: "
-          f"the run-to-run noise of the loss comparison)")
+    print(
+      f"\nControl (τ = {NEVER:g}, never fires; differs from plain Muon only in float rounding, first at step "
+      f"{first_diff}): peak max logit {s['control_peak']:.1f}, last-{s['tail_steps']} mean loss "
+      f"{s['control_tail_loss']:.3f} (plain − control {s['plain_tail_loss'] - s['control_tail_loss']:+.3f}: "
+      f"the run-to-run noise of the loss comparison)"
+    )
   if args.png:
     plot(plain, clip, tau, title, args.png)
   if args.json:

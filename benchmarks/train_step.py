@@ -35,8 +35,9 @@ def time_train_step(c, steps: int) -> list[float]:
   step = make_train_step(graphdef, tx, c, state.shardings())
   rng = np.random.default_rng(0)
   shape = (c.batch_size, c.seq_len)
-  batch = Batch.unpacked(rng.integers(0, cfg.vocab_size, shape, dtype=np.int32),
-                         rng.integers(0, cfg.vocab_size, shape, dtype=np.int32))
+  batch = Batch.unpacked(
+    rng.integers(0, cfg.vocab_size, shape, dtype=np.int32), rng.integers(0, cfg.vocab_size, shape, dtype=np.int32)
+  )
   times = []
   for _ in range(steps + 1):
     start = time.perf_counter()
@@ -68,12 +69,31 @@ def main():
       med = statistics.median(times)
       tokens = c.batch_size * c.seq_len
       flops = train_flops_per_token(cfg, c.seq_len)
-      rows.append((name, impl, cfg.dtype, f"{count_params(cfg)['total_params'] / 1e6:.1f}M",
-                   f"{c.batch_size}x{c.seq_len}", f"{med:.3f}", f"{tokens / med:,.0f}", f"{flops / 1e6:.1f}M",
-                   f"{flops * tokens / med / 1e9:.1f}"))
+      rows.append(
+        (
+          name,
+          impl,
+          cfg.dtype,
+          f"{count_params(cfg)['total_params'] / 1e6:.1f}M",
+          f"{c.batch_size}x{c.seq_len}",
+          f"{med:.3f}",
+          f"{tokens / med:,.0f}",
+          f"{flops / 1e6:.1f}M",
+          f"{flops * tokens / med / 1e9:.1f}",
+        )
+      )
       print(" | ".join(rows[-1]), flush=True)
-  header = ("config", "moe_impl", "dtype", "params", "batch", "s/step (median)", "tokens/s", "FLOPs/token",
-            "model GFLOP/s")
+  header = (
+    "config",
+    "moe_impl",
+    "dtype",
+    "params",
+    "batch",
+    "s/step (median)",
+    "tokens/s",
+    "FLOPs/token",
+    "model GFLOP/s",
+  )
   print(f"\n{jax.device_count()} x {jax.devices()[0].device_kind} ({jax.default_backend()})")
   print("| " + " | ".join(header) + " |")
   print("|" + "---|" * len(header))
@@ -81,8 +101,10 @@ def main():
     print("| " + " | ".join(row) + " |")
   if any(r[0] == "bench_tiny" for r in rows):
     best = max(float(r[6].replace(",", "")) for r in rows if r[0] == "bench_tiny")
-    print(f"\nbench_tiny best: {best:,.0f} tokens/s vs MaxText 0.2.5 {MAXTEXT_BENCH_TINY_TOKENS_PER_SEC:,} "
-          f"({best / MAXTEXT_BENCH_TINY_TOKENS_PER_SEC:.2f}x; target >= 1.25x)")
+    print(
+      f"\nbench_tiny best: {best:,.0f} tokens/s vs MaxText 0.2.5 {MAXTEXT_BENCH_TINY_TOKENS_PER_SEC:,} "
+      f"({best / MAXTEXT_BENCH_TINY_TOKENS_PER_SEC:.2f}x; target >= 1.25x)"
+    )
 
 
 if __name__ == "__main__":

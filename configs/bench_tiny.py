@@ -9,10 +9,23 @@ from kimi_jax.train_config import base_config
 def get_config():
   c = base_config("tiny")
   c.model.update(
-      vocab_size=1024, hidden_size=256, num_hidden_layers=4, first_k_dense_replace=1, intermediate_size=512,
-      moe_intermediate_size=128, n_routed_experts=16, num_experts_per_tok=4, n_shared_experts=1,
-      num_attention_heads=4, q_lora_rank=64, kv_lora_rank=32, qk_nope_head_dim=32, qk_rope_head_dim=16,
-      v_head_dim=32, dtype="bfloat16")
+    vocab_size=1024,
+    hidden_size=256,
+    num_hidden_layers=4,
+    first_k_dense_replace=1,
+    intermediate_size=512,
+    moe_intermediate_size=128,
+    n_routed_experts=16,
+    num_experts_per_tok=4,
+    n_shared_experts=1,
+    num_attention_heads=4,
+    q_lora_rank=64,
+    kv_lora_rank=32,
+    qk_nope_head_dim=32,
+    qk_rope_head_dim=16,
+    v_head_dim=32,
+    dtype="bfloat16",
+  )
   c.batch_size = 8
   c.seq_len = 256
   return c

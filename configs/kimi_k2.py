@@ -39,9 +39,12 @@ def anneal_lr_at(fraction: float) -> float:
 
 def get_config():
   c = base_config("kimi_k2")
-  c.model.update(moe_impl="auto", attention_impl="auto",  # auto: the Pallas kernels on TPU
-                 remat="full",  # [ours] activations recomputed per layer
-                 moe_capacity_factor=2.0)  # [ours] bounded expert-parallel buffers; drops are logged
+  c.model.update(
+    moe_impl="auto",
+    attention_impl="auto",  # auto: the Pallas kernels on TPU
+    remat="full",  # [ours] activations recomputed per layer
+    moe_capacity_factor=2.0,
+  )  # [ours] bounded expert-parallel buffers; drops are logged
   c.mesh = "fsdp=8,expert=64"  # [ours] 512 chips (v5p-1024): 6 experts per chip, params sharded 512 ways
   c.seq_len = 4096  # [report]
   c.rope_scaling = "auto"  # plain RoPE at 4K [report]; YaRN comes with the long-context stage

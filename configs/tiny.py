@@ -1,6 +1,6 @@
 """The embedded default: a K2-shaped tiny model on the byte-level corpus; trains on a laptop CPU in minutes.
 
-    python -m kimi_jax.train --config configs/tiny.py --workdir runs/demo [--config.steps=100 ...]
+python -m kimi_jax.train --config configs/tiny.py --workdir runs/demo [--config.steps=100 ...]
 """
 
 from kimi_jax.train_config import base_config

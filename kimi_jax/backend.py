@@ -23,8 +23,8 @@ This module imports only jax: `pallas_kernels` (standalone) keeps its own `resol
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 import contextlib
-from typing import Iterator
 
 import jax
 
@@ -32,22 +32,26 @@ PLATFORMS = ("cpu", "tpu", "gpu")
 
 # What each kind accepts besides "auto".
 CHOICES = {
-    "moe": ("dense", "ragged", "blocked", "pallas"),
-    "attention": ("xla", "pallas"),
-    "newton_schulz": ("xla", "pallas"),
-    "expert_parallel": ("all_to_all", "ragged_all_to_all"),
+  "moe": ("dense", "ragged", "blocked", "pallas"),
+  "attention": ("xla", "pallas"),
+  "newton_schulz": ("xla", "pallas"),
+  "expert_parallel": ("all_to_all", "ragged_all_to_all"),
 }
 
 # How errors name each kind.
-_LABELS = {"moe": "moe impl", "attention": "attention impl", "newton_schulz": "Newton–Schulz impl",
-           "expert_parallel": "expert-parallel strategy"}
+_LABELS = {
+  "moe": "moe impl",
+  "attention": "attention impl",
+  "newton_schulz": "Newton–Schulz impl",
+  "expert_parallel": "expert-parallel strategy",
+}
 
 # What "auto" picks, per kind and platform (the module docstring says why).
 AUTO = {
-    "moe": {"cpu": "blocked", "tpu": "pallas", "gpu": "ragged"},
-    "attention": {"cpu": "xla", "tpu": "pallas", "gpu": "xla"},
-    "newton_schulz": {"cpu": "xla", "tpu": "pallas", "gpu": "xla"},
-    "expert_parallel": {"cpu": "all_to_all", "tpu": "ragged_all_to_all", "gpu": "ragged_all_to_all"},
+  "moe": {"cpu": "blocked", "tpu": "pallas", "gpu": "ragged"},
+  "attention": {"cpu": "xla", "tpu": "pallas", "gpu": "xla"},
+  "newton_schulz": {"cpu": "xla", "tpu": "pallas", "gpu": "xla"},
+  "expert_parallel": {"cpu": "all_to_all", "tpu": "ragged_all_to_all", "gpu": "ragged_all_to_all"},
 }
 
 _TARGET: list[str] = []

@@ -24,8 +24,16 @@ _DTYPES = ("float32", "bfloat16")
 MOE_IMPLS = ("auto", "dense", "ragged", "blocked", "pallas")
 ATTENTION_IMPLS = ("auto", "xla", "pallas")
 REMAT_POLICIES = ("none", "full", "dots")
-_RUNTIME_FIELDS = ("use_yarn", "dtype", "param_dtype", "moe_impl", "attention_impl", "remat", "moe_capacity_factor",
-                   "moe_seq_chunk")
+_RUNTIME_FIELDS = (
+  "use_yarn",
+  "dtype",
+  "param_dtype",
+  "moe_impl",
+  "attention_impl",
+  "remat",
+  "moe_capacity_factor",
+  "moe_seq_chunk",
+)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -73,10 +81,25 @@ class ModelConfig:
   moe_seq_chunk: int = 0  # MoE over this many positions at a time (divides S); 0: the whole sequence
 
   def __post_init__(self):
-    positive = ("vocab_size", "hidden_size", "num_hidden_layers", "intermediate_size", "moe_intermediate_size",
-                "n_routed_experts", "num_experts_per_tok", "num_attention_heads", "q_lora_rank", "kv_lora_rank",
-                "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim", "max_position_embeddings",
-                "rope_original_max_position_embeddings", "n_group", "topk_group")
+    positive = (
+      "vocab_size",
+      "hidden_size",
+      "num_hidden_layers",
+      "intermediate_size",
+      "moe_intermediate_size",
+      "n_routed_experts",
+      "num_experts_per_tok",
+      "num_attention_heads",
+      "q_lora_rank",
+      "kv_lora_rank",
+      "qk_nope_head_dim",
+      "qk_rope_head_dim",
+      "v_head_dim",
+      "max_position_embeddings",
+      "rope_original_max_position_embeddings",
+      "n_group",
+      "topk_group",
+    )
     for name in positive:
       value = getattr(self, name)
       if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
@@ -88,27 +111,46 @@ class ModelConfig:
     for name in ("routed_scaling_factor", "rope_theta", "rms_norm_eps", "initializer_range", "rope_factor"):
       if not getattr(self, name) > 0:
         raise ValueError(f"ModelConfig.{name} must be > 0, got {getattr(self, name)!r}")
-    _check(self.first_k_dense_replace <= self.num_hidden_layers, "first_k_dense_replace",
-           f"{self.first_k_dense_replace} exceeds num_hidden_layers={self.num_hidden_layers}")
-    _check(self.num_experts_per_tok <= self.n_routed_experts, "num_experts_per_tok",
-           f"{self.num_experts_per_tok} exceeds n_routed_experts={self.n_routed_experts}")
+    _check(
+      self.first_k_dense_replace <= self.num_hidden_layers,
+      "first_k_dense_replace",
+      f"{self.first_k_dense_replace} exceeds num_hidden_layers={self.num_hidden_layers}",
+    )
+    _check(
+      self.num_experts_per_tok <= self.n_routed_experts,
+      "num_experts_per_tok",
+      f"{self.num_experts_per_tok} exceeds n_routed_experts={self.n_routed_experts}",
+    )
     _check(self.qk_rope_head_dim % 2 == 0, "qk_rope_head_dim", f"must be even, got {self.qk_rope_head_dim}")
-    _check(self.n_routed_experts % self.n_group == 0, "n_group",
-           f"{self.n_group} does not divide n_routed_experts={self.n_routed_experts}")
+    _check(
+      self.n_routed_experts % self.n_group == 0,
+      "n_group",
+      f"{self.n_group} does not divide n_routed_experts={self.n_routed_experts}",
+    )
     _check(self.topk_group <= self.n_group, "topk_group", f"{self.topk_group} exceeds n_group={self.n_group}")
-    _check(self.n_group == 1 or self.num_experts_per_tok <= self.topk_group * self.n_routed_experts // self.n_group,
-           "num_experts_per_tok", "more experts per token than the selected groups hold")
+    _check(
+      self.n_group == 1 or self.num_experts_per_tok <= self.topk_group * self.n_routed_experts // self.n_group,
+      "num_experts_per_tok",
+      "more experts per token than the selected groups hold",
+    )
     _check(isinstance(self.use_yarn, bool), "use_yarn", f"must be true or false, got {self.use_yarn!r}")
     _check(self.dtype in _DTYPES, "dtype", f"{self.dtype!r} not in {_DTYPES}")
     _check(self.param_dtype in _DTYPES, "param_dtype", f"{self.param_dtype!r} not in {_DTYPES}")
     _check(self.moe_impl in MOE_IMPLS, "moe_impl", f"{self.moe_impl!r} not in {MOE_IMPLS}")
-    _check(self.attention_impl in ATTENTION_IMPLS, "attention_impl",
-           f"{self.attention_impl!r} not in {ATTENTION_IMPLS}")
+    _check(
+      self.attention_impl in ATTENTION_IMPLS, "attention_impl", f"{self.attention_impl!r} not in {ATTENTION_IMPLS}"
+    )
     _check(self.remat in REMAT_POLICIES, "remat", f"{self.remat!r} not in {REMAT_POLICIES}")
-    _check(self.moe_capacity_factor is None or self.moe_capacity_factor > 0, "moe_capacity_factor",
-           f"must be > 0 or None, got {self.moe_capacity_factor!r}")
-    _check(isinstance(self.moe_seq_chunk, int) and self.moe_seq_chunk >= 0, "moe_seq_chunk",
-           f"must be an int >= 0, got {self.moe_seq_chunk!r}")
+    _check(
+      self.moe_capacity_factor is None or self.moe_capacity_factor > 0,
+      "moe_capacity_factor",
+      f"must be > 0 or None, got {self.moe_capacity_factor!r}",
+    )
+    _check(
+      isinstance(self.moe_seq_chunk, int) and self.moe_seq_chunk >= 0,
+      "moe_seq_chunk",
+      f"must be an int >= 0, got {self.moe_seq_chunk!r}",
+    )
 
   # Derived sizes ------------------------------------------------------------------------------------------
   @property
@@ -135,14 +177,14 @@ class ModelConfig:
   @property
   def softmax_scale(self) -> float:
     """qk_head_dim^-0.5, times mscale(factor, mscale_all_dim)^2 when YaRN is active (transformers' DeepseekV3)."""
-    scale = self.qk_head_dim ** -0.5
+    scale = self.qk_head_dim**-0.5
     if self.yarn_active and self.rope_mscale_all_dim:
       m = yarn_mscale(self.rope_factor, self.rope_mscale_all_dim)
       scale *= m * m
     return scale
 
   # Conversions --------------------------------------------------------------------------------------------
-  def replace(self, **changes: Any) -> "ModelConfig":
+  def replace(self, **changes: Any) -> ModelConfig:
     unknown = sorted(set(changes) - {f.name for f in dataclasses.fields(self)})
     if unknown:
       raise ValueError(f"unknown ModelConfig field(s): {', '.join(unknown)}")
@@ -156,7 +198,7 @@ class ModelConfig:
     return {k: v for k, v in self.to_dict().items() if k not in _RUNTIME_FIELDS}
 
   @classmethod
-  def from_dict(cls, d: dict[str, Any]) -> "ModelConfig":
+  def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(d) - names)
     if unknown:
@@ -164,7 +206,7 @@ class ModelConfig:
     return cls(**d)
 
   @classmethod
-  def from_hf(cls, hf: dict[str, Any], **runtime: Any) -> "ModelConfig":
+  def from_hf(cls, hf: dict[str, Any], **runtime: Any) -> ModelConfig:
     """From a Hugging Face config.json dict: a text model's (model_type `kimi_k2` or `deepseek_v3`) or a Kimi
     K2.5 / K2.6 / K2.7 wrapper's (model_type `kimi_k25`), read from its text_config.
 
@@ -186,59 +228,114 @@ class ModelConfig:
     if hf.get("tie_word_embeddings", False):
       raise ValueError(f"{where} tie_word_embeddings=true is not supported (Kimi K2 has an untied lm_head)")
     if hf.get("moe_layer_freq") not in (None, 1):
-      raise ValueError(f"{where} moe_layer_freq={hf['moe_layer_freq']!r} is not supported: every layer from "
-                       "first_k_dense_replace on is an MoE layer here (moe_layer_freq 1, as in Kimi K2 and "
-                       "DeepSeek-V3)")
+      raise ValueError(
+        f"{where} moe_layer_freq={hf['moe_layer_freq']!r} is not supported: every layer from "
+        "first_k_dense_replace on is an MoE layer here (moe_layer_freq 1, as in Kimi K2 and "
+        "DeepSeek-V3)"
+      )
     heads = hf["num_attention_heads"]
     if hf.get("num_key_value_heads", heads) != heads:
-      raise ValueError(f"{where} num_key_value_heads={hf['num_key_value_heads']} must equal "
-                       f"num_attention_heads={heads} for MLA")
+      raise ValueError(
+        f"{where} num_key_value_heads={hf['num_key_value_heads']} must equal num_attention_heads={heads} for MLA"
+      )
     if hf.get("q_lora_rank") is None:
       raise ValueError(f"{where} q_lora_rank is null; only the low-rank query (K2/V3) layout is supported")
     fields = dict(
-        vocab_size=hf["vocab_size"], hidden_size=hf["hidden_size"], num_hidden_layers=hf["num_hidden_layers"],
-        first_k_dense_replace=hf.get("first_k_dense_replace", 0), intermediate_size=hf["intermediate_size"],
-        moe_intermediate_size=hf["moe_intermediate_size"], n_routed_experts=hf["n_routed_experts"],
-        num_experts_per_tok=hf["num_experts_per_tok"], n_shared_experts=hf.get("n_shared_experts") or 0,
-        routed_scaling_factor=float(hf.get("routed_scaling_factor", 1.0)),
-        norm_topk_prob=bool(hf.get("norm_topk_prob", True)), n_group=hf.get("n_group") or 1,
-        topk_group=hf.get("topk_group") or 1, num_attention_heads=heads, q_lora_rank=hf["q_lora_rank"],
-        kv_lora_rank=hf["kv_lora_rank"], qk_nope_head_dim=hf["qk_nope_head_dim"],
-        qk_rope_head_dim=hf["qk_rope_head_dim"], v_head_dim=hf["v_head_dim"],
-        max_position_embeddings=hf["max_position_embeddings"], rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
-        initializer_range=float(hf.get("initializer_range", 0.02)),
-        bos_token_id=hf.get("bos_token_id", 0), eos_token_id=hf.get("eos_token_id", 1))
+      vocab_size=hf["vocab_size"],
+      hidden_size=hf["hidden_size"],
+      num_hidden_layers=hf["num_hidden_layers"],
+      first_k_dense_replace=hf.get("first_k_dense_replace", 0),
+      intermediate_size=hf["intermediate_size"],
+      moe_intermediate_size=hf["moe_intermediate_size"],
+      n_routed_experts=hf["n_routed_experts"],
+      num_experts_per_tok=hf["num_experts_per_tok"],
+      n_shared_experts=hf.get("n_shared_experts") or 0,
+      routed_scaling_factor=float(hf.get("routed_scaling_factor", 1.0)),
+      norm_topk_prob=bool(hf.get("norm_topk_prob", True)),
+      n_group=hf.get("n_group") or 1,
+      topk_group=hf.get("topk_group") or 1,
+      num_attention_heads=heads,
+      q_lora_rank=hf["q_lora_rank"],
+      kv_lora_rank=hf["kv_lora_rank"],
+      qk_nope_head_dim=hf["qk_nope_head_dim"],
+      qk_rope_head_dim=hf["qk_rope_head_dim"],
+      v_head_dim=hf["v_head_dim"],
+      max_position_embeddings=hf["max_position_embeddings"],
+      rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+      initializer_range=float(hf.get("initializer_range", 0.02)),
+      bos_token_id=hf.get("bos_token_id", 0),
+      eos_token_id=hf.get("eos_token_id", 1),
+    )
     fields.update(_rope_from_hf(hf, where))
     return cls(**fields, **runtime)
 
   def to_hf(self) -> dict[str, Any]:
     """A Hugging Face config.json dict (model_type kimi_k2) that from_hf maps back to this config."""
     hf = dict(
-        architectures=["DeepseekV3ForCausalLM"], model_type="kimi_k2", vocab_size=self.vocab_size,
-        hidden_size=self.hidden_size, intermediate_size=self.intermediate_size,
-        moe_intermediate_size=self.moe_intermediate_size, num_hidden_layers=self.num_hidden_layers,
-        first_k_dense_replace=self.first_k_dense_replace, num_attention_heads=self.num_attention_heads,
-        num_key_value_heads=self.num_attention_heads, n_shared_experts=self.n_shared_experts,
-        n_routed_experts=self.n_routed_experts, num_experts_per_tok=self.num_experts_per_tok,
-        routed_scaling_factor=self.routed_scaling_factor, norm_topk_prob=self.norm_topk_prob,
-        n_group=self.n_group, topk_group=self.topk_group, topk_method="noaux_tc", scoring_func="sigmoid",
-        q_lora_rank=self.q_lora_rank, kv_lora_rank=self.kv_lora_rank, qk_nope_head_dim=self.qk_nope_head_dim,
-        qk_rope_head_dim=self.qk_rope_head_dim, v_head_dim=self.v_head_dim, hidden_act="silu",
-        rope_theta=self.rope_theta, max_position_embeddings=self.max_position_embeddings,
-        rms_norm_eps=self.rms_norm_eps, initializer_range=self.initializer_range,
-        bos_token_id=self.bos_token_id, eos_token_id=self.eos_token_id, tie_word_embeddings=False,
-        num_nextn_predict_layers=0, attention_bias=False, torch_dtype="bfloat16")
+      architectures=["DeepseekV3ForCausalLM"],
+      model_type="kimi_k2",
+      vocab_size=self.vocab_size,
+      hidden_size=self.hidden_size,
+      intermediate_size=self.intermediate_size,
+      moe_intermediate_size=self.moe_intermediate_size,
+      num_hidden_layers=self.num_hidden_layers,
+      first_k_dense_replace=self.first_k_dense_replace,
+      num_attention_heads=self.num_attention_heads,
+      num_key_value_heads=self.num_attention_heads,
+      n_shared_experts=self.n_shared_experts,
+      n_routed_experts=self.n_routed_experts,
+      num_experts_per_tok=self.num_experts_per_tok,
+      routed_scaling_factor=self.routed_scaling_factor,
+      norm_topk_prob=self.norm_topk_prob,
+      n_group=self.n_group,
+      topk_group=self.topk_group,
+      topk_method="noaux_tc",
+      scoring_func="sigmoid",
+      q_lora_rank=self.q_lora_rank,
+      kv_lora_rank=self.kv_lora_rank,
+      qk_nope_head_dim=self.qk_nope_head_dim,
+      qk_rope_head_dim=self.qk_rope_head_dim,
+      v_head_dim=self.v_head_dim,
+      hidden_act="silu",
+      rope_theta=self.rope_theta,
+      max_position_embeddings=self.max_position_embeddings,
+      rms_norm_eps=self.rms_norm_eps,
+      initializer_range=self.initializer_range,
+      bos_token_id=self.bos_token_id,
+      eos_token_id=self.eos_token_id,
+      tie_word_embeddings=False,
+      num_nextn_predict_layers=0,
+      attention_bias=False,
+      torch_dtype="bfloat16",
+    )
     if self.rope_factor != 1.0:
       hf["rope_scaling"] = dict(
-          type="yarn", factor=self.rope_factor, beta_fast=self.rope_beta_fast, beta_slow=self.rope_beta_slow,
-          mscale=self.rope_mscale, mscale_all_dim=self.rope_mscale_all_dim,
-          original_max_position_embeddings=self.rope_original_max_position_embeddings)
+        type="yarn",
+        factor=self.rope_factor,
+        beta_fast=self.rope_beta_fast,
+        beta_slow=self.rope_beta_slow,
+        mscale=self.rope_mscale,
+        mscale_all_dim=self.rope_mscale_all_dim,
+        original_max_position_embeddings=self.rope_original_max_position_embeddings,
+      )
     return hf
 
 
 # What a rope_scaling / rope_parameters object may hold: transformers' RopeParameters keys for yarn and default.
-_ROPE_KEYS = ("rope_type", "type", "rope_theta", "factor", "beta_fast", "beta_slow", "mscale", "mscale_all_dim",
-              "original_max_position_embeddings", "attention_factor", "truncate", "partial_rotary_factor")
+_ROPE_KEYS = (
+  "rope_type",
+  "type",
+  "rope_theta",
+  "factor",
+  "beta_fast",
+  "beta_slow",
+  "mscale",
+  "mscale_all_dim",
+  "original_max_position_embeddings",
+  "attention_factor",
+  "truncate",
+  "partial_rotary_factor",
+)
 
 
 def _rope_from_hf(hf: dict[str, Any], where: str) -> dict[str, Any]:
@@ -256,8 +353,10 @@ def _rope_from_hf(hf: dict[str, Any], where: str) -> dict[str, Any]:
       raise ValueError(f"{where} {key} must be an object, got {rope!r}")  # noqa: TRY004
     nested = sorted(k for k, v in rope.items() if isinstance(v, dict))
     if nested:
-      raise ValueError(f"{where} {key} holds per-layer-type entries ({', '.join(nested)}); Kimi K2 applies one "
-                       "RoPE to every layer, so give one flat object (rope_type, rope_theta, factor, ...)")
+      raise ValueError(
+        f"{where} {key} holds per-layer-type entries ({', '.join(nested)}); Kimi K2 applies one "
+        "RoPE to every layer, so give one flat object (rope_type, rope_theta, factor, ...)"
+      )
     unknown = sorted(set(rope) - set(_ROPE_KEYS))
     if unknown:
       raise ValueError(f"{where} {key} has unsupported key(s) {', '.join(unknown)} (known: {', '.join(_ROPE_KEYS)})")
@@ -267,11 +366,14 @@ def _rope_from_hf(hf: dict[str, Any], where: str) -> dict[str, Any]:
   if not thetas:
     raise ValueError(f"{where} has no rope_theta (neither at the top level nor in rope_parameters)")
   if len({float(v) for v in thetas.values()}) > 1:
-    raise ValueError(f"{where} gives different RoPE bases ({', '.join(f'{k}={v}' for k, v in thetas.items())}); "
-                     "keep one")
+    raise ValueError(
+      f"{where} gives different RoPE bases ({', '.join(f'{k}={v}' for k, v in thetas.items())}); keep one"
+    )
   if len(scalings) == 2 and scalings["rope_scaling"] != scalings["rope_parameters"]:
-    raise ValueError(f"{where} rope_scaling and rope_parameters describe different RoPE scalings "
-                     f"({scalings['rope_scaling']} vs {scalings['rope_parameters']}); keep one")
+    raise ValueError(
+      f"{where} rope_scaling and rope_parameters describe different RoPE scalings "
+      f"({scalings['rope_scaling']} vs {scalings['rope_parameters']}); keep one"
+    )
   return {"rope_theta": float(next(iter(thetas.values()))), **next(iter(scalings.values()), {})}
 
 
@@ -283,19 +385,25 @@ def _yarn_from_hf(rope: dict[str, Any], where: str, hf: dict[str, Any], legacy: 
   if rope.get("type", rope_type) != rope_type:
     raise ValueError(f"{where} says type {rope['type']!r} but rope_type {rope_type!r}; keep one")
   if rope.get("partial_rotary_factor", 1) != 1:
-    raise ValueError(f"{where}.partial_rotary_factor {rope['partial_rotary_factor']!r} is not supported: RoPE "
-                     "turns all qk_rope_head_dim dims (partial_rotary_factor 1)")
+    raise ValueError(
+      f"{where}.partial_rotary_factor {rope['partial_rotary_factor']!r} is not supported: RoPE "
+      "turns all qk_rope_head_dim dims (partial_rotary_factor 1)"
+    )
   if rope_type == "default":
     extra = sorted(set(rope) - {"rope_type", "type", "rope_theta", "partial_rotary_factor"})
     if extra:
-      raise ValueError(f"{where}: rope_type 'default' (plain RoPE) with scaling key(s) {', '.join(extra)}; set "
-                       "rope_type yarn or drop them")
+      raise ValueError(
+        f"{where}: rope_type 'default' (plain RoPE) with scaling key(s) {', '.join(extra)}; set "
+        "rope_type yarn or drop them"
+      )
     return {}
   if rope_type != "yarn":
     raise ValueError(f"{where}.rope_type {rope_type!r} is not supported (expected yarn or default)")
   if rope.get("truncate", True) is not True:
-    raise ValueError(f"{where}.truncate {rope['truncate']!r} is not supported: the YaRN ramp ends are rounded to "
-                     "whole dims here (truncate true, transformers' default and DeepSeek-V3's)")
+    raise ValueError(
+      f"{where}.truncate {rope['truncate']!r} is not supported: the YaRN ramp ends are rounded to "
+      "whole dims here (truncate true, transformers' default and DeepSeek-V3's)"
+    )
   original = rope.get("original_max_position_embeddings")
   if original is None and not legacy:
     raise ValueError(f"{where} has no original_max_position_embeddings (the pretraining context YaRN extends)")
@@ -303,18 +411,23 @@ def _yarn_from_hf(rope: dict[str, Any], where: str, hf: dict[str, Any], legacy: 
   factor = rope.get("factor")
   factor = float(factor if factor is not None else hf["max_position_embeddings"] / original)  # transformers' rule
   # transformers reads beta_fast / beta_slow with `or` (None and 0 mean the paper's 32 / 1).
-  fields = {"rope_factor": factor, "rope_beta_fast": float(rope.get("beta_fast") or 32),
-            "rope_beta_slow": float(rope.get("beta_slow") or 1),
-            "rope_mscale": float(1 if rope.get("mscale") is None else rope["mscale"]),
-            "rope_mscale_all_dim": float(rope.get("mscale_all_dim") or 0),
-            "rope_original_max_position_embeddings": original}
+  fields = {
+    "rope_factor": factor,
+    "rope_beta_fast": float(rope.get("beta_fast") or 32),
+    "rope_beta_slow": float(rope.get("beta_slow") or 1),
+    "rope_mscale": float(1 if rope.get("mscale") is None else rope["mscale"]),
+    "rope_mscale_all_dim": float(rope.get("mscale_all_dim") or 0),
+    "rope_original_max_position_embeddings": original,
+  }
   attention = rope.get("attention_factor")
   if attention is not None:
     derived = yarn_mscale(factor, fields["rope_mscale"]) / yarn_mscale(factor, fields["rope_mscale_all_dim"])
     if not math.isclose(float(attention), derived, rel_tol=1e-6):
-      raise ValueError(f"{where}.attention_factor {attention!r} is not supported: cos/sin are scaled by "
-                       f"mscale(factor, mscale) / mscale(factor, mscale_all_dim) = {derived:.7g} here; drop "
-                       "attention_factor or set mscale / mscale_all_dim instead")
+      raise ValueError(
+        f"{where}.attention_factor {attention!r} is not supported: cos/sin are scaled by "
+        f"mscale(factor, mscale) / mscale(factor, mscale_all_dim) = {derived:.7g} here; drop "
+        "attention_factor or set mscale / mscale_all_dim instead"
+      )
   return fields
 
 
@@ -329,16 +442,42 @@ def _check(ok: bool, field: str, message: str) -> None:
 
 # Presets ----------------------------------------------------------------------------------------------------
 
+
 def kimi_k2(**runtime: Any) -> ModelConfig:
   """moonshotai/Kimi-K2-Instruct (and -Base): 1.03 T total, 32.9 B active parameters."""
   return ModelConfig(
-      vocab_size=163840, hidden_size=7168, num_hidden_layers=61, first_k_dense_replace=1,
-      intermediate_size=18432, moe_intermediate_size=2048, n_routed_experts=384, num_experts_per_tok=8,
-      n_shared_experts=1, routed_scaling_factor=2.827, norm_topk_prob=True, n_group=1, topk_group=1,
-      num_attention_heads=64, q_lora_rank=1536, kv_lora_rank=512, qk_nope_head_dim=128, qk_rope_head_dim=64,
-      v_head_dim=128, rope_theta=50000.0, rope_factor=32.0, rope_beta_fast=1.0, rope_beta_slow=1.0,
-      rope_mscale=1.0, rope_mscale_all_dim=1.0, rope_original_max_position_embeddings=4096,
-      max_position_embeddings=131072, rms_norm_eps=1e-6, bos_token_id=163584, eos_token_id=163585, **runtime)
+    vocab_size=163840,
+    hidden_size=7168,
+    num_hidden_layers=61,
+    first_k_dense_replace=1,
+    intermediate_size=18432,
+    moe_intermediate_size=2048,
+    n_routed_experts=384,
+    num_experts_per_tok=8,
+    n_shared_experts=1,
+    routed_scaling_factor=2.827,
+    norm_topk_prob=True,
+    n_group=1,
+    topk_group=1,
+    num_attention_heads=64,
+    q_lora_rank=1536,
+    kv_lora_rank=512,
+    qk_nope_head_dim=128,
+    qk_rope_head_dim=64,
+    v_head_dim=128,
+    rope_theta=50000.0,
+    rope_factor=32.0,
+    rope_beta_fast=1.0,
+    rope_beta_slow=1.0,
+    rope_mscale=1.0,
+    rope_mscale_all_dim=1.0,
+    rope_original_max_position_embeddings=4096,
+    max_position_embeddings=131072,
+    rms_norm_eps=1e-6,
+    bos_token_id=163584,
+    eos_token_id=163585,
+    **runtime,
+  )
 
 
 def kimi_k2_0905(**runtime: Any) -> ModelConfig:
@@ -349,12 +488,34 @@ def kimi_k2_0905(**runtime: Any) -> ModelConfig:
 def tiny(**runtime: Any) -> ModelConfig:
   """A K2-shaped model small enough to train on a laptop CPU in minutes (byte-level vocab)."""
   return ModelConfig(
-      vocab_size=512, hidden_size=128, num_hidden_layers=4, first_k_dense_replace=1, intermediate_size=384,
-      moe_intermediate_size=96, n_routed_experts=8, num_experts_per_tok=2, n_shared_experts=1,
-      routed_scaling_factor=2.827, num_attention_heads=4, q_lora_rank=64, kv_lora_rank=32, qk_nope_head_dim=32,
-      qk_rope_head_dim=16, v_head_dim=32, rope_theta=50000.0, rope_factor=32.0, rope_beta_fast=1.0,
-      rope_beta_slow=1.0, rope_mscale=1.0, rope_mscale_all_dim=1.0, rope_original_max_position_embeddings=4096,
-      max_position_embeddings=131072, bos_token_id=256, eos_token_id=257, **runtime)
+    vocab_size=512,
+    hidden_size=128,
+    num_hidden_layers=4,
+    first_k_dense_replace=1,
+    intermediate_size=384,
+    moe_intermediate_size=96,
+    n_routed_experts=8,
+    num_experts_per_tok=2,
+    n_shared_experts=1,
+    routed_scaling_factor=2.827,
+    num_attention_heads=4,
+    q_lora_rank=64,
+    kv_lora_rank=32,
+    qk_nope_head_dim=32,
+    qk_rope_head_dim=16,
+    v_head_dim=32,
+    rope_theta=50000.0,
+    rope_factor=32.0,
+    rope_beta_fast=1.0,
+    rope_beta_slow=1.0,
+    rope_mscale=1.0,
+    rope_mscale_all_dim=1.0,
+    rope_original_max_position_embeddings=4096,
+    max_position_embeddings=131072,
+    bos_token_id=256,
+    eos_token_id=257,
+    **runtime,
+  )
 
 
 PRESETS = {"kimi_k2": kimi_k2, "kimi_k2_0905": kimi_k2_0905, "tiny": tiny}

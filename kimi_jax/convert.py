@@ -21,30 +21,51 @@ import sys
 
 from absl import app, flags
 
-_HF_DIR = flags.DEFINE_string("hf_dir", None, "Hugging Face checkpoint directory (config.json + safetensors), local or gs://.")
-_CHECKPOINT = flags.DEFINE_string("checkpoint", None,
-                                  "kimi-jax model checkpoint or training workdir (orbax-to-hf input).")
+_HF_DIR = flags.DEFINE_string(
+  "hf_dir", None, "Hugging Face checkpoint directory (config.json + safetensors), local or gs://."
+)
+_CHECKPOINT = flags.DEFINE_string(
+  "checkpoint", None, "kimi-jax model checkpoint or training workdir (orbax-to-hf input)."
+)
 _OUT_DIR = flags.DEFINE_string("out_dir", None, "Output directory.", required=True)
-_DTYPE = flags.DEFINE_enum("dtype", None, ["float32", "bfloat16"],
-                           "Stored weight dtype (default: float32 for hf-to-orbax, bfloat16 for orbax-to-hf).")
-_FP8 = flags.DEFINE_bool("fp8", False, "orbax-to-hf: quantise linear weights to FP8 (128x128 blocks) like the "
-                         "Kimi-K2-Instruct release.")
-_LAYOUT = flags.DEFINE_enum("layout", "k2", ["k2", "k25"],
-                            "orbax-to-hf: release layout to write. k2: Kimi K2 names and config.json. k25: Kimi "
-                            "K2.5 / K2.6 / K2.7, the text tensors under language_model. and the multimodal wrapper "
-                            "config.json (text_config + the source's vision_config when known); no vision weights "
-                            "are written: add the release's vision_tower.* / mm_projector.* shards to use images.")
-_WRAPPER_CONFIG = flags.DEFINE_string("wrapper_config", None,
-                                      "orbax-to-hf --layout k25: a K2.5 release's config.json whose wrapper fields "
-                                      "(vision_config, token ids, ...) to write; default: those hf-to-orbax kept "
-                                      "in the checkpoint (hf_wrapper.json).")
+_DTYPE = flags.DEFINE_enum(
+  "dtype",
+  None,
+  ["float32", "bfloat16"],
+  "Stored weight dtype (default: float32 for hf-to-orbax, bfloat16 for orbax-to-hf).",
+)
+_FP8 = flags.DEFINE_bool(
+  "fp8", False, "orbax-to-hf: quantise linear weights to FP8 (128x128 blocks) like the Kimi-K2-Instruct release."
+)
+_LAYOUT = flags.DEFINE_enum(
+  "layout",
+  "k2",
+  ["k2", "k25"],
+  "orbax-to-hf: release layout to write. k2: Kimi K2 names and config.json. k25: Kimi "
+  "K2.5 / K2.6 / K2.7, the text tensors under language_model. and the multimodal wrapper "
+  "config.json (text_config + the source's vision_config when known); no vision weights "
+  "are written: add the release's vision_tower.* / mm_projector.* shards to use images.",
+)
+_WRAPPER_CONFIG = flags.DEFINE_string(
+  "wrapper_config",
+  None,
+  "orbax-to-hf --layout k25: a K2.5 release's config.json whose wrapper fields "
+  "(vision_config, token ids, ...) to write; default: those hf-to-orbax kept "
+  "in the checkpoint (hf_wrapper.json).",
+)
 _WORKERS = flags.DEFINE_integer("workers", 4, "Threads reading, converting and writing in parallel.")
-_PROCESS_INDEX = flags.DEFINE_integer("process_index", None,
-                                      "hf-to-orbax with several processes: this one's index (0 finalises). Default: "
-                                      "from the launch environment (KIMI_PROCESS_ID, or jax.distributed), else 0.")
-_PROCESS_COUNT = flags.DEFINE_integer("process_count", None,
-                                      "hf-to-orbax: how many processes share the conversion. Default: from the "
-                                      "launch environment (KIMI_NUM_PROCESSES, or jax.distributed), else 1.")
+_PROCESS_INDEX = flags.DEFINE_integer(
+  "process_index",
+  None,
+  "hf-to-orbax with several processes: this one's index (0 finalises). Default: "
+  "from the launch environment (KIMI_PROCESS_ID, or jax.distributed), else 0.",
+)
+_PROCESS_COUNT = flags.DEFINE_integer(
+  "process_count",
+  None,
+  "hf-to-orbax: how many processes share the conversion. Default: from the "
+  "launch environment (KIMI_NUM_PROCESSES, or jax.distributed), else 1.",
+)
 _PROGRESS = flags.DEFINE_bool("progress", True, "Show a progress bar (bytes and GB/s).")
 
 COMMANDS = ("hf-to-orbax", "orbax-to-hf")
@@ -84,36 +105,56 @@ def main(argv):
     if _FP8.value:
       raise app.UsageError("--fp8 applies to orbax-to-hf (hf-to-orbax dequantises FP8 releases by itself)")
     if _LAYOUT.present or _WRAPPER_CONFIG.value:
-      raise app.UsageError("--layout and --wrapper_config apply to orbax-to-hf (hf-to-orbax reads the layout "
-                           "from config.json)")
+      raise app.UsageError(
+        "--layout and --wrapper_config apply to orbax-to-hf (hf-to-orbax reads the layout from config.json)"
+      )
     index, count = processes()
     if not 0 <= index < count:
       raise app.UsageError(f"--process_index {index} is not in [0, --process_count={count})")
-    stats = hf_to_orbax(_HF_DIR.value, _OUT_DIR.value, dtype=_DTYPE.value or "float32", workers=_WORKERS.value,
-                        progress=_PROGRESS.value, process_index=index, process_count=count)
+    stats = hf_to_orbax(
+      _HF_DIR.value,
+      _OUT_DIR.value,
+      dtype=_DTYPE.value or "float32",
+      workers=_WORKERS.value,
+      progress=_PROGRESS.value,
+      process_index=index,
+      process_count=count,
+    )
     if count > 1:
       what = "finished the checkpoint" if index == 0 else "converted its share; process 0 finishes the checkpoint"
-      print(f"hf-to-orbax: process {index} of {count} {what}: read {stats.bytes_read / 1e9:.2f} GB, wrote "
-            f"{stats.bytes_written / 1e9:.2f} GB in {stats.seconds:.1f} s")
+      print(
+        f"hf-to-orbax: process {index} of {count} {what}: read {stats.bytes_read / 1e9:.2f} GB, wrote "
+        f"{stats.bytes_written / 1e9:.2f} GB in {stats.seconds:.1f} s"
+      )
       sys.stdout.flush()
       return
   else:
     if not _CHECKPOINT.value:
       raise app.UsageError("orbax-to-hf needs --checkpoint")
     if _PROCESS_COUNT.value not in (None, 1):
-      raise app.UsageError("orbax-to-hf runs as one process (its --workers write different shards); drop "
-                           "--process_count")
-    stats = orbax_to_hf(_CHECKPOINT.value, _OUT_DIR.value, dtype=_DTYPE.value or "bfloat16", fp8=_FP8.value,
-                        layout=_LAYOUT.value, wrapper_config=_WRAPPER_CONFIG.value, workers=_WORKERS.value,
-                        progress=_PROGRESS.value)
+      raise app.UsageError(
+        "orbax-to-hf runs as one process (its --workers write different shards); drop --process_count"
+      )
+    stats = orbax_to_hf(
+      _CHECKPOINT.value,
+      _OUT_DIR.value,
+      dtype=_DTYPE.value or "bfloat16",
+      fp8=_FP8.value,
+      layout=_LAYOUT.value,
+      wrapper_config=_WRAPPER_CONFIG.value,
+      workers=_WORKERS.value,
+      progress=_PROGRESS.value,
+    )
   if not stats.bytes_written:
     print(f"{argv[1]}: {_OUT_DIR.value} is already complete")
     return
   rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
   rate = stats.bytes_read / max(stats.seconds, 1e-9) / 1e9
-  print(f"{argv[1]}: wrote {_OUT_DIR.value}: read {stats.bytes_read / 1e9:.2f} GB, wrote "
-        f"{stats.bytes_written / 1e9:.2f} GB in {stats.seconds:.1f} s ({rate:.2f} GB/s read), "
-        f"peak RSS {rss:.2f} GiB")
+  print(
+    f"{argv[1]}: wrote {_OUT_DIR.value}: read {stats.bytes_read / 1e9:.2f} GB, wrote "
+    f"{stats.bytes_written / 1e9:.2f} GB in {stats.seconds:.1f} s ({rate:.2f} GB/s read), "
+    f"peak RSS {rss:.2f} GiB"
+  )
   sys.stdout.flush()
 
 

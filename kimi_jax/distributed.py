@@ -15,8 +15,8 @@ from their own variables (as auto); anything else runs as a single process and n
 
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping
+import os
 
 import jax
 
@@ -33,13 +33,19 @@ def plan(env: Mapping[str, str]) -> dict | None:
   if any(name in env for name in _EXPLICIT):
     if missing := [name for name in _EXPLICIT if not env.get(name)]:
       raise ValueError(f"an explicit job needs all of {', '.join(_EXPLICIT)}; missing {', '.join(missing)}")
-    kwargs = {"coordinator_address": env["KIMI_COORDINATOR"], "num_processes": int(env["KIMI_NUM_PROCESSES"]),
-              "process_id": int(env["KIMI_PROCESS_ID"])}
+    kwargs = {
+      "coordinator_address": env["KIMI_COORDINATOR"],
+      "num_processes": int(env["KIMI_NUM_PROCESSES"]),
+      "process_id": int(env["KIMI_PROCESS_ID"]),
+    }
     if env.get("KIMI_LOCAL_DEVICE_IDS"):
       kwargs["local_device_ids"] = [int(i) for i in env["KIMI_LOCAL_DEVICE_IDS"].split(",")]
     return kwargs
-  if mode == "auto" or int(env.get("SLURM_STEP_NUM_TASKS", env.get("SLURM_NTASKS", "1"))) > 1 or (
-      int(env.get("OMPI_COMM_WORLD_SIZE", "1")) > 1):
+  if (
+    mode == "auto"
+    or int(env.get("SLURM_STEP_NUM_TASKS", env.get("SLURM_NTASKS", "1"))) > 1
+    or (int(env.get("OMPI_COMM_WORLD_SIZE", "1")) > 1)
+  ):
     return {}
   return None
 

@@ -28,9 +28,9 @@ over the whole mesh is returned.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 import functools
 import math
-from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -45,12 +45,23 @@ from kimi_jax.layers.experts import combine
 GroupedMatmul = Callable[[jax.Array, jax.Array, jax.Array], jax.Array]
 
 
-def expert_parallel_moe(x: jax.Array, idx: jax.Array, weights: jax.Array, gate: jax.Array, up: jax.Array,
-                        down: jax.Array, *, mesh: Mesh, expert_axis: str = "expert",
-                        token_axes: Sequence[str] | None = None, tensor_axis: str | None = None,
-                        strategy: str = "auto", capacity_factor: float | None = None,
-                        matmul: GroupedMatmul = jax.lax.ragged_dot, check_vma: bool = True
-                        ) -> tuple[jax.Array, jax.Array]:
+def expert_parallel_moe(
+  x: jax.Array,
+  idx: jax.Array,
+  weights: jax.Array,
+  gate: jax.Array,
+  up: jax.Array,
+  down: jax.Array,
+  *,
+  mesh: Mesh,
+  expert_axis: str = "expert",
+  token_axes: Sequence[str] | None = None,
+  tensor_axis: str | None = None,
+  strategy: str = "auto",
+  capacity_factor: float | None = None,
+  matmul: GroupedMatmul = jax.lax.ragged_dot,
+  check_vma: bool = True,
+) -> tuple[jax.Array, jax.Array]:
   """Routed experts, experts sharded over `expert_axis`; call it inside or outside jit.
 
   Args:
@@ -87,18 +98,34 @@ def expert_parallel_moe(x: jax.Array, idx: jax.Array, weights: jax.Array, gate: 
     exchange = jax.lax.ragged_all_to_all
   # Capacity applies per (source, destination) slot for all_to_all and per receive buffer for ragged.
   capacity = None if capacity_factor is None else (slot if strategy == "all_to_all" else rows)
-  body = functools.partial(_moe_shard, axis=expert_axis, n=n, rows=rows, capacity=capacity,
-                           per_source=strategy == "all_to_all", exchange=exchange, matmul=matmul,
-                           token_axes=token_axes, tensor_axis=tensor_axis)
+  body = functools.partial(
+    _moe_shard,
+    axis=expert_axis,
+    n=n,
+    rows=rows,
+    capacity=capacity,
+    per_source=strategy == "all_to_all",
+    exchange=exchange,
+    matmul=matmul,
+    token_axes=token_axes,
+    tensor_axis=tensor_axis,
+  )
   tokens = P(token_axes, None)
-  specs = (tokens, tokens, tokens, P(expert_axis, None, tensor_axis), P(expert_axis, None, tensor_axis),
-           P(expert_axis, tensor_axis, None))
+  specs = (
+    tokens,
+    tokens,
+    tokens,
+    P(expert_axis, None, tensor_axis),
+    P(expert_axis, None, tensor_axis),
+    P(expert_axis, tensor_axis, None),
+  )
   args = [_as_spec(a, mesh, s) for a, s in zip((x, idx, weights, gate, up, down), specs)]
   return jax.shard_map(body, mesh=mesh, in_specs=specs, out_specs=(tokens, P()), check_vma=check_vma)(*args)
 
 
-def _moe_shard(x, idx, weights, gate, up, down, *, axis, n, rows, capacity, per_source, exchange, matmul,
-               token_axes, tensor_axis):
+def _moe_shard(
+  x, idx, weights, gate, up, down, *, axis, n, rows, capacity, per_source, exchange, matmul, token_axes, tensor_axis
+):
   """One device. x: [N', D]; idx, weights: [N', K]; gate, up: [E', D, Fe']; down: [E', Fe', D] -> ([N', D], [])."""
   t, k = idx.shape
   local = gate.shape[0]
@@ -115,13 +142,15 @@ def _moe_shard(x, idx, weights, gate, up, down, *, axis, n, rows, capacity, per_
   dst_offsets = _exclusive_cumsum(totals, axis=1).reshape(1, -1) + _exclusive_cumsum(kept, axis=0)  # [A, E]
   mine = lambda a: jax.lax.dynamic_slice_in_dim(a, me * local, local, axis=1).reshape(-1)  # [A, E] -> [A·E']
   xs = x[order // k]  # [P', D]
-  recv = exchange(xs, jnp.zeros((rows, x.shape[1]), x.dtype), src_offsets[me], kept[me], dst_offsets[me],
-                  mine(kept), axis_name=axis)  # [R, D] grouped by local expert
+  recv = exchange(
+    xs, jnp.zeros((rows, x.shape[1]), x.dtype), src_offsets[me], kept[me], dst_offsets[me], mine(kept), axis_name=axis
+  )  # [R, D] grouped by local expert
   group_sizes = jax.lax.dynamic_index_in_dim(totals, me, keepdims=False)  # [E']
   hidden = jax.nn.silu(matmul(recv, gate, group_sizes)) * matmul(recv, up, group_sizes)
   ys = matmul(hidden, down, group_sizes)  # [R, D]
-  back = exchange(ys, jnp.zeros_like(xs), mine(dst_offsets), mine(kept), mine(src_offsets), kept[me],
-                  axis_name=axis)  # [P', D] sorted like xs; dropped pairs stay zero
+  back = exchange(
+    ys, jnp.zeros_like(xs), mine(dst_offsets), mine(kept), mine(src_offsets), kept[me], axis_name=axis
+  )  # [P', D] sorted like xs; dropped pairs stay zero
   inverse = jnp.zeros_like(order).at[order].set(jnp.arange(order.shape[0], dtype=order.dtype))
   out = combine(back[inverse].reshape(t, k, -1).astype(jnp.float32), weights)
   if tensor_axis is not None:
@@ -157,8 +186,9 @@ def _water_level(cells: jax.Array, capacity: int) -> jax.Array:
   return jax.lax.fori_loop(0, capacity.bit_length(), bisect, init)[0]
 
 
-def _padded_ragged_all_to_all(operand, output, input_offsets, send_sizes, output_offsets, recv_sizes, *,
-                              axis_name, slot):
+def _padded_ragged_all_to_all(
+  operand, output, input_offsets, send_sizes, output_offsets, recv_sizes, *, axis_name, slot
+):
   """`jax.lax.ragged_all_to_all` over a padded `jax.lax.all_to_all` (for disjoint slices).
 
   operand: [M, ...]; output: [R, ...]; the four offset/size arrays: [n·s], s slices per peer. The slices
@@ -200,8 +230,11 @@ def _check(x, idx, gate, mesh, expert_axis, token_axes, tensor_axis, capacity_fa
   if token_axes is None:
     token_axes = tuple(a for a in names if a != tensor_axis)
   token_axes = tuple(token_axes)
-  for what, axes in (("expert_axis", (expert_axis,)), ("token_axes", token_axes),
-                     ("tensor_axis", () if tensor_axis is None else (tensor_axis,))):
+  for what, axes in (
+    ("expert_axis", (expert_axis,)),
+    ("token_axes", token_axes),
+    ("tensor_axis", () if tensor_axis is None else (tensor_axis,)),
+  ):
     if missing := [a for a in axes if a not in names]:
       raise ValueError(f"{what}: mesh axes {missing} are not in the mesh {dict(mesh.shape)}")
   if expert_axis not in token_axes:
@@ -215,8 +248,10 @@ def _check(x, idx, gate, mesh, expert_axis, token_axes, tensor_axis, capacity_fa
   if x.shape[0] % shards:
     raise ValueError(f"{x.shape[0]} tokens are not divisible by the {shards} token shards over {token_axes}")
   if tensor_axis is not None and gate.shape[2] % mesh.shape[tensor_axis]:
-    raise ValueError(f"expert hidden size {gate.shape[2]} is not divisible by the tensor axis "
-                     f"{tensor_axis!r} of size {mesh.shape[tensor_axis]}")
+    raise ValueError(
+      f"expert hidden size {gate.shape[2]} is not divisible by the tensor axis "
+      f"{tensor_axis!r} of size {mesh.shape[tensor_axis]}"
+    )
   if idx.shape[0] != x.shape[0]:
     raise ValueError(f"idx has {idx.shape[0]} tokens but x has {x.shape[0]}")
   if capacity_factor is not None and not capacity_factor > 0:

@@ -12,11 +12,11 @@ from __future__ import annotations
 
 import functools
 
-import jax
-import numpy as np
 from absl import app, flags
 from flax import nnx
+import jax
 from jax.sharding import Mesh
+import numpy as np
 
 from kimi_jax import sharding
 from kimi_jax.config import MOE_IMPLS
@@ -27,8 +27,11 @@ _TOKENS = flags.DEFINE_string("tokens", None, "Input token ids, .npy int [B, S].
 _OUT = flags.DEFINE_string("out", None, "Output logits, .npy float32 [B, S, V].", required=True)
 _DTYPE = flags.DEFINE_enum("dtype", None, ["float32", "bfloat16"], "Compute dtype (default: the checkpoint's).")
 _MOE_IMPL = flags.DEFINE_enum("moe_impl", None, list(MOE_IMPLS), "Expert compute implementation.")
-_MESH = flags.DEFINE_string("mesh", "", "Device mesh, e.g. fsdp=2,expert=4 (kimi_jax/sharding.py); '': one device. "
-                            "Any batch size; experts run dropless.")
+_MESH = flags.DEFINE_string(
+  "mesh",
+  "",
+  "Device mesh, e.g. fsdp=2,expert=4 (kimi_jax/sharding.py); '': one device. Any batch size; experts run dropless.",
+)
 
 
 def forward_logits(model: KimiK2, tokens: np.ndarray, mesh: Mesh | None = None) -> jax.Array:

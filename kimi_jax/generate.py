@@ -28,20 +28,20 @@ one user turn of Kimi's chat template (`--chat`), streams the text, and reports 
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator, Sequence
 import contextlib
 import dataclasses
 import functools
 import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
 from typing import NamedTuple
 
-import jax
-import jax.numpy as jnp
-import numpy as np
 from absl import app, flags
 from flax import nnx
+import jax
+import jax.numpy as jnp
 from jax.sharding import Mesh
+import numpy as np
 
 from kimi_jax import backend, sharding
 from kimi_jax.config import MOE_IMPLS, ModelConfig
@@ -76,8 +76,10 @@ class Sampling:
 
 # Prefill and decode -------------------------------------------------------------------------------------------
 
-def prefill(model: KimiK2, tokens: jax.Array, lengths: jax.Array, *, max_len: int,
-            kind: str = "latent") -> tuple[jax.Array, DecodeState]:
+
+def prefill(
+  model: KimiK2, tokens: jax.Array, lengths: jax.Array, *, max_len: int, kind: str = "latent"
+) -> tuple[jax.Array, DecodeState]:
   """Full forward over right-padded prompts that also fills a new cache (`init_cache`) of length `max_len`.
 
   tokens: [B, S] int (row b valid in [0, lengths[b])); lengths: [B] int32, 1 ≤ lengths ≤ S ≤ max_len.
@@ -86,12 +88,14 @@ def prefill(model: KimiK2, tokens: jax.Array, lengths: jax.Array, *, max_len: in
   if tokens.shape[1] > max_len:
     raise ValueError(f"prompt buffer of {tokens.shape[1]} tokens does not fit a cache of max_len={max_len}")
   graphdef, state = nnx.split(model)
-  return _prefill(graphdef, state, jnp.asarray(tokens, jnp.int32), jnp.asarray(lengths, jnp.int32),
-                  max_len=max_len, kind=kind)
+  return _prefill(
+    graphdef, state, jnp.asarray(tokens, jnp.int32), jnp.asarray(lengths, jnp.int32), max_len=max_len, kind=kind
+  )
 
 
-def decode_step(model: KimiK2, state: DecodeState, tokens: jax.Array, *,
-                impl: str = "auto") -> tuple[jax.Array, DecodeState]:
+def decode_step(
+  model: KimiK2, state: DecodeState, tokens: jax.Array, *, impl: str = "auto"
+) -> tuple[jax.Array, DecodeState]:
   """Feed one token per row at position state.lengths[b]. tokens: [B] int -> (logits [B, V] f32, new state).
 
   impl: decode attention, "xla" | "pallas" | "auto" (see `attention.latent_attention`). `state` is donated.
@@ -106,8 +110,9 @@ def _prefill(graphdef, params, tokens, lengths, *, max_len, kind):
   b, s = tokens.shape
   positions = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
   segment_ids = (positions < lengths[:, None]).astype(jnp.int32)  # 0 marks padding
-  x, aux = model.features(tokens, positions=positions, segment_ids=segment_ids,
-                          cache=init_cache(model.cfg, b, max_len, kind))
+  x, aux = model.features(
+    tokens, positions=positions, segment_ids=segment_ids, cache=init_cache(model.cfg, b, max_len, kind)
+  )
   return model.logits(x[jnp.arange(b), lengths - 1]), DecodeState(aux["cache"], lengths)
 
 
@@ -119,6 +124,7 @@ def _decode(graphdef, params, state, tokens, *, impl):
 
 
 # Sampling -----------------------------------------------------------------------------------------------------
+
 
 def sample_logits(logits: jax.Array, key: jax.Array, sampling: Sampling) -> jax.Array:
   """logits: [B, V] float32 -> tokens [B] int32: greedy, or temperature then top-k then top-p (nucleus)."""
@@ -152,10 +158,20 @@ def _pick(logits, done, key, *, sampling, stop_tokens):
 
 # The generation loop ------------------------------------------------------------------------------------------
 
-def stream(model: KimiK2, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
-           sampling: Sampling = Sampling(), stop_tokens: Sequence[int] = (), seed: int = 0,
-           max_len: int | None = None, cache_kind: str = "latent", attention_impl: str = "auto",
-           mesh: Mesh | None = None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+
+def stream(
+  model: KimiK2,
+  prompts: Sequence[Sequence[int]],
+  *,
+  max_new_tokens: int,
+  sampling: Sampling = Sampling(),
+  stop_tokens: Sequence[int] = (),
+  seed: int = 0,
+  max_len: int | None = None,
+  cache_kind: str = "latent",
+  attention_impl: str = "auto",
+  mesh: Mesh | None = None,
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
   """Generate for a batch of prompts of any lengths; yields after every step.
 
   Yields (tokens [B] int32, emitted [B] bool): row b produced tokens[b] if emitted[b]. A row stops at its first
@@ -170,12 +186,14 @@ def stream(model: KimiK2, prompts: Sequence[Sequence[int]], *, max_new_tokens: i
   if max_new_tokens <= 0:
     return
   rows = len(prompts)
-  tokens, lengths = sharding.pad_batch((tokens, lengths),
-                                       sharding.padded_batch(rows, mesh, model.cfg.moe_capacity_factor))
+  tokens, lengths = sharding.pad_batch(
+    (tokens, lengths), sharding.padded_batch(rows, mesh, model.cfg.moe_capacity_factor)
+  )
   on_mesh = contextlib.nullcontext
   if mesh is not None:
-    tokens, lengths = jax.device_put((tokens, lengths), (sharding.batch_sharding(mesh, 2),
-                                                         sharding.batch_sharding(mesh, 1)))
+    tokens, lengths = jax.device_put(
+      (tokens, lengths), (sharding.batch_sharding(mesh, 2), sharding.batch_sharding(mesh, 1))
+    )
     on_mesh = functools.partial(sharding.use_mesh, mesh)  # entered per dispatch, never across a yield
   graphdef, params = nnx.split(model)
   impl = backend.resolve("attention", attention_impl)
@@ -196,8 +214,14 @@ def stream(model: KimiK2, prompts: Sequence[Sequence[int]], *, max_new_tokens: i
     new, done, key = pending
 
 
-def generate(model: KimiK2, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
-             on_step: Callable[[np.ndarray, np.ndarray], None] | None = None, **options) -> list[list[int]]:
+def generate(
+  model: KimiK2,
+  prompts: Sequence[Sequence[int]],
+  *,
+  max_new_tokens: int,
+  on_step: Callable[[np.ndarray, np.ndarray], None] | None = None,
+  **options,
+) -> list[list[int]]:
   """Like `stream` (same options), but returns each row's new tokens; `on_step(tokens, emitted)` sees each step."""
   out = [[] for _ in prompts]
   for new, emitted in stream(model, prompts, max_new_tokens=max_new_tokens, **options):
@@ -208,17 +232,31 @@ def generate(model: KimiK2, prompts: Sequence[Sequence[int]], *, max_new_tokens:
   return out
 
 
-def sample(model: KimiK2, prompt: list[int], *, max_new_tokens: int, temperature: float = 0.0, seed: int = 0,
-           stop_token: int | None = None) -> list[int]:
+def sample(
+  model: KimiK2,
+  prompt: list[int],
+  *,
+  max_new_tokens: int,
+  temperature: float = 0.0,
+  seed: int = 0,
+  stop_token: int | None = None,
+) -> list[int]:
   """Continue one prompt by up to `max_new_tokens` tokens (greedy when temperature == 0); stops before
   `stop_token`. Returns the new tokens."""
   stop = () if stop_token is None else (stop_token,)
-  return generate(model, [prompt], max_new_tokens=max_new_tokens, sampling=Sampling(temperature=temperature),
-                  stop_tokens=stop, seed=seed)[0]
+  return generate(
+    model,
+    [prompt],
+    max_new_tokens=max_new_tokens,
+    sampling=Sampling(temperature=temperature),
+    stop_tokens=stop,
+    seed=seed,
+  )[0]
 
 
-def pack_prompts(prompts: Sequence[Sequence[int]], cfg: ModelConfig, max_new_tokens: int,
-                 max_len: int | None = None) -> tuple[np.ndarray, np.ndarray, int]:
+def pack_prompts(
+  prompts: Sequence[Sequence[int]], cfg: ModelConfig, max_new_tokens: int, max_len: int | None = None
+) -> tuple[np.ndarray, np.ndarray, int]:
   """Checks prompts and right-pads them for `prefill`: (tokens [B, S] int32, lengths [B] int32, cache length T).
 
   S is the longest prompt rounded up to PROMPT_BUCKET (at most T); T is `max_len` or the default of `stream`.
@@ -238,18 +276,21 @@ def pack_prompts(prompts: Sequence[Sequence[int]], cfg: ModelConfig, max_new_tok
     raise ValueError(f"max_len={max_len} exceeds the model's max_position_embeddings={limit}")
   if longest + max_new_tokens > max_len:
     row = int(np.argmax(lengths))
-    raise ValueError(f"prompt {row} has {longest} tokens; with max_new_tokens={max_new_tokens} it needs a cache of "
-                     f"{longest + max_new_tokens} > {max_len} positions (max_len / max_position_embeddings)")
+    raise ValueError(
+      f"prompt {row} has {longest} tokens; with max_new_tokens={max_new_tokens} it needs a cache of "
+      f"{longest + max_new_tokens} > {max_len} positions (max_len / max_position_embeddings)"
+    )
   width = min(-(-longest // PROMPT_BUCKET) * PROMPT_BUCKET, max_len)
   tokens = np.zeros((len(prompts), width), np.int32)
   for row, prompt in enumerate(prompts):
     ids = np.asarray(prompt)
     check_tokens(ids[None], cfg)
-    tokens[row, :len(ids)] = ids
+    tokens[row, : len(ids)] = ids
   return tokens, lengths, max_len
 
 
 # CLI ----------------------------------------------------------------------------------------------------------
+
 
 def _read_prompt_tokens(path: str) -> list[list[int]]:
   """P.npy: int [S] (one prompt) or [B, S] with shorter rows right-padded with -1."""
@@ -270,8 +311,12 @@ def _read_prompt_tokens(path: str) -> list[list[int]]:
 def _define_flags() -> None:
   flags.DEFINE_string("checkpoint", None, "Model checkpoint or training workdir.", required=True)
   flags.DEFINE_string("prompt", None, "Prompt text, encoded with --tokenizer after its BOS id.")
-  flags.DEFINE_bool("chat", False, "Wrap --prompt as one user turn of Kimi's chat template (needs a Kimi "
-                    "tiktoken --tokenizer); also stops on <|im_end|>.")
+  flags.DEFINE_bool(
+    "chat",
+    False,
+    "Wrap --prompt as one user turn of Kimi's chat template (needs a Kimi "
+    "tiktoken --tokenizer); also stops on <|im_end|>.",
+  )
   flags.DEFINE_string("prompt_tokens", None, "Prompt ids, .npy int [S] or [B, S] (shorter rows padded with -1).")
   flags.DEFINE_string("tokenizer", "byte", "'byte' or the path of Kimi's tiktoken.model.")
   flags.DEFINE_integer("max_new_tokens", 64, "Tokens to generate per prompt.")
@@ -286,8 +331,12 @@ def _define_flags() -> None:
   flags.DEFINE_enum("cache", "latent", list(CACHE_KINDS), "KV cache layout.")
   flags.DEFINE_enum("attention_impl", "auto", ["auto", "xla", "pallas"], "Decode attention implementation.")
   flags.DEFINE_string("out", None, "Write generated ids to this .npy, int32 [B, N] padded with -1.")
-  flags.DEFINE_string("mesh", "", "Device mesh, e.g. fsdp=2,expert=4 (kimi_jax/sharding.py); '': one device. "
-                      "Any number of prompts; experts run dropless.")
+  flags.DEFINE_string(
+    "mesh",
+    "",
+    "Device mesh, e.g. fsdp=2,expert=4 (kimi_jax/sharding.py); '': one device. "
+    "Any number of prompts; experts run dropless.",
+  )
 
 
 def _cli_prompts(f, cfg: ModelConfig):
@@ -330,7 +379,7 @@ class _TextStream:
     print(flush=True)
 
   def _show(self, text: str) -> None:
-    print(text[self.shown:], end="", flush=True)
+    print(text[self.shown :], end="", flush=True)
     self.shown = max(self.shown, len(text))
 
 
@@ -366,9 +415,19 @@ def main(argv):
       text(new, emitted)
 
   start = time.perf_counter()
-  out = generate(model, prompts, max_new_tokens=f.max_new_tokens, on_step=on_step, sampling=sampling,
-                 stop_tokens=stops, seed=f.seed, max_len=f.max_len, cache_kind=f.cache,
-                 attention_impl=f.attention_impl, mesh=mesh)
+  out = generate(
+    model,
+    prompts,
+    max_new_tokens=f.max_new_tokens,
+    on_step=on_step,
+    sampling=sampling,
+    stop_tokens=stops,
+    seed=f.seed,
+    max_len=f.max_len,
+    cache_kind=f.cache,
+    attention_impl=f.attention_impl,
+    mesh=mesh,
+  )
   if text is not None:
     text.close()
   else:
@@ -379,12 +438,15 @@ def main(argv):
     np.save(f.out, np.asarray([new + [-1] * (width - len(new)) for new in out], np.int32).reshape(len(out), width))
     print(f"wrote generated ids [{len(out)}, {width}] (-1 pads) to {f.out}")
   if times:
-    print(f"prefill: {sum(map(len, prompts))} prompt tokens and the first new token in {times[0] - start:.2f}s "
-          f"(includes compiling)")
+    print(
+      f"prefill: {sum(map(len, prompts))} prompt tokens and the first new token in {times[0] - start:.2f}s "
+      f"(includes compiling)"
+    )
   if len(times) > 1:
     steps, seconds = len(times) - 1, times[-1] - times[0]
-    print(f"decode: {steps} steps x {len(prompts)} rows in {seconds:.2f}s = {steps * len(prompts) / seconds:.1f} "
-          f"tokens/s")
+    print(
+      f"decode: {steps} steps x {len(prompts)} rows in {seconds:.2f}s = {steps * len(prompts) / seconds:.1f} tokens/s"
+    )
 
 
 if __name__ == "__main__":

@@ -15,12 +15,11 @@ from __future__ import annotations
 
 from typing import Any
 
+from flax import nnx
 import jax
 import jax.numpy as jnp
-from flax import nnx
 
 from kimi_jax.config import ModelConfig
-from kimi_jax.sharding import constrain
 from kimi_jax.layers.cache import Cache, LayerCache, cache_spec, constrain_cache
 from kimi_jax.layers.linear import Linear, param
 from kimi_jax.layers.mla import MLA
@@ -28,13 +27,14 @@ from kimi_jax.layers.mlp import MLP
 from kimi_jax.layers.moe import MoE
 from kimi_jax.layers.norms import RMSNorm
 from kimi_jax.layers.rope import rope_cos_sin
+from kimi_jax.sharding import constrain
 
 LAYER_GROUPS = ("dense_layers", "moe_layers")
 ACTIVATION = ("batch", "seq", "act_embed")  # logical axes of the residual stream [B, S, D]
 
 _REMAT_POLICIES = {
-    "full": None,  # save nothing, recompute the layer in the backward pass
-    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+  "full": None,  # save nothing, recompute the layer in the backward pass
+  "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
 }
 
 
@@ -49,20 +49,35 @@ class DecoderLayer(nnx.Module):
     if moe:
       self.mlp = MoE(cfg, rngs=rngs)
     else:
-      self.mlp = MLP(cfg.hidden_size, cfg.intermediate_size, std=cfg.initializer_range,
-                     dtype=jnp.dtype(cfg.dtype), param_dtype=param_dtype, rngs=rngs)
+      self.mlp = MLP(
+        cfg.hidden_size,
+        cfg.intermediate_size,
+        std=cfg.initializer_range,
+        dtype=jnp.dtype(cfg.dtype),
+        param_dtype=param_dtype,
+        rngs=rngs,
+      )
     self.moe = moe
 
-  def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, segment_ids: jax.Array,
-               positions: jax.Array, *, cache: LayerCache | None = None, attention_impl: str | None = None
-               ) -> tuple[jax.Array, dict[str, jax.Array], LayerCache | None]:
+  def __call__(
+    self,
+    x: jax.Array,
+    cos: jax.Array,
+    sin: jax.Array,
+    segment_ids: jax.Array,
+    positions: jax.Array,
+    *,
+    cache: LayerCache | None = None,
+    attention_impl: str | None = None,
+  ) -> tuple[jax.Array, dict[str, jax.Array], LayerCache | None]:
     """x: [B, S, D]; positions: [B, S]; cache: None (training) or this layer's (see `MLA.__call__`).
 
     Returns (x [B, S, D]; stats: max_logits [H] (None in a decode step) and, for MoE, expert_load [E],
     dropped_pairs; the cache with this layer's new entries).
     """
-    attn_out, max_logits, cache = self.attn(self.attn_norm(x), cos, sin, segment_ids, cache=cache,
-                                            positions=positions, impl=attention_impl)
+    attn_out, max_logits, cache = self.attn(
+      self.attn_norm(x), cos, sin, segment_ids, cache=cache, positions=positions, impl=attention_impl
+    )
     x = x + attn_out.astype(x.dtype)
     stats = {"max_logits": max_logits}
     if self.moe:
@@ -75,8 +90,13 @@ class DecoderLayer(nnx.Module):
 
 class Embed(nnx.Module):
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
-    self.embedding = param(rngs, (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"), std=cfg.initializer_range,
-                           dtype=jnp.dtype(cfg.param_dtype))
+    self.embedding = param(
+      rngs,
+      (cfg.vocab_size, cfg.hidden_size),
+      ("vocab", "embed"),
+      std=cfg.initializer_range,
+      dtype=jnp.dtype(cfg.param_dtype),
+    )
 
   def __call__(self, tokens: jax.Array, dtype: jnp.dtype) -> jax.Array:
     """tokens: [B, S] int -> [B, S, D]."""
@@ -100,14 +120,29 @@ class KimiK2(nnx.Module):
       self.dense_layers = _stacked_layers(cfg, cfg.num_dense_layers, moe=False, rngs=rngs)
     if cfg.num_moe_layers:
       self.moe_layers = _stacked_layers(cfg, cfg.num_moe_layers, moe=True, rngs=rngs)
-    self.final_norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, name="embed",
-                              param_dtype=jnp.dtype(cfg.param_dtype))
-    self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, ("embed", "vocab"), std=cfg.initializer_range,
-                          dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.dtype(cfg.param_dtype), rngs=rngs)
+    self.final_norm = RMSNorm(
+      cfg.hidden_size, eps=cfg.rms_norm_eps, name="embed", param_dtype=jnp.dtype(cfg.param_dtype)
+    )
+    self.lm_head = Linear(
+      cfg.hidden_size,
+      cfg.vocab_size,
+      ("embed", "vocab"),
+      std=cfg.initializer_range,
+      dtype=jnp.dtype(cfg.dtype),
+      param_dtype=jnp.dtype(cfg.param_dtype),
+      rngs=rngs,
+    )
 
-  def __call__(self, tokens: jax.Array, *, positions: jax.Array | None = None,
-               segment_ids: jax.Array | None = None, cache: Cache | None = None, attention_impl: str | None = None,
-               return_hidden: bool = False) -> tuple[jax.Array, dict[str, Any]]:
+  def __call__(
+    self,
+    tokens: jax.Array,
+    *,
+    positions: jax.Array | None = None,
+    segment_ids: jax.Array | None = None,
+    cache: Cache | None = None,
+    attention_impl: str | None = None,
+    return_hidden: bool = False,
+  ) -> tuple[jax.Array, dict[str, Any]]:
     """tokens: [B, S] int; positions: [B, S] (default 0..S-1); segment_ids: [B, S] (0 = padding; default 1).
 
     cache: None (training), or {group: {name: [L, B, T, ...]}} (`init_cache`). With S > 1 a prefill: the tokens
@@ -123,17 +158,30 @@ class KimiK2(nnx.Module):
       hidden       [L + 1, B, S, D] embeddings then each layer's output (only with return_hidden)
       cache        the cache with the new entries written (only with a cache)
     """
-    x, aux = self.features(tokens, positions=positions, segment_ids=segment_ids, cache=cache,
-                           attention_impl=attention_impl, return_hidden=return_hidden)
+    x, aux = self.features(
+      tokens,
+      positions=positions,
+      segment_ids=segment_ids,
+      cache=cache,
+      attention_impl=attention_impl,
+      return_hidden=return_hidden,
+    )
     return self.logits(x), aux
 
   def logits(self, x: jax.Array) -> jax.Array:
     """x: [..., D] final-norm output -> logits [..., V] float32."""
     return lm_logits(x, self.lm_head.kernel[...])
 
-  def features(self, tokens: jax.Array, *, positions: jax.Array | None = None,
-               segment_ids: jax.Array | None = None, cache: Cache | None = None, attention_impl: str | None = None,
-               return_hidden: bool = False) -> tuple[jax.Array, dict[str, Any]]:
+  def features(
+    self,
+    tokens: jax.Array,
+    *,
+    positions: jax.Array | None = None,
+    segment_ids: jax.Array | None = None,
+    cache: Cache | None = None,
+    attention_impl: str | None = None,
+    return_hidden: bool = False,
+  ) -> tuple[jax.Array, dict[str, Any]]:
     """Everything before the head: (final-norm output [B, S, D], aux as in `__call__`). Training feeds it to a
     chunked loss so that the f32 logits [B, S, V] never exist whole; generation picks the rows it needs."""
     cfg = self.cfg
@@ -151,8 +199,14 @@ class KimiK2(nnx.Module):
       if not hasattr(self, group):
         continue
       x, stats, layer_outputs, buffers = _scan_layers(
-          getattr(self, group), x, (cos, sin, segment_ids, positions), None if cache is None else cache[group],
-          remat=cfg.remat, return_hidden=return_hidden, attention_impl=attention_impl)
+        getattr(self, group),
+        x,
+        (cos, sin, segment_ids, positions),
+        None if cache is None else cache[group],
+        remat=cfg.remat,
+        return_hidden=return_hidden,
+        attention_impl=attention_impl,
+      )
       if cache is not None:
         new_cache[group] = constrain_cache(buffers)
       aux["max_logits"][group] = stats["max_logits"]
@@ -172,8 +226,16 @@ def lm_logits(x: jax.Array, kernel: jax.Array) -> jax.Array:
   return jnp.dot(x, kernel.astype(x.dtype), preferred_element_type=jnp.float32)
 
 
-def _scan_layers(layers: DecoderLayer, x: jax.Array, consts: tuple, buffers: dict[str, jax.Array] | None, *,
-                 remat: str, return_hidden: bool, attention_impl: str | None):
+def _scan_layers(
+  layers: DecoderLayer,
+  x: jax.Array,
+  consts: tuple,
+  buffers: dict[str, jax.Array] | None,
+  *,
+  remat: str,
+  return_hidden: bool,
+  attention_impl: str | None,
+):
   """Apply stacked `layers` in order; `consts` are a layer's positional inputs after x. buffers: the group's cache
   {name: [L, B, T, ...]} or None; carried through the scan, so each layer updates it in place.
 
@@ -200,9 +262,13 @@ def init_cache(cfg: ModelConfig, batch: int, max_len: int, kind: str = "latent")
   """Zeroed cache {group: {name: [L, B, T, ...]}} in the compute dtype. Wrap in jax.eval_shape to size it."""
   spec = cache_spec(cfg, kind)
   layers = {"dense_layers": cfg.num_dense_layers, "moe_layers": cfg.num_moe_layers}
-  return {group: {name: jnp.zeros((layers[group], batch, max_len) + shape, jnp.dtype(cfg.dtype))
-                  for name, shape in spec.items()}
-          for group in LAYER_GROUPS if layers[group]}
+  return {
+    group: {
+      name: jnp.zeros((layers[group], batch, max_len) + shape, jnp.dtype(cfg.dtype)) for name, shape in spec.items()
+    }
+    for group in LAYER_GROUPS
+    if layers[group]
+  }
 
 
 def check_tokens(tokens: Any, cfg: ModelConfig) -> None:
@@ -215,5 +281,4 @@ def check_tokens(tokens: Any, cfg: ModelConfig) -> None:
   bad = (arr < 0) | (arr >= cfg.vocab_size)
   if bad.any():
     pos = tuple(int(i) for i in np.argwhere(bad)[0])
-    raise ValueError(f"token id {int(arr[pos])} at position {pos} is outside the vocabulary "
-                     f"[0, {cfg.vocab_size})")
+    raise ValueError(f"token id {int(arr[pos])} at position {pos} is outside the vocabulary [0, {cfg.vocab_size})")

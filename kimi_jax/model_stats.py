@@ -9,8 +9,8 @@ from __future__ import annotations
 import math
 from typing import Any
 
-import jax
 from flax import nnx
+import jax
 
 from kimi_jax.config import ModelConfig
 from kimi_jax.model import KimiK2
@@ -43,13 +43,16 @@ def matmul_params_per_token(cfg: ModelConfig) -> int:
   """Weights each token multiplies by: active params minus the embedding lookup, norms and biases."""
   d = cfg.hidden_size
   h, dn, dr, dv = cfg.num_attention_heads, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim
-  attn = (d * cfg.q_lora_rank + cfg.q_lora_rank * h * (dn + dr) + d * (cfg.kv_lora_rank + dr)
-          + cfg.kv_lora_rank * h * (dn + dv) + h * dv * d)
+  attn = (
+    d * cfg.q_lora_rank
+    + cfg.q_lora_rank * h * (dn + dr)
+    + d * (cfg.kv_lora_rank + dr)
+    + cfg.kv_lora_rank * h * (dn + dv)
+    + h * dv * d
+  )
   dense_mlp = 3 * d * cfg.intermediate_size
-  moe = (3 * d * cfg.moe_intermediate_size * (cfg.num_experts_per_tok + cfg.n_shared_experts)
-         + d * cfg.n_routed_experts)
-  return (cfg.num_hidden_layers * attn + cfg.num_dense_layers * dense_mlp + cfg.num_moe_layers * moe
-          + d * cfg.vocab_size)
+  moe = 3 * d * cfg.moe_intermediate_size * (cfg.num_experts_per_tok + cfg.n_shared_experts) + d * cfg.n_routed_experts
+  return cfg.num_hidden_layers * attn + cfg.num_dense_layers * dense_mlp + cfg.num_moe_layers * moe + d * cfg.vocab_size
 
 
 def train_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:

@@ -15,39 +15,41 @@ batch and pads it with copies of row 0 (`padded_batch`, `pad_batch`, `unpad_batc
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
 import contextlib
 import math
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import AxisType, Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 import numpy as np
-from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 MESH_AXES = ("data", "fsdp", "expert", "tensor")
 BATCH_AXES = ("data", "fsdp", "expert")  # every axis but tensor splits the batch
 
 # Logical parameter/activation axis -> mesh axis (None: replicated).
 PARAM_RULES: dict[str, str | tuple[str, ...] | None] = {
-    "layers": None,
-    "vocab": "tensor",
-    "embed": ("fsdp", "expert"),  # FSDP over the expert axis too (it is data parallel outside the MoE)
-    "q_lora": "fsdp",  # q_b/kv_b [L, rank, H·D]: without it they (1.6 B params in K2) sit whole on every chip
-    "kv_lora": "fsdp",
-    "heads": "tensor",
-    "mlp": "tensor",
-    "experts": "expert",
-    "expert_mlp": "tensor",
-    "batch": BATCH_AXES,
-    "seq": None,
-    "act_embed": None,  # activations keep D whole; the tensor axis splits heads / hidden units instead
+  "layers": None,
+  "vocab": "tensor",
+  "embed": ("fsdp", "expert"),  # FSDP over the expert axis too (it is data parallel outside the MoE)
+  "q_lora": "fsdp",  # q_b/kv_b [L, rank, H·D]: without it they (1.6 B params in K2) sit whole on every chip
+  "kv_lora": "fsdp",
+  "heads": "tensor",
+  "mlp": "tensor",
+  "experts": "expert",
+  "expert_mlp": "tensor",
+  "batch": BATCH_AXES,
+  "seq": None,
+  "act_embed": None,  # activations keep D whole; the tensor axis splits heads / hidden units instead
 }
 
 _ACTIVE: list[tuple[Mesh, dict]] = []
 
 
 def parse_mesh_spec(spec: str, num_devices: int) -> dict[str, int]:
-  """"fsdp=2,expert=4" -> {"data": 1, "fsdp": 2, "expert": 4, "tensor": 1}; checks the product."""
+  """ "fsdp=2,expert=4" -> {"data": 1, "fsdp": 2, "expert": 4, "tensor": 1}; checks the product."""
   sizes = {axis: 1 for axis in MESH_AXES}
   fill = None
   for part in filter(None, (p.strip() for p in spec.split(","))):
@@ -73,8 +75,7 @@ def parse_mesh_spec(spec: str, num_devices: int) -> dict[str, int]:
       raise ValueError(f"mesh spec {spec!r}: {num_devices} devices are not divisible by {fixed}")
     sizes[fill] = num_devices // fixed
   if math.prod(sizes.values()) != num_devices:
-    raise ValueError(f"mesh spec {spec!r} has {math.prod(sizes.values())} devices but {num_devices} are "
-                     "available")
+    raise ValueError(f"mesh spec {spec!r} has {math.prod(sizes.values())} devices but {num_devices} are available")
   return sizes
 
 
@@ -111,8 +112,7 @@ def _checked_spec(path: str, shape: tuple[int, ...], spec: P, mesh: Mesh) -> P:
       continue
     size = math.prod(mesh.shape[a] for a in (axes if isinstance(axes, tuple) else (axes,)))
     if dim % size:
-      raise ValueError(f"{path}: dimension {dim} of shape {shape} is not divisible by mesh axes {axes} "
-                       f"(size {size})")
+      raise ValueError(f"{path}: dimension {dim} of shape {shape} is not divisible by mesh axes {axes} (size {size})")
   return spec
 
 
@@ -149,8 +149,10 @@ def check_batch(batch_size: int, mesh: Mesh) -> None:
   Inference pads instead: `padded_batch` / `pad_batch`."""
   shards = batch_shards(mesh)
   if batch_size % shards:
-    raise ValueError(f"batch size {batch_size} is not divisible by the {shards} batch shards of the mesh "
-                     f"({_describe_batch_axes(mesh)})")
+    raise ValueError(
+      f"batch size {batch_size} is not divisible by the {shards} batch shards of the mesh "
+      f"({_describe_batch_axes(mesh)})"
+    )
 
 
 def padded_batch(batch_size: int, mesh: Mesh | None, capacity_factor: float | None = None) -> int:
@@ -168,10 +170,12 @@ def padded_batch(batch_size: int, mesh: Mesh | None, capacity_factor: float | No
   shards = batch_shards(mesh)
   size = -(-batch_size // shards) * shards
   if size != batch_size and capacity_factor is not None:
-    raise ValueError(f"batch size {batch_size} must be padded to {size} rows for the {shards} batch shards of the "
-                     f"mesh ({_describe_batch_axes(mesh)}), but with moe_capacity_factor={capacity_factor} padding "
-                     "rows would compete with real tokens for expert capacity: run dropless (load the model with "
-                     f"moe_capacity_factor=None) or give a batch divisible by {shards}")
+    raise ValueError(
+      f"batch size {batch_size} must be padded to {size} rows for the {shards} batch shards of the "
+      f"mesh ({_describe_batch_axes(mesh)}), but with moe_capacity_factor={capacity_factor} padding "
+      "rows would compete with real tokens for expert capacity: run dropless (load the model with "
+      f"moe_capacity_factor=None) or give a batch divisible by {shards}"
+    )
   return size
 
 
@@ -245,8 +249,10 @@ def like_params(tree: Any, params: Any, param_shardings: Any, mesh: Mesh) -> Any
       keys.append(key.key)
     return tuple(reversed(keys))
 
-  by_path = {names(p): (leaf.shape, s) for (p, leaf), s in zip(jax.tree_util.tree_flatten_with_path(params)[0],
-                                                               jax.tree.leaves(param_shardings))}
+  by_path = {
+    names(p): (leaf.shape, s)
+    for (p, leaf), s in zip(jax.tree_util.tree_flatten_with_path(params)[0], jax.tree.leaves(param_shardings))
+  }
   replicated = NamedSharding(mesh, P())
 
   def one(path, leaf):

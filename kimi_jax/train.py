@@ -19,14 +19,14 @@ import functools
 import time
 from typing import TYPE_CHECKING, Any, NamedTuple
 
+from absl import app, flags, logging
+from flax import nnx
 import jax
 import jax.numpy as jnp
 import ml_collections
+from ml_collections import config_flags
 import numpy as np
 import optax
-from absl import app, flags, logging
-from flax import nnx
-from ml_collections import config_flags
 
 from kimi_jax import backend, sharding
 from kimi_jax.checkpoint.workdir import Workdir
@@ -76,9 +76,13 @@ def with_router_biases(rest: dict, bias: jax.Array) -> dict:
 def learning_rate_schedule(c: ml_collections.ConfigDict) -> optax.Schedule:
   final = c.learning_rate * c.final_learning_rate_ratio
   if c.schedule == "cosine":
-    return optax.warmup_cosine_decay_schedule(init_value=0.0, peak_value=c.learning_rate,
-                                              warmup_steps=c.warmup_steps,
-                                              decay_steps=max(c.steps, c.warmup_steps + 1), end_value=final)
+    return optax.warmup_cosine_decay_schedule(
+      init_value=0.0,
+      peak_value=c.learning_rate,
+      warmup_steps=c.warmup_steps,
+      decay_steps=max(c.steps, c.warmup_steps + 1),
+      end_value=final,
+    )
   if c.schedule == "wsd":
     stable = max(c.steps - c.warmup_steps - c.decay_steps, 0)
     return warmup_stable_decay(c.learning_rate, c.warmup_steps, stable, c.decay_steps, final)
@@ -86,8 +90,7 @@ def learning_rate_schedule(c: ml_collections.ConfigDict) -> optax.Schedule:
     decay = optax.linear_schedule(c.learning_rate, final, max(c.steps - c.warmup_steps, 1))
     if not c.warmup_steps:
       return decay
-    return optax.join_schedules([optax.linear_schedule(0.0, c.learning_rate, c.warmup_steps), decay],
-                                [c.warmup_steps])
+    return optax.join_schedules([optax.linear_schedule(0.0, c.learning_rate, c.warmup_steps), decay], [c.warmup_steps])
   raise ValueError(f"config.schedule {c.schedule!r} is not supported (choose cosine, wsd or linear)")
 
 
@@ -105,8 +108,9 @@ def schedule_phases(c: ml_collections.ConfigDict) -> list[tuple[str, int, int]]:
   return [(name, a, b) for name, a, b in bounds if b > a]
 
 
-def build_optimizer(c: ml_collections.ConfigDict, cfg: ModelConfig,
-                    param_shardings: Any = None) -> optax.GradientTransformationExtraArgs:
+def build_optimizer(
+  c: ml_collections.ConfigDict, cfg: ModelConfig, param_shardings: Any = None
+) -> optax.GradientTransformationExtraArgs:
   """Global-norm clipping, then AdamW or MuonClip (whose qk-clip reads the forward pass's max logits).
 
   param_shardings (the params' NamedShardings) lets MuonClip lay Newton–Schulz out over the mesh when
@@ -119,11 +123,18 @@ def build_optimizer(c: ml_collections.ConfigDict, cfg: ModelConfig,
     spread = param_shardings if c.spread_newton_schulz else None
     # XLA cannot partition the Pallas kernel: on a mesh it runs only inside the spread layout's shard_map.
     ns_impl = c.muon_ns_impl if spread is not None or param_shardings is None else "xla"
-    tx = muon_clip(schedule, weight_decay=c.weight_decay, adam_b1=c.adam_b1, adam_b2=c.adam_b2,
-                   qk_clip_tau=qk_clip_tau(c), muon_dims=kimi_muon_dims, ns_dtype=jnp.dtype(c.muon_ns_dtype),
-                   **newton_schulz_impl(ns_impl), param_shardings=spread,
-                   qk_clip=kimi_qk_clip(cfg.num_attention_heads, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim,
-                                        cfg.v_head_dim))
+    tx = muon_clip(
+      schedule,
+      weight_decay=c.weight_decay,
+      adam_b1=c.adam_b1,
+      adam_b2=c.adam_b2,
+      qk_clip_tau=qk_clip_tau(c),
+      muon_dims=kimi_muon_dims,
+      ns_dtype=jnp.dtype(c.muon_ns_dtype),
+      **newton_schulz_impl(ns_impl),
+      param_shardings=spread,
+      qk_clip=kimi_qk_clip(cfg.num_attention_heads, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim),
+    )
   else:
     raise ValueError(f"config.optimizer {c.optimizer!r} is not supported (choose adamw or muon_clip)")
   return optax.chain(optax.clip_by_global_norm(c.grad_clip_norm), tx)
@@ -149,8 +160,9 @@ def cross_entropy(logits: jax.Array, targets: jax.Array, mask: jax.Array) -> tup
   return jnp.sum(nll * mask), jnp.sum(mask)
 
 
-def chunked_cross_entropy(x: jax.Array, head: jax.Array, targets: jax.Array, mask: jax.Array,
-                          chunk: int) -> tuple[jax.Array, jax.Array]:
+def chunked_cross_entropy(
+  x: jax.Array, head: jax.Array, targets: jax.Array, mask: jax.Array, chunk: int
+) -> tuple[jax.Array, jax.Array]:
   """`cross_entropy(lm_logits(x, head), targets, mask)` with the logits made `chunk` positions at a time.
 
   x: [B, S, D] final-norm output; head: [D, V]; targets, mask: [B, S]; chunk: positions per piece (0 or >= S:
@@ -180,8 +192,12 @@ def update_router_bias(bias: jax.Array, load: jax.Array, rate: float) -> jax.Arr
   return bias + rate * jnp.sign(mean - load.astype(jnp.float32))
 
 
-def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformationExtraArgs,
-                    c: ml_collections.ConfigDict, shardings: TrainState | None = None):
+def make_train_step(
+  graphdef: nnx.GraphDef,
+  tx: optax.GradientTransformationExtraArgs,
+  c: ml_collections.ConfigDict,
+  shardings: TrainState | None = None,
+):
   """Returns step(state: TrainState, batch: Batch) -> (state, metrics), jit-compiled; `state` is donated.
 
   The batch [B, S] is split into `c.microbatches` pieces whose gradients are summed in a scan, so activation
@@ -192,8 +208,7 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformationExtr
   def loss_fn(params, rest, batch: Batch):
     model = nnx.merge(graphdef, params, rest)
     x, aux = model.features(batch.inputs, positions=batch.positions, segment_ids=batch.segment_ids)
-    nll_sum, count = chunked_cross_entropy(x, model.lm_head.kernel[...], batch.targets, batch.loss_mask,
-                                           c.loss_chunk)
+    nll_sum, count = chunked_cross_entropy(x, model.lm_head.kernel[...], batch.targets, batch.loss_mask, c.loss_chunk)
     return nll_sum, (count, aux)
 
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
@@ -226,15 +241,21 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformationExtr
     grads = jax.tree.map(lambda g: g / count, grads)  # gradient of the mean NLL over all masked tokens
     updates, opt_state = tx.update(grads, state.opt_state, params, max_logits=aux["max_logits"])
     params = optax.apply_updates(params, updates)
-    per_layer = jnp.concatenate([jnp.max(aux["max_logits"][g], axis=-1) for g in LAYER_GROUPS
-                                 if g in aux["max_logits"]])  # [L] max over heads
-    metrics = {"loss": nll / count, "grad_norm": optax.global_norm(grads), "max_logit": jnp.max(per_layer),
-               "max_logit_per_layer": per_layer}
+    per_layer = jnp.concatenate(
+      [jnp.max(aux["max_logits"][g], axis=-1) for g in LAYER_GROUPS if g in aux["max_logits"]]
+    )  # [L] max over heads
+    metrics = {
+      "loss": nll / count,
+      "grad_norm": optax.global_norm(grads),
+      "max_logit": jnp.max(per_layer),
+      "max_logit_per_layer": per_layer,
+    }
     if c.optimizer == "muon_clip" and qk_clip_tau(c) is not None:
       metrics["heads_clipped"] = sum(jnp.sum(v > qk_clip_tau(c)) for v in aux["max_logits"].values())
     if "expert_load" in aux:
-      rest = with_router_biases(rest, update_router_bias(router_biases(rest), aux["expert_load"],
-                                                         c.router_bias_update_rate))
+      rest = with_router_biases(
+        rest, update_router_bias(router_biases(rest), aux["expert_load"], c.router_bias_update_rate)
+      )
       load = aux["expert_load"].astype(jnp.float32)
       metrics["expert_load_max_over_mean"] = jnp.max(load / jnp.mean(load, axis=-1, keepdims=True))
       metrics["dropped_pairs"] = aux["dropped_pairs"]
@@ -248,6 +269,7 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformationExtr
 class ModelShapes:
   """The model split as training splits it, from its shapes alone (nothing is allocated), and where it lives on a
   mesh."""
+
   graphdef: nnx.GraphDef
   params: nnx.State  # the Params, ShapeDtypeStruct leaves
   rest: nnx.State  # everything else (router biases), ShapeDtypeStruct leaves
@@ -258,8 +280,9 @@ class ModelShapes:
 def model_shapes(cfg: ModelConfig, mesh) -> ModelShapes:
   """The model's graphdef, abstract params and router state, and their shardings on `mesh`."""
   graphdef, params, rest = nnx.split(abstract_model(cfg), nnx.Param, ...)
-  return ModelShapes(graphdef, params, rest, sharding.state_shardings(params, mesh),
-                     sharding.state_shardings(rest, mesh))
+  return ModelShapes(
+    graphdef, params, rest, sharding.state_shardings(params, mesh), sharding.state_shardings(rest, mesh)
+  )
 
 
 def param_shardings(cfg: ModelConfig, mesh) -> dict:
@@ -272,8 +295,9 @@ def abstract_train_state(shapes: ModelShapes, tx: optax.GradientTransformation, 
 
   The optimizer state's moments take their parameter's sharding; its counters are replicated.
   """
-  with_sharding = lambda tree, sh: jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                                                tree, sh)
+  with_sharding = lambda tree, sh: jax.tree.map(
+    lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), tree, sh
+  )
   params = with_sharding(shapes.params.to_pure_dict(), shapes.param_shardings)
   rest = with_sharding(shapes.rest.to_pure_dict(), shapes.rest_shardings)
   opt_state = jax.eval_shape(tx.init, params)
@@ -281,8 +305,7 @@ def abstract_train_state(shapes: ModelShapes, tx: optax.GradientTransformation, 
   return TrainState(params, rest, with_sharding(opt_state, opt_sh))
 
 
-def init_train_state(c: ml_collections.ConfigDict, cfg: ModelConfig, tx,
-                     mesh) -> tuple[nnx.GraphDef, TrainState]:
+def init_train_state(c: ml_collections.ConfigDict, cfg: ModelConfig, tx, mesh) -> tuple[nnx.GraphDef, TrainState]:
   """(graphdef, state), as nnx.split gives them: params, router biases and optimizer state created directly in
   their shards on `mesh` (no host holds the model), from `c.init_from` when set."""
   shapes = model_shapes(cfg, mesh)
@@ -313,8 +336,7 @@ def _restore_checkpoint(ckpt: TrainCheckpointer, step: int, like: TrainState) ->
   """(state, data iterator state) saved by `_save_checkpoint` at `step`, in the shapes, dtypes and shardings of
   `like` (arrays or ShapeDtypeStructs)."""
   target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding), like)
-  model, opt_state, data_state = ckpt.restore(step, {"params": target.params, "rest": target.rest},
-                                              target.opt_state)
+  model, opt_state, data_state = ckpt.restore(step, {"params": target.params, "rest": target.rest}, target.opt_state)
   return TrainState(model["params"], model["rest"], opt_state), data_state
 
 
@@ -326,12 +348,15 @@ def train(c: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
 
   cfg = model_config(c)
   if c.init_from is None:
-    raise ValueError("config.init_from is required by this config (it continues an earlier stage): pass "
-                     "--config.init_from=WORKDIR_OR_CHECKPOINT of the previous stage")
+    raise ValueError(
+      "config.init_from is required by this config (it continues an earlier stage): pass "
+      "--config.init_from=WORKDIR_OR_CHECKPOINT of the previous stage"
+    )
   tokenizer = load_tokenizer(c.tokenizer)
   if tokenizer.vocab_size > cfg.vocab_size:
-    raise ValueError(f"config.model.vocab_size={cfg.vocab_size} is smaller than the tokenizer's "
-                     f"{tokenizer.vocab_size} ids")
+    raise ValueError(
+      f"config.model.vocab_size={cfg.vocab_size} is smaller than the tokenizer's {tokenizer.vocab_size} ids"
+    )
   wd = Workdir(workdir)
   wd.create()
   wd.check_architecture(cfg)
@@ -341,14 +366,22 @@ def train(c: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   mesh = sharding.make_mesh(c.mesh)
   sharding.check_batch(c.batch_size, mesh)
   if c.batch_size % (c.microbatches * jax.process_count()):
-    raise ValueError(f"config.batch_size={c.batch_size} is not divisible by microbatches × processes "
-                     f"({c.microbatches} × {jax.process_count()})")
+    raise ValueError(
+      f"config.batch_size={c.batch_size} is not divisible by microbatches × processes "
+      f"({c.microbatches} × {jax.process_count()})"
+    )
   tx = build_optimizer(c, cfg, param_shardings(cfg, mesh) if mesh.size > 1 else None)
   graphdef, state = init_train_state(c, cfg, tx, mesh)
-  data = ShardedBatches(num_shards=c.data_shards or jax.process_count(), global_batch_size=c.batch_size,
-                        process_index=jax.process_index(), process_count=jax.process_count(), tokenizer=tokenizer,
-                        source=open_source(c.data, tokenizer, text_field=c.text_field), seq_len=c.seq_len,
-                        seed=c.seed)
+  data = ShardedBatches(
+    num_shards=c.data_shards or jax.process_count(),
+    global_batch_size=c.batch_size,
+    process_index=jax.process_index(),
+    process_count=jax.process_count(),
+    tokenizer=tokenizer,
+    source=open_source(c.data, tokenizer, text_field=c.text_field),
+    seq_len=c.seq_len,
+    seed=c.seed,
+  )
   ckpt = wd.checkpointer(keep=c.keep_checkpoints, keep_period=c.keep_period or None)
   start = ckpt.latest_step() or 0
   if start:
@@ -373,8 +406,9 @@ def train(c: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     if step % c.log_every == 0 or step in (1, c.steps):  # step 1 shows the starting loss
       jax.block_until_ready(metrics)  # dispatch is async: time the finished steps, not their launch
       elapsed = time.perf_counter() - window_start
-      last = writer.write(step, metrics, learning_rate=float(schedule(step - 1)),
-                          tokens_per_sec=window_steps * tokens_per_step / elapsed)
+      last = writer.write(
+        step, metrics, learning_rate=float(schedule(step - 1)), tokens_per_sec=window_steps * tokens_per_step / elapsed
+      )
       progress.update(step, last)
       first = first or last
       window_start, window_steps = time.perf_counter(), 0
@@ -392,8 +426,14 @@ def train(c: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
 
     trained = nnx.merge(graphdef, nnx.State(jax.device_get(state.params)), nnx.State(jax.device_get(state.rest)))
     prompt = tokenizer.encode(c.sample_prompt, add_bos=True)
-    new = sample(trained, prompt, max_new_tokens=c.sample_tokens, temperature=c.sample_temperature, seed=c.seed,
-                 stop_token=tokenizer.eos_id)
+    new = sample(
+      trained,
+      prompt,
+      max_new_tokens=c.sample_tokens,
+      temperature=c.sample_temperature,
+      seed=c.seed,
+      stop_token=tokenizer.eos_id,
+    )
     last["sample"] = c.sample_prompt + tokenizer.decode(new)
     print(f"\nSample from the trained model:\n{last['sample']}\n")
   return last
@@ -402,25 +442,29 @@ def train(c: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
 def _print_summary(cfg: ModelConfig, c: ml_collections.ConfigDict, workdir: str, start: int, mesh) -> None:
   counts = count_params(cfg)
   tokens = c.batch_size * c.seq_len
-  print(f"kimi-jax train: {counts['total_params']:,} params ({counts['active_params']:,} active), "
-        f"{cfg.num_hidden_layers} layers, {cfg.n_routed_experts} experts top-{cfg.num_experts_per_tok}, "
-        f"dtype {cfg.dtype}, moe_impl {cfg.moe_impl}")
-  print(f"  batch {c.batch_size}×{c.seq_len} = {tokens:,} tokens/step, "
-        f"{train_flops_per_step(cfg, c.batch_size, c.seq_len):.3g} FLOPs/step, {c.optimizer} lr {c.learning_rate:g}")
+  print(
+    f"kimi-jax train: {counts['total_params']:,} params ({counts['active_params']:,} active), "
+    f"{cfg.num_hidden_layers} layers, {cfg.n_routed_experts} experts top-{cfg.num_experts_per_tok}, "
+    f"dtype {cfg.dtype}, moe_impl {cfg.moe_impl}"
+  )
+  print(
+    f"  batch {c.batch_size}×{c.seq_len} = {tokens:,} tokens/step, "
+    f"{train_flops_per_step(cfg, c.batch_size, c.seq_len):.3g} FLOPs/step, {c.optimizer} lr {c.learning_rate:g}"
+  )
   if cfg.yarn_active:
     rope = f"YaRN factor {cfg.rope_factor:g} over {cfg.rope_original_max_position_embeddings}"
   elif cfg.rope_factor > 1:  # the weights carry YaRN fields this run leaves off: say so, it changes the numerics
-    rope = (f"plain (the weights' YaRN factor {cfg.rope_factor:g} is off at seq_len {c.seq_len}; "
-            "config.rope_scaling=yarn turns it on, as released models ran)")
+    rope = (
+      f"plain (the weights' YaRN factor {cfg.rope_factor:g} is off at seq_len {c.seq_len}; "
+      "config.rope_scaling=yarn turns it on, as released models ran)"
+    )
   else:
     rope = "plain"
   print(f"  rope {rope}, softmax scale {cfg.softmax_scale:.4g}")
   axes = ", ".join(f"{a}={n}" for a, n in mesh.shape.items())
-  print(f"  mesh {axes} over {jax.device_count()} {jax.default_backend()} device(s), "
-        f"{jax.process_count()} process(es)")
+  print(f"  mesh {axes} over {jax.device_count()} {jax.default_backend()} device(s), {jax.process_count()} process(es)")
   fresh = f"starting from {c.init_from}" if c.init_from else "starting fresh"
-  print(f"  workdir {workdir}: " + (f"resuming at step {start}" if start else fresh) + f", {c.steps} steps",
-        flush=True)
+  print(f"  workdir {workdir}: " + (f"resuming at step {start}" if start else fresh) + f", {c.steps} steps", flush=True)
 
 
 class MetricsWriter:

@@ -11,7 +11,6 @@ import ml_collections
 
 from kimi_jax.config import ModelConfig, preset
 
-
 ROPE_SCALING_MODES = ("auto", "yarn", "none")
 
 

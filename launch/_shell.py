@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import argparse
+from collections.abc import Sequence
 import re
 import shlex
 import subprocess
 import sys
-from collections.abc import Sequence
 
 Step = tuple[str, str]  # (name, one bash command line)
 
@@ -18,15 +18,25 @@ def parse(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> tuple[
   if "--" not in argv or argv.index("--") == len(argv) - 1:
     parser.error("give the python arguments after '--', e.g. -- -m kimi_jax.train --config configs/tiny.py")
   split = argv.index("--")
-  return parser.parse_args(argv[:split]), argv[split + 1:]
+  return parser.parse_args(argv[:split]), argv[split + 1 :]
 
 
 def add_common_flags(parser: argparse.ArgumentParser, steps: Sequence[str], default_steps: Sequence[str]) -> None:
   parser.add_argument("--dry_run", action="store_true", help="print the commands instead of running them")
-  parser.add_argument("--env", action="append", default=[], metavar="KEY=VALUE", type=env_assignment,
-                      help="environment variable for the job (repeatable)")
-  parser.add_argument("--steps", default=",".join(default_steps), type=_steps(steps),
-                      help=f"comma-separated subset of {','.join(steps)} (default: %(default)s)")
+  parser.add_argument(
+    "--env",
+    action="append",
+    default=[],
+    metavar="KEY=VALUE",
+    type=env_assignment,
+    help="environment variable for the job (repeatable)",
+  )
+  parser.add_argument(
+    "--steps",
+    default=",".join(default_steps),
+    type=_steps(steps),
+    help=f"comma-separated subset of {','.join(steps)} (default: %(default)s)",
+  )
 
 
 def env_assignment(text: str) -> str:

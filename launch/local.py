@@ -10,6 +10,7 @@ are streamed prefixed with `[i]`. If any process fails, the others are stopped a
 from __future__ import annotations
 
 import argparse
+from collections.abc import Mapping, Sequence
 import os
 import shlex
 import socket
@@ -17,19 +18,20 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Mapping, Sequence
 
 from launch._shell import env_assignment, parse
 
 _DEVICE_COUNT_FLAG = "--xla_force_host_platform_device_count"
 
 
-def process_env(base: Mapping[str, str], process_id: int, num_processes: int, devices: int, port: int,
-                extra: Sequence[str] = ()) -> dict[str, str]:
+def process_env(
+  base: Mapping[str, str], process_id: int, num_processes: int, devices: int, port: int, extra: Sequence[str] = ()
+) -> dict[str, str]:
   """The environment of process `process_id`: `base` plus the CPU, device-count and coordinator settings."""
   env = {**base, **dict(item.split("=", 1) for item in extra)}
   xla_flags = [f for f in env.get("XLA_FLAGS", "").split() if not f.startswith(_DEVICE_COUNT_FLAG)]
-  env.update({
+  env.update(
+    {
       "JAX_PLATFORMS": "cpu",
       "JAX_CPU_COLLECTIVES_IMPLEMENTATION": "gloo",
       "XLA_FLAGS": " ".join([*xla_flags, f"{_DEVICE_COUNT_FLAG}={devices}"]),
@@ -37,7 +39,8 @@ def process_env(base: Mapping[str, str], process_id: int, num_processes: int, de
       "KIMI_NUM_PROCESSES": str(num_processes),
       "KIMI_PROCESS_ID": str(process_id),
       "PYTHONUNBUFFERED": "1",
-  })
+    }
+  )
   return env
 
 
@@ -58,16 +61,18 @@ def _first_failure(processes: Sequence[subprocess.Popen]) -> int:
   return next((p.returncode for p in processes if p.poll() not in (None, 0)), 0)
 
 
-def launch(python_args: Sequence[str], num_processes: int, devices_per_process: int, port: int = 0,
-           extra_env: Sequence[str] = ()) -> int:
+def launch(
+  python_args: Sequence[str], num_processes: int, devices_per_process: int, port: int = 0, extra_env: Sequence[str] = ()
+) -> int:
   """Runs the processes to completion; returns 0, or the exit status of the first process that failed."""
   port = port or _free_port()
   lock = threading.Lock()
   processes, streams = [], []
   for i in range(num_processes):
     env = process_env(os.environ, i, num_processes, devices_per_process, port, extra_env)
-    process = subprocess.Popen([sys.executable, *python_args], env=env, stdout=subprocess.PIPE,
-                               stderr=subprocess.STDOUT, text=True, bufsize=1)
+    process = subprocess.Popen(
+      [sys.executable, *python_args], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1
+    )
     processes.append(process)
     streams.append(threading.Thread(target=_stream, args=(process, f"[{i}] ", lock), daemon=True))
     streams[-1].start()
@@ -84,13 +89,20 @@ def launch(python_args: Sequence[str], num_processes: int, devices_per_process: 
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-  parser = argparse.ArgumentParser(prog="python -m launch.local", description=__doc__,
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser = argparse.ArgumentParser(
+    prog="python -m launch.local", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+  )
   parser.add_argument("--num_processes", type=int, required=True)
   parser.add_argument("--devices_per_process", type=int, default=1)
   parser.add_argument("--port", type=int, default=0, help="coordinator port (default: a free one)")
-  parser.add_argument("--env", action="append", default=[], metavar="KEY=VALUE", type=env_assignment,
-                      help="extra environment variable for every process (repeatable)")
+  parser.add_argument(
+    "--env",
+    action="append",
+    default=[],
+    metavar="KEY=VALUE",
+    type=env_assignment,
+    help="extra environment variable for every process (repeatable)",
+  )
   parser.add_argument("--dry_run", action="store_true", help="print each process's command instead")
   args, python_args = parse(parser, argv)
   if args.num_processes < 1 or args.devices_per_process < 1:

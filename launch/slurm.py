@@ -13,10 +13,10 @@ reads the SLURM step (coordinator: the first node). Steps (`--steps`, default bo
 from __future__ import annotations
 
 import argparse
+from collections.abc import Sequence
 import os
 import shlex
 import sys
-from collections.abc import Sequence
 
 from launch._shell import Step, add_common_flags, exports, parse, run_steps
 
@@ -25,16 +25,16 @@ STEPS = ("script", "submit")
 
 def sbatch_script(args: argparse.Namespace, python_args: Sequence[str]) -> str:
   directives = {
-      "job-name": args.job_name,
-      "nodes": args.nodes,
-      "ntasks-per-node": 1,
-      "gpus-per-node": args.gpus_per_node,
-      "cpus-per-task": args.cpus_per_task,
-      "time": args.time,
-      "partition": args.partition,
-      "account": args.account,
-      "output": args.output,
-      "chdir": os.path.abspath(args.chdir),
+    "job-name": args.job_name,
+    "nodes": args.nodes,
+    "ntasks-per-node": 1,
+    "gpus-per-node": args.gpus_per_node,
+    "cpus-per-task": args.cpus_per_task,
+    "time": args.time,
+    "partition": args.partition,
+    "account": args.account,
+    "output": args.output,
+    "chdir": os.path.abspath(args.chdir),
   }
   lines = ["#!/bin/bash"]
   lines += [f"#SBATCH --{key}={value}" for key, value in directives.items() if value is not None]
@@ -48,15 +48,16 @@ def build_steps(args: argparse.Namespace, python_args: Sequence[str]) -> list[St
   script = sbatch_script(args, python_args)
   path = shlex.quote(args.script)
   steps = {
-      "script": f"mkdir -p \"$(dirname {path})\" && cat > {path} <<'KIMI_SBATCH_EOF'\n{script}KIMI_SBATCH_EOF",
-      "submit": shlex.join(["sbatch", *(["--wait"] if args.wait else []), args.script]),
+    "script": f"mkdir -p \"$(dirname {path})\" && cat > {path} <<'KIMI_SBATCH_EOF'\n{script}KIMI_SBATCH_EOF",
+    "submit": shlex.join(["sbatch", *(["--wait"] if args.wait else []), args.script]),
   }
   return [(name, steps[name]) for name in args.steps]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-  parser = argparse.ArgumentParser(prog="python -m launch.slurm", description=__doc__,
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser = argparse.ArgumentParser(
+    prog="python -m launch.slurm", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+  )
   parser.add_argument("--nodes", type=int, required=True)
   parser.add_argument("--gpus_per_node", type=int, default=8)
   parser.add_argument("--cpus_per_task", type=int, default=None)
@@ -66,8 +67,12 @@ def main(argv: Sequence[str] | None = None) -> int:
   parser.add_argument("--job_name", default="kimi-jax")
   parser.add_argument("--output", default="%x-%j.out", help="sbatch --output pattern")
   parser.add_argument("--chdir", default=".", help="directory the job runs in (the checkout, on shared storage)")
-  parser.add_argument("--setup", action="append", default=[],
-                      help="shell line run before srun, e.g. 'source .venv/bin/activate' (repeatable)")
+  parser.add_argument(
+    "--setup",
+    action="append",
+    default=[],
+    help="shell line run before srun, e.g. 'source .venv/bin/activate' (repeatable)",
+  )
   parser.add_argument("--python", default="python", help="python executable on the nodes")
   parser.add_argument("--script", default="runs/slurm/kimi-jax.sbatch", help="where to write the script")
   parser.add_argument("--wait", action="store_true", help="sbatch --wait: return the job's exit status")

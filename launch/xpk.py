@@ -16,9 +16,9 @@ Steps (`--steps`, default create,logs,wait):
 from __future__ import annotations
 
 import argparse
+from collections.abc import Sequence
 import shlex
 import sys
-from collections.abc import Sequence
 
 from launch._shell import Step, add_common_flags, parse, run_steps
 
@@ -29,8 +29,7 @@ def build_steps(args: argparse.Namespace, python_args: Sequence[str]) -> list[St
   where = [f"--project={args.project}", f"--zone={args.zone}"]
   device = [f"--tpu-type={args.tpu_type}"] if args.tpu_type else [f"--device-type={args.device_type}"]
   size = [f"--num-slices={args.num_slices}"] if args.tpu_type else [f"--num-nodes={args.num_nodes}"]
-  capacity = {"on-demand": ["--on-demand"], "spot": ["--spot"]}.get(args.capacity,
-                                                                 [f"--reservation={args.capacity}"])
+  capacity = {"on-demand": ["--on-demand"], "spot": ["--spot"]}.get(args.capacity, [f"--reservation={args.capacity}"])
   program = shlex.join(["python3", *python_args])
   if args.docker_image:
     image, command = [f"--docker-image={args.docker_image}"], program
@@ -39,29 +38,62 @@ def build_steps(args: argparse.Namespace, python_args: Sequence[str]) -> list[St
     image = [f"--base-docker-image={args.base_docker_image}", f"--script-dir={args.source}"]
     command = f"pip install -e '.[{extra}]' && {program}"
   envs = [f"--env={item}" for item in ("KIMI_DISTRIBUTED=auto", *args.env)]
-  credentials = shlex.join(["gcloud", "container", "clusters", "get-credentials", args.cluster,
-                            f"--project={args.project}", f"--location={args.zone.rsplit('-', 1)[0]}"])
-  follow = shlex.join(["kubectl", "logs", "--follow", f"--selector=jobset.sigs.k8s.io/jobset-name={args.workload}",
-                       "--all-containers", "--prefix", "--max-log-requests=10000"])
+  credentials = shlex.join(
+    [
+      "gcloud",
+      "container",
+      "clusters",
+      "get-credentials",
+      args.cluster,
+      f"--project={args.project}",
+      f"--location={args.zone.rsplit('-', 1)[0]}",
+    ]
+  )
+  follow = shlex.join(
+    [
+      "kubectl",
+      "logs",
+      "--follow",
+      f"--selector=jobset.sigs.k8s.io/jobset-name={args.workload}",
+      "--all-containers",
+      "--prefix",
+      "--max-log-requests=10000",
+    ]
+  )
   steps = {
-      "cluster": shlex.join(["xpk", "cluster", "create", f"--cluster={args.cluster}", *where, *device, *size,
-                             *capacity]),
-      "create": shlex.join(["xpk", "workload", "create", f"--cluster={args.cluster}",
-                            f"--workload={args.workload}", *where, *device, *size, *image,
-                            f"--priority={args.priority}", f"--max-restarts={args.max_restarts}", *envs,
-                            f"--command={command}"]),
-      "logs": f"{credentials} && until {follow}; do sleep {args.poll_seconds}; done",
-      "wait": shlex.join(["xpk", "workload", "list", f"--cluster={args.cluster}", *where,
-                          f"--wait-for-job-completion={args.workload}"]),
-      "delete": shlex.join(["xpk", "workload", "delete", f"--cluster={args.cluster}",
-                            f"--workload={args.workload}", *where, "--force"]),
+    "cluster": shlex.join(["xpk", "cluster", "create", f"--cluster={args.cluster}", *where, *device, *size, *capacity]),
+    "create": shlex.join(
+      [
+        "xpk",
+        "workload",
+        "create",
+        f"--cluster={args.cluster}",
+        f"--workload={args.workload}",
+        *where,
+        *device,
+        *size,
+        *image,
+        f"--priority={args.priority}",
+        f"--max-restarts={args.max_restarts}",
+        *envs,
+        f"--command={command}",
+      ]
+    ),
+    "logs": f"{credentials} && until {follow}; do sleep {args.poll_seconds}; done",
+    "wait": shlex.join(
+      ["xpk", "workload", "list", f"--cluster={args.cluster}", *where, f"--wait-for-job-completion={args.workload}"]
+    ),
+    "delete": shlex.join(
+      ["xpk", "workload", "delete", f"--cluster={args.cluster}", f"--workload={args.workload}", *where, "--force"]
+    ),
   }
   return [(name, steps[name]) for name in args.steps]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-  parser = argparse.ArgumentParser(prog="python -m launch.xpk", description=__doc__,
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser = argparse.ArgumentParser(
+    prog="python -m launch.xpk", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+  )
   parser.add_argument("--cluster", required=True)
   parser.add_argument("--workload", required=True, help="workload (JobSet) name")
   parser.add_argument("--project", required=True)
@@ -71,8 +103,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   device.add_argument("--device_type", help="GPU node type, e.g. h100-80gb-8")
   parser.add_argument("--num_slices", type=int, default=1, help="TPU slices (multi-slice over DCN)")
   parser.add_argument("--num_nodes", type=int, default=1, help="GPU nodes")
-  parser.add_argument("--capacity", default="on-demand",
-                      help="on-demand, spot, or a reservation name (cluster step)")
+  parser.add_argument("--capacity", default="on-demand", help="on-demand, spot, or a reservation name (cluster step)")
   image = parser.add_mutually_exclusive_group()
   image.add_argument("--base_docker_image", default="python:3.12", help="base image for --source")
   image.add_argument("--docker_image", help="ready image containing the code and its dependencies")

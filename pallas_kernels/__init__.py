@@ -18,5 +18,14 @@ from pallas_kernels.flash_attention import attention_reference, flash_attention
 from pallas_kernels.grouped_matmul import gmm, gmm_reference, tgmm, tgmm_reference
 from pallas_kernels.mla_decode import mla_decode, mla_decode_reference
 
-__all__ = ["gmm", "tgmm", "flash_attention", "mla_decode", "matrix_iteration", "gmm_reference",
-           "tgmm_reference", "attention_reference", "mla_decode_reference"]
+__all__ = [
+  "gmm",
+  "tgmm",
+  "flash_attention",
+  "mla_decode",
+  "matrix_iteration",
+  "gmm_reference",
+  "tgmm_reference",
+  "attention_reference",
+  "mla_decode_reference",
+]

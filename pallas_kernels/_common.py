@@ -39,8 +39,10 @@ def check_float(**operands: jax.Array) -> None:
   first = operands[names[0]].dtype
   for name in names[1:]:
     if operands[name].dtype != first:
-      raise ValueError(f"{name} is {jnp.dtype(operands[name].dtype).name} but {names[0]} is "
-                       f"{jnp.dtype(first).name}: cast them to one dtype")
+      raise ValueError(
+        f"{name} is {jnp.dtype(operands[name].dtype).name} but {names[0]} is "
+        f"{jnp.dtype(first).name}: cast them to one dtype"
+      )
 
 
 def check_int(name: str, x, ndim: int | None = None) -> None:

@@ -11,17 +11,16 @@ import sys
 os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
 os.environ["JAX_PLATFORMS"] = "cpu"
 
+from flax import nnx  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
-from flax import nnx  # noqa: E402
 
 from kimi_jax import config, sharding  # noqa: E402
 from kimi_jax.data.batch import Batch  # noqa: E402
 from kimi_jax.model import KimiK2  # noqa: E402
 from kimi_jax.model_stats import abstract_model  # noqa: E402
-from kimi_jax.train import (build_optimizer, cross_entropy, init_train_state, make_train_step,  # noqa: E402
-                            param_shardings)
+from kimi_jax.train import build_optimizer, cross_entropy, init_train_state, make_train_step, param_shardings  # noqa: E402
 from kimi_jax.train_config import base_config, model_config  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
@@ -55,11 +54,10 @@ def main():
     with sharding.use_mesh(mesh):
       (value, logits), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(p, r, t)
     results[spec] = {
-        "logits": float(jnp.max(jnp.abs(logits - ref_logits))),
-        "loss": float(abs(value - ref_loss)),
-        "grads": max(float(jnp.max(jnp.abs(a - b))) for a, b in zip(jax.tree.leaves(grads),
-                                                                      jax.tree.leaves(ref_grads))),
-        "expert_spec": str(p["moe_layers"]["mlp"]["experts"]["gate"].sharding.spec),
+      "logits": float(jnp.max(jnp.abs(logits - ref_logits))),
+      "loss": float(abs(value - ref_loss)),
+      "grads": max(float(jnp.max(jnp.abs(a - b))) for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(ref_grads))),
+      "expert_spec": str(p["moe_layers"]["mlp"]["experts"]["gate"].sharding.spec),
     }
   results["microbatches"] = microbatch_check()
   results["spread_ns"] = spread_ns_check()
@@ -71,8 +69,9 @@ def one_train_step(mesh_spec: str, **train):
   compared tightly) of the small model on `mesh_spec` ("" = one device). No warm-up: the step moves every param."""
   c = base_config("tiny")
   c.model.update(dtype="float32", **SMALL)
-  c.update(batch_size=8, seq_len=16, mesh=mesh_spec, optimizer="muon_clip", warmup_steps=0,
-           muon_ns_dtype="float32", **train)
+  c.update(
+    batch_size=8, seq_len=16, mesh=mesh_spec, optimizer="muon_clip", warmup_steps=0, muon_ns_dtype="float32", **train
+  )
   cfg = model_config(c)
   mesh = sharding.make_mesh(c.mesh, devices=jax.devices()[:1] if mesh_spec == "" else None)
   tx = build_optimizer(c, cfg, param_shardings(cfg, mesh))
@@ -103,13 +102,14 @@ def spread_ns_check():
     out[f"{name}_vs_one_device"] = max_diff(after, one)
 
   from kimi_jax.optim import muon_clip
+
   mesh = sharding.make_mesh("fsdp=2,expert=4")
   sh = {"w": jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, "expert", "fsdp", None))}
   w = {"w": jax.ShapeDtypeStruct((4, 8, 64, 32), jnp.float32, sharding=sh["w"])}
   for name, spread in (("spread", True), ("xla_layout", False)):
     tx = muon_clip(1e-3, muon_dims={"w": (-2, -1)}, param_shardings=sh if spread else None)
     state = jax.eval_shape(tx.init, w)
-    compiled = jax.jit(lambda g, s, p: tx.update(g, s, p)[0]).lower(w, state, w).compile()
+    compiled = jax.jit(lambda g, s, p, tx=tx: tx.update(g, s, p)[0]).lower(w, state, w).compile()
     text = compiled.as_text()
     cost = compiled.cost_analysis()
     out[f"{name}_all_reduces"] = text.count(" all-reduce(") + text.count(" all-reduce-start(")

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 import socket
 import subprocess
 import tempfile
@@ -22,7 +23,6 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from pathlib import Path
 
 EMULATOR_VARIABLES = ("STORAGE_EMULATOR_HOST", "TENSORSTORE_GCS_HTTP_URL", "GOOGLE_AUTH_TOKEN_FOR_TESTING")
 
@@ -54,9 +54,26 @@ class FakeGCS:
     # The server's log goes to a file (read back in errors): it lives as long as the server, not a `with` block.
     self._log = tempfile.NamedTemporaryFile(prefix="fake-gcs-server-", suffix=".log", delete=False)  # noqa: SIM115
     self._process = subprocess.Popen(
-        [str(_binary()), "-scheme", "http", "-host", "127.0.0.1", "-port", str(self.port), "-backend", "memory",
-         "-external-url", self.url, "-public-host", f"127.0.0.1:{self.port}", "-log-level", "warn"],
-        stdout=self._log, stderr=subprocess.STDOUT)
+      [
+        str(_binary()),
+        "-scheme",
+        "http",
+        "-host",
+        "127.0.0.1",
+        "-port",
+        str(self.port),
+        "-backend",
+        "memory",
+        "-external-url",
+        self.url,
+        "-public-host",
+        f"127.0.0.1:{self.port}",
+        "-log-level",
+        "warn",
+      ],
+      stdout=self._log,
+      stderr=subprocess.STDOUT,
+    )
     deadline = time.monotonic() + 20
     while True:
       if self._process.poll() is not None:
@@ -71,8 +88,11 @@ class FakeGCS:
         self.stop()
         raise RuntimeError(f"fake-gcs-server did not answer on {self.url} within 20 s: {self.log()}")
       time.sleep(0.05)
-    values = {"STORAGE_EMULATOR_HOST": self.url, "TENSORSTORE_GCS_HTTP_URL": self.url,
-              "GOOGLE_AUTH_TOKEN_FOR_TESTING": "fake-token"}
+    values = {
+      "STORAGE_EMULATOR_HOST": self.url,
+      "TENSORSTORE_GCS_HTTP_URL": self.url,
+      "GOOGLE_AUTH_TOKEN_FOR_TESTING": "fake-token",
+    }
     for k, v in values.items():
       self._saved_env[k] = os.environ.get(k)
       os.environ[k] = v
@@ -104,8 +124,9 @@ class FakeGCS:
   # The JSON API directly (urllib), so that the tests' view of the bucket does not go through the code under test.
   def _call(self, method: str, path: str, body: dict | None = None) -> dict:
     data = None if body is None else json.dumps(body).encode()
-    req = urllib.request.Request(self.url + path, data=data, method=method,
-                                 headers={"Content-Type": "application/json"})
+    req = urllib.request.Request(
+      self.url + path, data=data, method=method, headers={"Content-Type": "application/json"}
+    )
     with urllib.request.urlopen(req, timeout=30) as r:
       raw = r.read()
     return json.loads(raw) if raw else {}
@@ -162,13 +183,21 @@ class AuthProxy:
         auth = self.headers.get("Authorization", "")
         grant = proxy.tokens.get(auth.removeprefix("Bearer ").strip()) if auth.startswith("Bearer ") else None
         if grant is None:
-          return self._error(401, "Anonymous caller does not have storage.objects.get access to the Google Cloud "
-                             "Storage object. Permission 'storage.objects.get' denied on resource (or it may not "
-                             "exist).", "required")
+          return self._error(
+            401,
+            "Anonymous caller does not have storage.objects.get access to the Google Cloud "
+            "Storage object. Permission 'storage.objects.get' denied on resource (or it may not "
+            "exist).",
+            "required",
+          )
         if grant == "read" and self.command in ("POST", "PUT", "PATCH", "DELETE"):
-          return self._error(403, "reader@test.iam.gserviceaccount.com does not have storage.objects.create "
-                             "access to the Google Cloud Storage object. Permission 'storage.objects.create' "
-                             "denied on resource (or it may not exist).", "forbidden")
+          return self._error(
+            403,
+            "reader@test.iam.gserviceaccount.com does not have storage.objects.create "
+            "access to the Google Cloud Storage object. Permission 'storage.objects.create' "
+            "denied on resource (or it may not exist).",
+            "forbidden",
+          )
         import http.client
 
         conn = http.client.HTTPConnection(proxy.upstream.hostname, proxy.upstream.port, timeout=60)
@@ -186,8 +215,15 @@ class AuthProxy:
         conn.close()
 
       def _error(self, code, message, reason):
-        data = json.dumps({"error": {"code": code, "message": message,
-                                     "errors": [{"message": message, "domain": "global", "reason": reason}]}}).encode()
+        data = json.dumps(
+          {
+            "error": {
+              "code": code,
+              "message": message,
+              "errors": [{"message": message, "domain": "global", "reason": reason}],
+            }
+          }
+        ).encode()
         self.send_response(code)
         self.send_header("Content-Type", "application/json; charset=UTF-8")
         self.send_header("Content-Length", str(len(data)))
@@ -206,7 +242,8 @@ class AuthProxy:
     """The emulator variables for a process that goes through the proxy with `token` (None: no credentials).
     gcsfs is handed the token as a raw access token through fsspec's configuration variable (its expiry lookup at
     oauth2.googleapis.com switched off: no network here)."""
-    env = {k: v for k, v in os.environ.items() if k not in EMULATOR_VARIABLES + ("FSSPEC_GS_TOKEN", "FETCH_RAW_TOKEN_EXPIRY")}
+    ours = EMULATOR_VARIABLES + ("FSSPEC_GS_TOKEN", "FETCH_RAW_TOKEN_EXPIRY")
+    env = {k: v for k, v in os.environ.items() if k not in ours}
     env.update(STORAGE_EMULATOR_HOST=self.url, TENSORSTORE_GCS_HTTP_URL=self.url)
     if token is not None:
       env.update(GOOGLE_AUTH_TOKEN_FOR_TESTING=token, FSSPEC_GS_TOKEN=token, FETCH_RAW_TOKEN_EXPIRY="false")

@@ -43,8 +43,8 @@ def test_k2_params_are_sharded_on_the_production_mesh():
   split at least 8 ways, and the per-chip share of all params is under 1/400 of the model."""
   import math
 
-  import jax
   from flax import nnx
+  import jax
 
   from kimi_jax import sharding
   from kimi_jax.model_stats import abstract_model
@@ -56,8 +56,9 @@ def test_k2_params_are_sharded_on_the_production_mesh():
   params = nnx.state(abstract_model(cfg), nnx.Param)
   shardings = sharding.state_shardings(params, mesh)
   total = per_chip = 0
-  for (path, leaf), sh in zip(jax.tree_util.tree_flatten_with_path(params.to_pure_dict())[0],
-                              jax.tree.leaves(shardings)):
+  for (path, leaf), sh in zip(
+    jax.tree_util.tree_flatten_with_path(params.to_pure_dict())[0], jax.tree.leaves(shardings)
+  ):
     size = math.prod(leaf.shape)
     ways = size // math.prod(sh.shard_shape(leaf.shape))
     total, per_chip = total + size, per_chip + size // ways

@@ -14,11 +14,18 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 # Written out here rather than read from backend.AUTO, so that a change to the table has to change this test.
 EXPECTED_AUTO = {
-    ("moe", "cpu"): "blocked", ("moe", "tpu"): "pallas", ("moe", "gpu"): "ragged",
-    ("attention", "cpu"): "xla", ("attention", "tpu"): "pallas", ("attention", "gpu"): "xla",
-    ("newton_schulz", "cpu"): "xla", ("newton_schulz", "tpu"): "pallas", ("newton_schulz", "gpu"): "xla",
-    ("expert_parallel", "cpu"): "all_to_all", ("expert_parallel", "tpu"): "ragged_all_to_all",
-    ("expert_parallel", "gpu"): "ragged_all_to_all",
+  ("moe", "cpu"): "blocked",
+  ("moe", "tpu"): "pallas",
+  ("moe", "gpu"): "ragged",
+  ("attention", "cpu"): "xla",
+  ("attention", "tpu"): "pallas",
+  ("attention", "gpu"): "xla",
+  ("newton_schulz", "cpu"): "xla",
+  ("newton_schulz", "tpu"): "pallas",
+  ("newton_schulz", "gpu"): "xla",
+  ("expert_parallel", "cpu"): "all_to_all",
+  ("expert_parallel", "tpu"): "ragged_all_to_all",
+  ("expert_parallel", "gpu"): "ragged_all_to_all",
 }
 
 
@@ -38,8 +45,8 @@ def test_every_kind_is_in_the_table():
 
 
 def test_config_accepts_exactly_the_backend_choices():
-  assert config.MOE_IMPLS == ("auto", *backend.CHOICES["moe"])
-  assert config.ATTENTION_IMPLS == ("auto", *backend.CHOICES["attention"])
+  assert ("auto", *backend.CHOICES["moe"]) == config.MOE_IMPLS
+  assert ("auto", *backend.CHOICES["attention"]) == config.ATTENTION_IMPLS
 
 
 @pytest.mark.parametrize("kind", sorted(backend.CHOICES))

@@ -6,16 +6,16 @@ import shutil
 import subprocess
 import sys
 
+from flax import nnx
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
 
 from kimi_jax.checkpoint import safetensors
+from kimi_jax.checkpoint.convert import hf_to_orbax, orbax_to_hf
 from kimi_jax.checkpoint.hf import CheckpointError, HFCheckpoint, load_state
 from kimi_jax.checkpoint.model_io import load_model
 from kimi_jax.config import tiny
-from kimi_jax.checkpoint.convert import hf_to_orbax, orbax_to_hf
 from kimi_jax.model import check_tokens
 
 FIXTURE = os.path.join(os.path.dirname(__file__), "reference", "data", "tiny_hf")
@@ -119,13 +119,29 @@ def _run(*args):
 def test_forward_cli(converted, tmp_path):
   ref = np.load(os.path.join(FIXTURE, "reference.npz"))
   np.save(tmp_path / "t.npy", ref["tokens"])
-  out = _run("kimi_jax.forward", "--checkpoint", converted, "--tokens", str(tmp_path / "t.npy"), "--out",
-             str(tmp_path / "l.npy"), "--dtype", "float32")
+  out = _run(
+    "kimi_jax.forward",
+    "--checkpoint",
+    converted,
+    "--tokens",
+    str(tmp_path / "t.npy"),
+    "--out",
+    str(tmp_path / "l.npy"),
+    "--dtype",
+    "float32",
+  )
   assert out.returncode == 0, out.stderr[-2000:]
   np.testing.assert_allclose(np.load(tmp_path / "l.npy"), ref["logits"], atol=1e-4, rtol=0)
   bad = ref["tokens"].copy()
   bad[1, 3] = 300
   np.save(tmp_path / "bad.npy", bad)
-  out = _run("kimi_jax.forward", "--checkpoint", converted, "--tokens", str(tmp_path / "bad.npy"), "--out",
-             str(tmp_path / "l.npy"))
+  out = _run(
+    "kimi_jax.forward",
+    "--checkpoint",
+    converted,
+    "--tokens",
+    str(tmp_path / "bad.npy"),
+    "--out",
+    str(tmp_path / "l.npy"),
+  )
   assert out.returncode != 0 and "token id 300 at position (1, 3)" in out.stderr

@@ -10,11 +10,11 @@ import shutil
 import subprocess
 import sys
 
+from flax import nnx
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 import pytest
-from flax import nnx
 
 from kimi_jax.checkpoint import layout as layouts
 from kimi_jax.checkpoint.convert import hf_to_orbax, orbax_to_hf
@@ -70,8 +70,11 @@ def test_vision_tensors_are_skipped_in_one_line(converted):
   nbytes = _header_bytes(K25, set(vision))
   assert (stats.skipped_tensors, stats.skipped_bytes) == (23, nbytes) and nbytes == 40576
   assert [line for line in printed.splitlines() if "skipping" in line] == [
-      (f"hf-to-orbax: skipping 23 tensors ({nbytes:,} bytes, 0.00 GB) outside the text model: mm_projector.*, "
-       "vision_tower.*")]
+    (
+      f"hf-to-orbax: skipping 23 tensors ({nbytes:,} bytes, 0.00 GB) outside the text model: mm_projector.*, "
+      "vision_tower.*"
+    )
+  ]
   with open(os.path.join(out, layouts.WRAPPER_FILE)) as f:
     kept = json.load(f)  # the wrapper's own fields, kept for orbax-to-hf --layout k25
   release = _release_config()
@@ -81,16 +84,36 @@ def test_vision_tensors_are_skipped_in_one_line(converted):
 
 def _export_cli(checkpoint, out, *args):
   env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-  run = subprocess.run([sys.executable, "-m", "kimi_jax.convert", "orbax-to-hf", "--checkpoint", checkpoint,
-                        "--out_dir", str(out), "--noprogress", *args], capture_output=True, text=True, env=env,
-                       check=False)
+  run = subprocess.run(
+    [
+      sys.executable,
+      "-m",
+      "kimi_jax.convert",
+      "orbax-to-hf",
+      "--checkpoint",
+      checkpoint,
+      "--out_dir",
+      str(out),
+      "--noprogress",
+      *args,
+    ],
+    capture_output=True,
+    text=True,
+    env=env,
+    check=False,
+  )
   assert run.returncode == 0, run.stderr[-3000:]
 
 
 def _text_names(ckpt):
   """The logical text-tensor names of a release (INT4 triplets as one weight)."""
-  return sorted({n.removesuffix("_packed") for n in ckpt.weight_map
-                 if n.startswith(PREFIX) and not n.endswith(("_scale", "_shape"))})
+  return sorted(
+    {
+      n.removesuffix("_packed")
+      for n in ckpt.weight_map
+      if n.startswith(PREFIX) and not n.endswith(("_scale", "_shape"))
+    }
+  )
 
 
 def test_k25_export_in_float32_round_trips_exactly(converted, tmp_path):
@@ -102,10 +125,14 @@ def test_k25_export_in_float32_round_trips_exactly(converted, tmp_path):
   assert exported.layout is layouts.K25 and exported.skipped == []  # no vision weights are written
   hf = exported.hf_config
   release = _release_config()
-  assert (hf["model_type"], hf["architectures"], hf["tie_word_embeddings"]) == \
-      ("kimi_k25", ["KimiK25ForConditionalGeneration"], False)
-  assert {k: v for k, v in hf.items() if k != "text_config"} == \
-      {k: v for k, v in release.items() if k != "text_config"}  # the wrapper's fields carried through
+  assert (hf["model_type"], hf["architectures"], hf["tie_word_embeddings"]) == (
+    "kimi_k25",
+    ["KimiK25ForConditionalGeneration"],
+    False,
+  )
+  assert {k: v for k, v in hf.items() if k != "text_config"} == {
+    k: v for k, v in release.items() if k != "text_config"
+  }  # the wrapper's fields carried through
   assert "quantization_config" not in hf["text_config"]
   assert exported.config().architecture() == src.config().architecture()
   assert sorted(exported.weight_map) == _text_names(src)
@@ -172,6 +199,7 @@ def test_k25_export_without_wrapper_fields(converted, tmp_path, capsys):
 
 # Named refusals ------------------------------------------------------------------------------------------------
 
+
 def _copy(tmp_path, edit_config=None, edit_index=None):
   d = tmp_path / "hf"
   shutil.copytree(K25, d)
@@ -184,10 +212,15 @@ def _copy(tmp_path, edit_config=None, edit_index=None):
 
 
 def test_unknown_tensor_prefix_is_refused(tmp_path):
-  d = _copy(tmp_path, edit_index=lambda i: i["weight_map"].update({
-      "audio_tower.conv.weight": "model-00001-of-00002.safetensors"}))
-  with pytest.raises(CheckpointError, match=r"hf: unknown tensor prefix 'audio_tower\.' \(1 tensors, e\.g\. "
-                                            r"'audio_tower\.conv\.weight'\).*language_model\.model\."):
+  d = _copy(
+    tmp_path,
+    edit_index=lambda i: i["weight_map"].update({"audio_tower.conv.weight": "model-00001-of-00002.safetensors"}),
+  )
+  with pytest.raises(
+    CheckpointError,
+    match=r"hf: unknown tensor prefix 'audio_tower\.' \(1 tensors, e\.g\. "
+    r"'audio_tower\.conv\.weight'\).*language_model\.model\.",
+  ):
     hf_to_orbax(d, str(tmp_path / "out"))
   assert not os.path.exists(tmp_path / "out")  # refused before anything is written
 
@@ -196,22 +229,39 @@ def test_unprefixed_text_tensor_in_a_wrapper_is_refused(tmp_path):
   def unprefix(index):
     index["weight_map"]["model.norm.weight"] = index["weight_map"].pop("language_model.model.norm.weight")
 
-  with pytest.raises(CheckpointError, match=r"unknown tensor prefix 'model\.' \(1 tensors, e\.g\. "
-                                            r"'model\.norm\.weight'\) in a Kimi K2\.5 checkpoint"):
+  with pytest.raises(
+    CheckpointError,
+    match=r"unknown tensor prefix 'model\.' \(1 tensors, e\.g\. "
+    r"'model\.norm\.weight'\) in a Kimi K2\.5 checkpoint",
+  ):
     HFCheckpoint(_copy(tmp_path, edit_index=unprefix))
 
 
-@pytest.mark.parametrize("edit, message", [
+@pytest.mark.parametrize(
+  "edit, message",
+  [
     (lambda c: c.pop("text_config"), r"config\.json: model_type 'kimi_k25' is a multimodal wrapper.*no text_config"),
     (lambda c: c["text_config"].update(model_type="llama"), r"config\.json: text_config\.model_type 'llama'"),
     (lambda c: c.update(model_type="kimi_k3"), r"config\.json: model_type 'kimi_k3' is not supported"),
     (lambda c: c.pop("tie_word_embeddings"), r"config\.json: tie_word_embeddings is absent"),
-    (lambda c: c.update(quantization_config={"quant_method": "fp8"}),
-     r"config\.json: quantization_config differs from text_config\.quantization_config"),
-    (lambda c: c["text_config"]["quantization_config"].update(format="float-quantized"),
-     r"config\.json text_config: compressed-tensors format 'float-quantized'"),
-], ids=["no_text_config", "text_model_type", "unknown_model_type", "tie_absent", "quantization_conflict",
-        "text_quantization"])
+    (
+      lambda c: c.update(quantization_config={"quant_method": "fp8"}),
+      r"config\.json: quantization_config differs from text_config\.quantization_config",
+    ),
+    (
+      lambda c: c["text_config"]["quantization_config"].update(format="float-quantized"),
+      r"config\.json text_config: compressed-tensors format 'float-quantized'",
+    ),
+  ],
+  ids=[
+    "no_text_config",
+    "text_model_type",
+    "unknown_model_type",
+    "tie_absent",
+    "quantization_conflict",
+    "text_quantization",
+  ],
+)
 def test_malformed_wrapper_is_refused_by_name(tmp_path, edit, message):
   with pytest.raises(CheckpointError, match=message):
     HFCheckpoint(_copy(tmp_path, edit_config=edit))

@@ -30,6 +30,7 @@ def test_restore_across_meshes(tmp_path):
 
 # The worker side ---------------------------------------------------------------------------------------------------
 
+
 def _reference():
   from kimi_jax.checkpoint.hf import HFCheckpoint, flatten, load_state
 
@@ -72,11 +73,10 @@ def _eight_way(cfg):
 
 
 def _main(step: str, work: str) -> None:
+  from flax import nnx
   import jax
 
   from kimi_jax.checkpoint.convert import hf_to_orbax
-  from flax import nnx
-
   from kimi_jax.checkpoint.hf import flatten, unflatten
   from kimi_jax.checkpoint.model_io import init_state_from, load_model, restore_state, save_model
 

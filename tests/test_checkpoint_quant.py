@@ -5,11 +5,11 @@ import json
 import os
 import shutil
 
+from flax import nnx
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 import pytest
-from flax import nnx
 
 from kimi_jax.checkpoint import quant, safetensors
 from kimi_jax.checkpoint.convert import hf_to_orbax, orbax_to_hf
@@ -96,11 +96,13 @@ def test_fp8_export_reproduces_the_release_layout(tmp_path):
     if name.endswith("_scale_inv"):
       continue
     # Re-quantising dequantised FP8 weights finds the same blocks: equal up to the rounding of the scales.
-    np.testing.assert_allclose(out.read(name).astype(np.float32), src.read(name).astype(np.float32),
-                               rtol=1e-6, atol=0, err_msg=name)
+    np.testing.assert_allclose(
+      out.read(name).astype(np.float32), src.read(name).astype(np.float32), rtol=1e-6, atol=0, err_msg=name
+    )
 
 
 # Named errors ------------------------------------------------------------------------------------------------------
+
 
 def _rewrite(shard, change):
   f = safetensors.SafetensorsFile(str(shard))
@@ -126,8 +128,10 @@ def test_fp8_scale_of_wrong_shape_is_named(tmp_path):
 def test_int4_scale_of_wrong_shape_is_named(tmp_path):
   d = _copy(INT4, tmp_path)
   name = "model.layers.2.mlp.experts.1.down_proj.weight_scale"
-  _rewrite(d / "model-00002-of-00002.safetensors",
-           lambda ts: [(n, np.concatenate([t, t], 1) if n == name else t) for n, t in ts])
+  _rewrite(
+    d / "model-00002-of-00002.safetensors",
+    lambda ts: [(n, np.concatenate([t, t], 1) if n == name else t) for n, t in ts],
+  )
   ckpt = HFCheckpoint(str(d))
   with pytest.raises(CheckpointError, match=rf"{name}.*model-00002-of-00002.*shape \(64, 2\).*\(64, 1\)"):
     load_state(ckpt, ckpt.config())
@@ -147,17 +151,16 @@ def _edit_header(shard, edit):
   """Rewrite a shard's JSON header in place (data offsets count from the data start, so it may grow)."""
   raw = shard.read_bytes()
   n = int.from_bytes(raw[:8], "little")
-  header = json.loads(raw[8:8 + n])
+  header = json.loads(raw[8 : 8 + n])
   edit(header)
   blob = json.dumps(header, separators=(",", ":")).encode()
   blob += b" " * (-len(blob) % 8)
-  shard.write_bytes(len(blob).to_bytes(8, "little") + blob + raw[8 + n:])
+  shard.write_bytes(len(blob).to_bytes(8, "little") + blob + raw[8 + n :])
 
 
 def test_unknown_dtype_is_named(tmp_path):
   d = _copy(FP8, tmp_path)
-  _edit_header(d / "model-00002-of-00002.safetensors",
-               lambda h: h["model.norm.weight"].update(dtype="F8_E5M2"))
+  _edit_header(d / "model-00002-of-00002.safetensors", lambda h: h["model.norm.weight"].update(dtype="F8_E5M2"))
   with pytest.raises(safetensors.SafetensorsError, match=r"model-00002-of-00002.*model\.norm\.weight.*F8_E5M2"):
     HFCheckpoint(str(d)).read("model.norm.weight")
 
@@ -166,8 +169,9 @@ def test_header_size_mismatch_is_named(tmp_path):
   d = _copy(FP8, tmp_path)
   name = "model.layers.2.self_attn.o_proj.weight_scale_inv"
   _edit_header(d / "model-00002-of-00002.safetensors", lambda h: h[name].update(shape=[2, 2]))
-  with pytest.raises(safetensors.SafetensorsError,
-                     match=rf"model-00002-of-00002.*{name}.*has 8 bytes but F32\(2, 2\) needs 16"):
+  with pytest.raises(
+    safetensors.SafetensorsError, match=rf"model-00002-of-00002.*{name}.*has 8 bytes but F32\(2, 2\) needs 16"
+  ):
     HFCheckpoint(str(d)).read("model.layers.2.self_attn.o_proj.weight")
 
 

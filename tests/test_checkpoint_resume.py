@@ -26,15 +26,45 @@ def test_keeps_the_last_n_and_every_kth(tmp_path):
 
 
 def train_command(workdir, steps):
-  overrides = dict(steps=steps, batch_size=4, seq_len=32, learning_rate=1e-2, warmup_steps=2, log_every=1,
-                   checkpoint_every=5, sample_tokens=0, **{
-                       f"model.{k}": v for k, v in dict(
-                           hidden_size=32, intermediate_size=64, moe_intermediate_size=16, n_routed_experts=4,
-                           num_experts_per_tok=2, num_hidden_layers=2, q_lora_rank=16, kv_lora_rank=16,
-                           qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=8, num_attention_heads=2,
-                           vocab_size=260, dtype="float32").items()})
-  return [sys.executable, "-m", "kimi_jax.train", "--config", CONFIG, "--workdir", str(workdir),
-          *(f"--config.{k}={v}" for k, v in overrides.items())]
+  overrides = dict(
+    steps=steps,
+    batch_size=4,
+    seq_len=32,
+    learning_rate=1e-2,
+    warmup_steps=2,
+    log_every=1,
+    checkpoint_every=5,
+    sample_tokens=0,
+    **{
+      f"model.{k}": v
+      for k, v in dict(
+        hidden_size=32,
+        intermediate_size=64,
+        moe_intermediate_size=16,
+        n_routed_experts=4,
+        num_experts_per_tok=2,
+        num_hidden_layers=2,
+        q_lora_rank=16,
+        kv_lora_rank=16,
+        qk_nope_head_dim=8,
+        qk_rope_head_dim=8,
+        v_head_dim=8,
+        num_attention_heads=2,
+        vocab_size=260,
+        dtype="float32",
+      ).items()
+    },
+  )
+  return [
+    sys.executable,
+    "-m",
+    "kimi_jax.train",
+    "--config",
+    CONFIG,
+    "--workdir",
+    str(workdir),
+    *(f"--config.{k}={v}" for k, v in overrides.items()),
+  ]
 
 
 def losses(workdir):
@@ -56,8 +86,7 @@ def test_sigkill_mid_run_then_rerun_logs_the_uninterrupted_losses(tmp_path):
   assert full.returncode == 0, full.stderr[-3000:]
 
   work = tmp_path / "killed"
-  proc = subprocess.Popen(train_command(work, steps), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                          env=env)
+  proc = subprocess.Popen(train_command(work, steps), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
   deadline = time.time() + 300
   while not [s for s in committed_steps(work) if s >= 10] and time.time() < deadline and proc.poll() is None:
     time.sleep(0.02)

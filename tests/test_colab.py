@@ -10,16 +10,20 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 from pathlib import Path
+import sys
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOK = ROOT / "colab" / "quickstart.ipynb"
 KERNEL = "kimi-jax-test"
-RUN = {"KIMI_QUICKSTART_STEPS": "12", "KIMI_QUICKSTART_BATCH_SIZE": "4", "KIMI_QUICKSTART_SEQ_LEN": "32",
-       "KIMI_QUICKSTART_NEW_TOKENS": "16"}
+RUN = {
+  "KIMI_QUICKSTART_STEPS": "12",
+  "KIMI_QUICKSTART_BATCH_SIZE": "4",
+  "KIMI_QUICKSTART_SEQ_LEN": "32",
+  "KIMI_QUICKSTART_NEW_TOKENS": "16",
+}
 
 
 def _notebook() -> dict:
@@ -53,9 +57,15 @@ def _kernelspec(root: Path) -> Path:
   """A kernelspec for this interpreter under root/kernels (JUPYTER_PATH=root), whatever else is installed."""
   spec = root / "kernels" / KERNEL
   spec.mkdir(parents=True)
-  (spec / "kernel.json").write_text(json.dumps({
-      "argv": [sys.executable, "-Xfrozen_modules=off", "-m", "ipykernel_launcher", "-f", "{connection_file}"],
-      "display_name": "kimi-jax test", "language": "python"}))
+  (spec / "kernel.json").write_text(
+    json.dumps(
+      {
+        "argv": [sys.executable, "-Xfrozen_modules=off", "-m", "ipykernel_launcher", "-f", "{connection_file}"],
+        "display_name": "kimi-jax test",
+        "language": "python",
+      }
+    )
+  )
   return root
 
 
@@ -76,17 +86,24 @@ def test_notebook_runs(tmp_path, monkeypatch):
     monkeypatch.setenv(name, value)
 
   nb = nbformat.read(NOTEBOOK, as_version=4)
-  client = nbclient.NotebookClient(nb, kernel_name=KERNEL, timeout=1200, allow_errors=False,
-                                   resources={"metadata": {"path": str(tmp_path)}})
+  client = nbclient.NotebookClient(
+    nb, kernel_name=KERNEL, timeout=1200, allow_errors=False, resources={"metadata": {"path": str(tmp_path)}}
+  )
   client.execute()  # raises CellExecutionError on the first failing cell
 
-  text = "\n".join(out.get("text", "") for cell in nb.cells if cell.cell_type == "code"
-                   for out in cell.outputs if out.get("output_type") == "stream")
+  text = "\n".join(
+    out.get("text", "")
+    for cell in nb.cells
+    if cell.cell_type == "code"
+    for out in cell.outputs
+    if out.get("output_type") == "stream"
+  )
   steps = int(RUN["KIMI_QUICKSTART_STEPS"])
-  assert sum(1 for _ in open(workdir / "metrics.jsonl")) == steps  # log_every=1
+  assert len((workdir / "metrics.jsonl").read_text().splitlines()) == steps  # log_every=1
   assert (workdir / "model" / "config.json").is_file()
   assert "after reloading equal those before saving" in text
   assert "And God said, " in text  # the generated samples were printed
-  images = [out for cell in nb.cells if cell.cell_type == "code" for out in cell.outputs
-            if "image/png" in out.get("data", {})]
+  images = [
+    out for cell in nb.cells if cell.cell_type == "code" for out in cell.outputs if "image/png" in out.get("data", {})
+  ]
   assert images, "the loss / max-logit figure was not drawn"

@@ -19,7 +19,7 @@ def test_kimi_k2_parameter_counts_are_exact():
 def test_kimi_k2_numbers():
   cfg = config.kimi_k2()
   assert (cfg.hidden_size, cfg.num_hidden_layers, cfg.n_routed_experts, cfg.num_experts_per_tok) == (7168, 61, 384, 8)
-  assert cfg.softmax_scale == pytest.approx(192 ** -0.5 * (0.1 * __import__("math").log(32) + 1) ** 2)
+  assert cfg.softmax_scale == pytest.approx(192**-0.5 * (0.1 * __import__("math").log(32) + 1) ** 2)
   assert cfg.num_dense_layers == 1 and cfg.num_moe_layers == 60
   k0905 = config.kimi_k2_0905()
   assert (k0905.max_position_embeddings, k0905.rope_factor) == (262144, 64.0)
@@ -64,8 +64,12 @@ def _fixture_config():
 def _v5(hf, **rope):
   """`hf` as transformers v5 writes it: rope_parameters (rope_theta inside) instead of rope_scaling + rope_theta."""
   legacy = hf["rope_scaling"]
-  params = {"rope_type": "yarn", "rope_theta": hf["rope_theta"],
-            **{k: v for k, v in legacy.items() if k not in ("type", "rope_type")}, **rope}
+  params = {
+    "rope_type": "yarn",
+    "rope_theta": hf["rope_theta"],
+    **{k: v for k, v in legacy.items() if k not in ("type", "rope_type")},
+    **rope,
+  }
   return {**{k: v for k, v in hf.items() if k not in ("rope_scaling", "rope_theta")}, "rope_parameters": params}
 
 
@@ -86,7 +90,9 @@ def test_rope_parameters_give_the_same_config_as_rope_scaling():
   assert ModelConfig.from_hf(plain) == ModelConfig.from_hf(no_scaling) == plain_rope
 
 
-@pytest.mark.parametrize("rope, message", [
+@pytest.mark.parametrize(
+  "rope, message",
+  [
     ({"rope_type": "linear"}, r"config\.json rope_parameters\.rope_type 'linear' is not supported"),
     ({"attention_factor": 0.5}, r"config\.json rope_parameters\.attention_factor 0\.5 is not supported"),
     ({"truncate": False}, r"config\.json rope_parameters\.truncate False is not supported"),
@@ -94,8 +100,17 @@ def test_rope_parameters_give_the_same_config_as_rope_scaling():
     ({"low_freq_factor": 1.0}, r"rope_parameters has unsupported key\(s\) low_freq_factor"),
     ({"original_max_position_embeddings": None}, r"rope_parameters has no original_max_position_embeddings"),
     ({"rope_theta": None}, r"config\.json has no rope_theta"),
-], ids=["rope_type", "attention_factor", "truncate", "partial_rotary_factor", "unknown_key", "no_original",
-        "no_rope_theta"])
+  ],
+  ids=[
+    "rope_type",
+    "attention_factor",
+    "truncate",
+    "partial_rotary_factor",
+    "unknown_key",
+    "no_original",
+    "no_rope_theta",
+  ],
+)
 def test_rope_parameters_that_cannot_be_mapped_are_refused(rope, message):
   with pytest.raises(ValueError, match=message):
     ModelConfig.from_hf(_v5(_fixture_config(), **rope))

@@ -8,22 +8,25 @@ import subprocess
 import sys
 import tempfile
 
+from builders.synthetic import k2_shaped, write_synthetic
 import ml_dtypes
 import numpy as np
 import pytest
 
 from kimi_jax.checkpoint import orbax_arrays
 from kimi_jax.checkpoint.hf import HFCheckpoint, abstract_state, flatten
-from builders.synthetic import k2_shaped, write_synthetic
 from kimi_jax.config import tiny
 
 
 def peak_rss_of(cmd: list[str]) -> int:
   """Run `cmd` to completion in a fresh measuring process; returns the child's peak RSS in bytes."""
-  code = ("import resource, subprocess, sys; subprocess.run(sys.argv[1:], check=True, stdout=subprocess.DEVNULL); "
-          "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)")
-  out = subprocess.run([sys.executable, "-c", code, *cmd], capture_output=True, text=True,
-                       env={**os.environ, "JAX_PLATFORMS": "cpu"})
+  code = (
+    "import resource, subprocess, sys; subprocess.run(sys.argv[1:], check=True, stdout=subprocess.DEVNULL); "
+    "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)"
+  )
+  out = subprocess.run(
+    [sys.executable, "-c", code, *cmd], capture_output=True, text=True, env={**os.environ, "JAX_PLATFORMS": "cpu"}
+  )
   assert out.returncode == 0, out.stderr[-3000:]
   return int(out.stdout.split()[-1]) * 1024  # KiB on Linux
 
@@ -55,19 +58,38 @@ def test_3gb_conversion_peak_rss_below_1gib():
     total = write_synthetic(os.path.join(work, "hf"), cfg, "fp8", max_shard_bytes=1 << 30)
     assert total >= 3e9 and largest > 1.5 * 2**30
     out = os.path.join(work, "ckpt")
-    rss = peak_rss_of([sys.executable, "-m", "kimi_jax.convert", "hf-to-orbax", "--hf_dir", os.path.join(work, "hf"),
-                       "--out_dir", out, "--dtype", "bfloat16", "--workers", "4", "--noprogress"])
-    print(f"converted {total / 1e9:.2f} GB, largest stacked target array {largest / 2**30:.2f} GiB, "
-          f"peak RSS {rss / 2**30:.2f} GiB")
+    rss = peak_rss_of(
+      [
+        sys.executable,
+        "-m",
+        "kimi_jax.convert",
+        "hf-to-orbax",
+        "--hf_dir",
+        os.path.join(work, "hf"),
+        "--out_dir",
+        out,
+        "--dtype",
+        "bfloat16",
+        "--workers",
+        "4",
+        "--noprogress",
+      ]
+    )
+    print(
+      f"converted {total / 1e9:.2f} GB, largest stacked target array {largest / 2**30:.2f} GiB, "
+      f"peak RSS {rss / 2**30:.2f} GiB"
+    )
     assert rss < 2**30
     with open(os.path.join(out, "conversion.json")) as f:
       assert json.load(f)["complete"]
     ckpt = HFCheckpoint(os.path.join(work, "hf"))
-    stored = orbax_arrays.open_array(os.path.join(out, "state"), ("moe_layers", "mlp", "experts", "up"),
-                                     orbax_arrays.context())
+    stored = orbax_arrays.open_array(
+      os.path.join(out, "state"), ("moe_layers", "mlp", "experts", "up"), orbax_arrays.context()
+    )
     name = f"model.layers.{cfg.num_hidden_layers - 1}.mlp.experts.63.up_proj.weight"
-    np.testing.assert_array_equal(stored[cfg.num_moe_layers - 1, 63].read().result(),
-                                  ckpt.read(name, transpose=True, dtype=ml_dtypes.bfloat16))
+    np.testing.assert_array_equal(
+      stored[cfg.num_moe_layers - 1, 63].read().result(), ckpt.read(name, transpose=True, dtype=ml_dtypes.bfloat16)
+    )
   finally:
     shutil.rmtree(work, ignore_errors=True)
 
@@ -82,17 +104,34 @@ def test_conversion_into_a_bucket_peak_rss_below_1gib(gcs):
   try:
     total = write_synthetic(os.path.join(work, "hf"), cfg, "fp8", max_shard_bytes=1 << 30)
     url = f"gs://{bucket}/ckpt"
-    rss = peak_rss_of([sys.executable, "-m", "kimi_jax.convert", "hf-to-orbax", "--hf_dir", os.path.join(work, "hf"),
-                       "--out_dir", url, "--dtype", "bfloat16", "--workers", "4", "--noprogress"])
+    rss = peak_rss_of(
+      [
+        sys.executable,
+        "-m",
+        "kimi_jax.convert",
+        "hf-to-orbax",
+        "--hf_dir",
+        os.path.join(work, "hf"),
+        "--out_dir",
+        url,
+        "--dtype",
+        "bfloat16",
+        "--workers",
+        "4",
+        "--noprogress",
+      ]
+    )
     written = sum(gcs.list_objects(bucket, "ckpt/", sizes=True).values())
-    print(f"converted {total / 1e9:.2f} GB into {url} ({written / 1e9:.2f} GB of objects), peak RSS "
-          f"{rss / 2**30:.2f} GiB")
+    print(
+      f"converted {total / 1e9:.2f} GB into {url} ({written / 1e9:.2f} GB of objects), peak RSS {rss / 2**30:.2f} GiB"
+    )
     assert written > 3e9 and rss < 2**30
     assert json.loads(gcs.read_object(bucket, "ckpt/conversion.json"))["complete"]
     ckpt = HFCheckpoint(os.path.join(work, "hf"))
     stored = orbax_arrays.open_array(f"{url}/state", ("moe_layers", "mlp", "experts", "up"), orbax_arrays.context())
     name = f"model.layers.{cfg.num_hidden_layers - 1}.mlp.experts.63.up_proj.weight"
-    np.testing.assert_array_equal(stored[cfg.num_moe_layers - 1, 63].read().result(),
-                                  ckpt.read(name, transpose=True, dtype=ml_dtypes.bfloat16))
+    np.testing.assert_array_equal(
+      stored[cfg.num_moe_layers - 1, 63].read().result(), ckpt.read(name, transpose=True, dtype=ml_dtypes.bfloat16)
+    )
   finally:
     shutil.rmtree(work, ignore_errors=True)

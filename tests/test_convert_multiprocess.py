@@ -74,12 +74,15 @@ def test_share_cuts_contiguous_balanced_runs():
   assert max(len(range(*convert.share(big, i, 8).indices(97))) for i in range(8)) <= 13
 
 
-@pytest.mark.parametrize("name,dtype", [("tiny_fp8", "bfloat16"), ("tiny_int4", "float32"),
-                                        ("tiny_k25", "float32")])
+@pytest.mark.parametrize("name,dtype", [("tiny_fp8", "bfloat16"), ("tiny_int4", "float32"), ("tiny_k25", "float32")])
 def test_two_processes_equal_one_process(tmp_path, single, name, dtype):
   out = str(tmp_path / "ckpt")
-  stats = [convert.hf_to_orbax(FIXTURES[name], out, dtype=dtype, piece_elements=PIECE, process_index=i,
-                               process_count=2, wait_timeout=0) for i in (1, 0)]
+  stats = [
+    convert.hf_to_orbax(
+      FIXTURES[name], out, dtype=dtype, piece_elements=PIECE, process_index=i, process_count=2, wait_timeout=0
+    )
+    for i in (1, 0)
+  ]
   assert all(s.bytes_read > 0 for s in stats)
   _assert_same_checkpoint(out, single(name, dtype))
   # Each process wrote its own share into its own database: disjoint, together everything the root references.
@@ -121,8 +124,9 @@ def test_killed_process_resumes(tmp_path, single, crash_reads):
   it had not logged, and process 0's rerun then finishes the checkpoint without converting anything."""
   reads, crash = crash_reads
   fixture, out = FIXTURES["tiny_hf"], str(tmp_path / "ckpt")
-  run = lambda i, **kw: convert.hf_to_orbax(fixture, out, piece_elements=PIECE, process_index=i, process_count=2,
-                                            workers=1, **kw)
+  run = lambda i, **kw: convert.hf_to_orbax(
+    fixture, out, piece_elements=PIECE, process_index=i, process_count=2, workers=1, **kw
+  )
   crash["at"] = 6
   with pytest.raises(Killed):
     run(1)
@@ -168,9 +172,31 @@ def test_launch_local_two_concurrent_processes(tmp_path, single):
   out = str(tmp_path / "ckpt")
   env = {k: v for k, v in os.environ.items() if not k.startswith("KIMI_")}
   result = subprocess.run(
-      [sys.executable, "-m", "launch.local", "--num_processes", "2", "--", "-m", "kimi_jax.convert", "hf-to-orbax",
-       "--hf_dir", FIXTURES["tiny_int4"], "--out_dir", out, "--noprogress", "--workers", "2"],
-      check=False, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    [
+      sys.executable,
+      "-m",
+      "launch.local",
+      "--num_processes",
+      "2",
+      "--",
+      "-m",
+      "kimi_jax.convert",
+      "hf-to-orbax",
+      "--hf_dir",
+      FIXTURES["tiny_int4"],
+      "--out_dir",
+      out,
+      "--noprogress",
+      "--workers",
+      "2",
+    ],
+    check=False,
+    cwd=ROOT,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
   assert result.returncode == 0, result.stdout + result.stderr
   assert "[1] hf-to-orbax: process 1 of 2 converted its share" in result.stdout
   assert "[0] hf-to-orbax: process 0 of 2 finished the checkpoint" in result.stdout
@@ -198,12 +224,19 @@ convert.hf_to_orbax(sys.argv[1], sys.argv[2], piece_elements=int(sys.argv[3]), w
 def test_sigkilled_process_resumes(tmp_path, single):
   """Process 1 SIGKILLed mid-share (two workers, one of them mid-write); the reruns finish the same checkpoint."""
   out = str(tmp_path / "ckpt")
-  result = subprocess.run([sys.executable, "-c", _SIGKILLED_WORKER, FIXTURES["tiny_fp8"], out, str(PIECE)],
-                          check=False, cwd=ROOT, capture_output=True, text=True, timeout=120,
-                          env={**os.environ, "JAX_PLATFORMS": "cpu"})
+  result = subprocess.run(
+    [sys.executable, "-c", _SIGKILLED_WORKER, FIXTURES["tiny_fp8"], out, str(PIECE)],
+    check=False,
+    cwd=ROOT,
+    capture_output=True,
+    text=True,
+    timeout=120,
+    env={**os.environ, "JAX_PLATFORMS": "cpu"},
+  )
   assert result.returncode == -9, result.stderr
   assert 0 < len(_log(out, 1)) < 8
   for i in (1, 0):
-    convert.hf_to_orbax(FIXTURES["tiny_fp8"], out, piece_elements=PIECE, process_index=i, process_count=2,
-                        wait_timeout=0)
+    convert.hf_to_orbax(
+      FIXTURES["tiny_fp8"], out, piece_elements=PIECE, process_index=i, process_count=2, wait_timeout=0
+    )
   _assert_same_checkpoint(out, single("tiny_fp8"))

@@ -4,11 +4,11 @@ interrupted conversions resume; HF export from model checkpoints and training wo
 import json
 import os
 
+from flax import nnx
 import jax
 import ml_dtypes
 import numpy as np
 import pytest
-from flax import nnx
 
 from kimi_jax.checkpoint import convert
 from kimi_jax.checkpoint.hf import HFCheckpoint, flatten, load_state, unflatten
@@ -89,8 +89,9 @@ def test_interrupted_conversion_resumes(tmp_path, reference, monkeypatch):
 
 def test_round_trip_through_split_chunks_is_bit_identical(tmp_path):
   convert.hf_to_orbax(FIXTURE, str(tmp_path / "ckpt"), dtype="bfloat16", piece_elements=512)
-  convert.orbax_to_hf(str(tmp_path / "ckpt"), str(tmp_path / "hf"), piece_elements=700, max_shard_bytes=100_000,
-                      workers=3)
+  convert.orbax_to_hf(
+    str(tmp_path / "ckpt"), str(tmp_path / "hf"), piece_elements=700, max_shard_bytes=100_000, workers=3
+  )
   src, out = HFCheckpoint(FIXTURE), HFCheckpoint(str(tmp_path / "hf"))
   assert len(set(out.weight_map.values())) > 3
   assert sorted(src.weight_map) == sorted(out.weight_map)
@@ -108,8 +109,9 @@ def test_orbax_to_hf_skips_complete_shards(tmp_path):
   shards[1].unlink()
   stats = convert.orbax_to_hf(str(tmp_path / "ckpt"), str(hf), max_shard_bytes=100_000)
   assert stats.bytes_written < 100_000 + 1000  # one shard rewritten
-  assert {p.name: p.stat().st_mtime_ns for p in shards if p != shards[1]} == \
-      {k: v for k, v in stamps.items() if k != shards[1].name}
+  assert {p.name: p.stat().st_mtime_ns for p in shards if p != shards[1]} == {
+    k: v for k, v in stamps.items() if k != shards[1].name
+  }
 
 
 def _training_workdir(tmp_path, state):

@@ -122,7 +122,7 @@ def test_process_shards_are_disjoint_and_cover_one_process(docs):
   # Each process's batches hold exactly its own shard (several epochs consumed).
   for p, shard in enumerate(shards):
     it = pipeline.make_train_iterator(
-        tokenizer=TOK, seq_len=S, batch_size=B, seed=0, documents=docs, process_index=p, process_count=3
+      tokenizer=TOK, seq_len=S, batch_size=B, seed=0, documents=docs, process_index=p, process_count=3
     )
     seen = {seg for b in take(it, 60) for seg in segments(b)}
     assert seen == set(shard)

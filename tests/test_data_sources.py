@@ -13,7 +13,7 @@ import sys
 from array_record.python.array_record_module import ArrayRecordWriter
 import numpy as np
 import pytest
-from test_data import B, S, TOK, assert_same_batches, check_batch, reference_chunks, segments
+from test_data import TOK, B, S, assert_same_batches, check_batch, reference_chunks, segments
 from test_tokenizer import kimi_tokenizer
 
 from kimi_jax.data import pipeline, prepare, sources
@@ -61,9 +61,21 @@ def prepared(docs, tmp_path_factory) -> pathlib.Path:
   write_jsonl(tmp / "b.jsonl.gz", docs[10:])
   out = tmp / "out"
   result = subprocess.run(
-      [sys.executable, "-m", "kimi_jax.data.prepare", f"--input={tmp}/a.jsonl,{tmp}/*.gz", "--tokenizer=byte",
-       f"--output={out}", "--shard_size=7"],
-      cwd=REPO, capture_output=True, text=True, timeout=120, check=False)
+    [
+      sys.executable,
+      "-m",
+      "kimi_jax.data.prepare",
+      f"--input={tmp}/a.jsonl,{tmp}/*.gz",
+      "--tokenizer=byte",
+      f"--output={out}",
+      "--shard_size=7",
+    ],
+    cwd=REPO,
+    capture_output=True,
+    text=True,
+    timeout=120,
+    check=False,
+  )
   assert result.returncode == 0, result.stderr
   assert f"30 documents, {sum(len(tokens(d)) for d in docs):,} tokens in 5 shards" in result.stdout
   assert "30/30" in result.stderr  # the progress bar
@@ -84,8 +96,7 @@ def test_parquet_files_are_sources(docs, tmp_path):
   source = sources.open_source(f"{tmp_path}/*.parquet", TOK)
   assert as_lists(source) == [tokens(d) for d in docs]
   assert sources.count_documents(str(tmp_path / "b.parquet")) == 20
-  meta = prepare.prepare(f"{tmp_path}/*.parquet", TOK, str(tmp_path / "out"), tokenizer_name="byte",
-                         progress=False)
+  meta = prepare.prepare(f"{tmp_path}/*.parquet", TOK, str(tmp_path / "out"), tokenizer_name="byte", progress=False)
   assert meta["num_documents"] == 30 and as_lists(sources.open_source(str(tmp_path / "out"), TOK)) == as_lists(source)
   with pytest.raises(ValueError, match=r"c.parquet: no column 'text' \(columns: \['body', 'n'\]\)"):
     sources.open_source(str(write_parquet(tmp_path / "c.parquet", ["x"], field="body")), TOK)
@@ -94,8 +105,11 @@ def test_parquet_files_are_sources(docs, tmp_path):
 def test_text_file_errors(tmp_path):
   bad = tmp_path / "bad.jsonl"
   bad.write_text('{"text": "ok"}\n{"body": "no text"}\n')
-  with pytest.raises(ValueError, match=r"bad.jsonl:2: expected an object with a string 'text' field, got fields "
-                                       r"\['body'\]"):
+  with pytest.raises(
+    ValueError,
+    match=r"bad.jsonl:2: expected an object with a string 'text' field, got fields "
+    r"\['body'\]",
+  ):
     sources.open_source(str(bad), TOK)
   bad.write_text('{"text": "ok"}\n\n{"text": "unterminated\n')
   with pytest.raises(ValueError, match=r"bad.jsonl:3: invalid JSON"):
@@ -128,8 +142,14 @@ def test_prepared_shards_feed_the_same_batches(docs, prepared):
 def test_kimi_tokenizer_shards(docs, tmp_path):
   tok = kimi_tokenizer(tmp_path)
   write_jsonl(tmp_path / "a.jsonl", docs)
-  meta = prepare.prepare(str(tmp_path / "a.jsonl"), tok, str(tmp_path / "out"), tokenizer_name="tiktoken.model",
-                         shard_size=100, progress=False)
+  meta = prepare.prepare(
+    str(tmp_path / "a.jsonl"),
+    tok,
+    str(tmp_path / "out"),
+    tokenizer_name="tiktoken.model",
+    shard_size=100,
+    progress=False,
+  )
   assert meta["num_documents"] == 30 and meta["num_tokens"] < sum(len(tokens(d)) for d in docs)
   source = sources.open_source(str(tmp_path / "out"), tok)
   assert as_lists(source) == [tokens(d, tok) for d in docs]
@@ -137,8 +157,11 @@ def test_kimi_tokenizer_shards(docs, tmp_path):
   batches = list(itertools.islice(it, 10))
   inputs, seg = np.stack([b.inputs for b in batches]), np.stack([b.segment_ids for b in batches])
   assert inputs.max() < tok.vocab_size and (inputs == tok.bos_id).any() and (inputs[seg == 0] == tok.pad_id).all()
-  with pytest.raises(ValueError, match=r"out was prepared with tokenizer 'tiktoken.model' .* but training uses "
-                                       r"\{'vocab_size': 259"):
+  with pytest.raises(
+    ValueError,
+    match=r"out was prepared with tokenizer 'tiktoken.model' .* but training uses "
+    r"\{'vocab_size': 259",
+  ):
     sources.open_source(str(tmp_path / "out"), TOK)
   with pytest.raises(FileExistsError, match="already holds prepared shards"):
     prepare.prepare(str(tmp_path / "a.jsonl"), tok, str(tmp_path / "out"), tokenizer_name="t", progress=False)
@@ -158,8 +181,9 @@ def test_corrupt_shard_is_a_clear_error(prepared, tmp_path):
   with pytest.raises(sources.CorruptShardError, match=rf"ArrayRecord shard {shard}, record \d: cannot be read"):
     as_lists(sources.open_source(str(out), TOK))
   # The training iterator raises the same error when it reaches the shard.
-  it = pipeline.make_train_iterator(tokenizer=TOK, seq_len=S, batch_size=B, seed=0,
-                                    source=sources.open_source(str(out), TOK))
+  it = pipeline.make_train_iterator(
+    tokenizer=TOK, seq_len=S, batch_size=B, seed=0, source=sources.open_source(str(out), TOK)
+  )
   with pytest.raises(sources.CorruptShardError, match=str(shard)):
     list(itertools.islice(it, 100))
 

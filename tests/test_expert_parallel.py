@@ -19,13 +19,13 @@ T, D, F, E, K = 64, 16, 8, 16, 4
 
 def _run(check: str, *args: str) -> None:
   env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
-  proc = subprocess.run([sys.executable, __file__, check, *args], env=env, capture_output=True, text=True,
-                        timeout=600)
+  proc = subprocess.run([sys.executable, __file__, check, *args], env=env, capture_output=True, text=True, timeout=600)
   assert proc.returncode == 0, proc.stdout + proc.stderr[-5000:]
 
 
-@pytest.mark.parametrize("mesh", ["expert=8", "data=4,expert=2",
-                                  pytest.param("data=2,expert=2,tensor=2", marks=pytest.mark.slow)])
+@pytest.mark.parametrize(
+  "mesh", ["expert=8", "data=4,expert=2", pytest.param("data=2,expert=2,tensor=2", marks=pytest.mark.slow)]
+)
 def test_all_to_all_matches_dense(mesh):
   _run("matches_dense", mesh, "all_to_all")
 
@@ -51,19 +51,22 @@ def test_ragged_compiles_for_tpu(matmul, monkeypatch):
   pytest.importorskip("libtpu")
   monkeypatch.setenv("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # coexist with other processes using libtpu
   import jax
-  import jax.numpy as jnp
   from jax.experimental import topologies
+  import jax.numpy as jnp
   from jax.sharding import NamedSharding
   from jax.sharding import PartitionSpec as P
 
-  import pallas_kernels
   from kimi_jax.expert_parallel import expert_parallel_moe
+  import pallas_kernels
 
   devices = topologies.get_topology_desc("v5p:2x2x1", "tpu").devices
   mesh = jax.sharding.Mesh(np.array(devices).reshape(2, 2), ("data", "expert"))
   tokens, d, f, e, k = 256, 256, 256, 8, 2
-  kw = dict(capacity_factor=1.5, matmul=functools.partial(pallas_kernels.gmm, impl="tpu"),
-            check_vma=False) if matmul == "gmm" else {}
+  kw = (
+    dict(capacity_factor=1.5, matmul=functools.partial(pallas_kernels.gmm, impl="tpu"), check_vma=False)
+    if matmul == "gmm"
+    else {}
+  )
 
   def loss(x, idx, w, gate, up, down):
     out, dropped = expert_parallel_moe(x, idx, w, gate, up, down, mesh=mesh, strategy="ragged_all_to_all", **kw)
@@ -73,9 +76,14 @@ def test_ragged_compiles_for_tpu(matmul, monkeypatch):
     return jax.ShapeDtypeStruct(shape, dtype, sharding=NamedSharding(mesh, spec))
 
   tok = P(("data", "expert"))
-  args = (aval((tokens, d), jnp.bfloat16, tok), aval((tokens, k), jnp.int32, tok),
-          aval((tokens, k), jnp.float32, tok), aval((e, d, f), jnp.bfloat16, P("expert")),
-          aval((e, d, f), jnp.bfloat16, P("expert")), aval((e, f, d), jnp.bfloat16, P("expert")))
+  args = (
+    aval((tokens, d), jnp.bfloat16, tok),
+    aval((tokens, k), jnp.int32, tok),
+    aval((tokens, k), jnp.float32, tok),
+    aval((e, d, f), jnp.bfloat16, P("expert")),
+    aval((e, d, f), jnp.bfloat16, P("expert")),
+    aval((e, f, d), jnp.bfloat16, P("expert")),
+  )
   # conftest asks for "highest" (f32) matmuls, which TPU's bf16 ragged dot rejects; use the default here.
   with jax.default_matmul_precision("default"):
     lowered = jax.jit(jax.value_and_grad(loss, argnums=(0, 2, 3, 4, 5), has_aux=True)).lower(*args)
@@ -222,7 +230,7 @@ def _kept_pairs(idx: np.ndarray, groups: int, n: int, capacity: int, per_source:
     counts = np.stack([np.bincount(chunks[g, s], minlength=E) for s in range(n)]).reshape(n, n, local)
     allowed = counts.copy()
     for dest in range(n):
-      for cells in ([(s,) for s in range(n)] if per_source else [(slice(None),)]):
+      for cells in [(s,) for s in range(n)] if per_source else [(slice(None),)]:
         block = counts[(*cells, dest)]
         level = max(lv for lv in range(capacity + 1) if np.minimum(block, lv).sum() <= capacity)
         allowed[(*cells, dest)] = np.minimum(block, level)

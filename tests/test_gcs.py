@@ -5,12 +5,12 @@ bucket is one line naming the URL."""
 
 import json
 import os
+from pathlib import Path
 import re
 import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -33,9 +33,11 @@ def compilation_cache(tmp_path_factory):
   import jax
   from jax._src import compilation_cache as cc
 
-  settings = {"jax_compilation_cache_dir": str(tmp_path_factory.mktemp("jax_cache")),  # also the CLI runs'
-
-              "jax_persistent_cache_min_compile_time_secs": 0, "jax_persistent_cache_min_entry_size_bytes": 0}
+  settings = {
+    "jax_compilation_cache_dir": str(tmp_path_factory.mktemp("jax_cache")),  # also the CLI runs'
+    "jax_persistent_cache_min_compile_time_secs": 0,
+    "jax_persistent_cache_min_entry_size_bytes": 0,
+  }
   saved = {k: getattr(jax.config, k) for k in settings}
   for k, v in settings.items():
     jax.config.update(k, v)
@@ -107,8 +109,8 @@ def test_resume_from_the_bucket_matches_an_uninterrupted_local_run(gcs, bucket, 
 
 
 def test_forward_loads_the_model_from_the_bucket(gcs_run, local_run):
-  import jax
   from flax import nnx
+  import jax
 
   from kimi_jax.checkpoint.model_io import load_any
 
@@ -133,13 +135,20 @@ def test_sigkill_then_the_same_command_resumes_from_the_bucket(gcs, bucket, loca
   import jax
 
   config = tmp_path / "config.py"
-  config.write_text(f"import sys\nsys.path.insert(0, {str(Path(__file__).parent)!r})\n"
-                    f"from test_train import small_config\n\n\ndef get_config():\n  return small_config({STEPS})\n")
+  config.write_text(
+    f"import sys\nsys.path.insert(0, {str(Path(__file__).parent)!r})\n"
+    f"from test_train import small_config\n\n\ndef get_config():\n  return small_config({STEPS})\n"
+  )
   url = f"gs://{bucket}/killed"
   command = [sys.executable, "-m", "kimi_jax.train", "--config", str(config), "--workdir", url]
-  env = {**os.environ, "JAX_PLATFORMS": "cpu", "JAX_DEFAULT_MATMUL_PRECISION": "highest",  # as conftest sets
-         "JAX_COMPILATION_CACHE_DIR": jax.config.jax_compilation_cache_dir,
-         "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0", "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
+  env = {
+    **os.environ,
+    "JAX_PLATFORMS": "cpu",
+    "JAX_DEFAULT_MATMUL_PRECISION": "highest",  # as conftest sets
+    "JAX_COMPILATION_CACHE_DIR": jax.config.jax_compilation_cache_dir,
+    "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+    "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0",
+  }
   root = str(Path(__file__).parent.parent)
   (tmp_path / "tmp").mkdir()
   env["TMPDIR"] = str(tmp_path / "tmp")  # the killed run cannot remove its local TensorBoard directory

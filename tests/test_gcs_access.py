@@ -2,10 +2,9 @@
 (401 to a request without credentials, 403 to a write with a read-only token): every entry point that may touch a
 bucket fails at start-up with one line naming the URL and the fix, and a read-only token still reads."""
 
-import os
+from pathlib import Path
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
@@ -27,8 +26,12 @@ def proxy(gcs):
 def run(proxy, token, *args, cwd):
   # GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT=false: with a token, gcsfs would also ask GCS's gRPC control API for the
   # bucket layout, which an emulator does not serve (60 s timeouts each); this is gcsfs's own switch for that.
-  env = {**proxy.env(token), "JAX_PLATFORMS": "cpu", "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false",
-         "PYTHONPATH": str(ROOT)}
+  env = {
+    **proxy.env(token),
+    "JAX_PLATFORMS": "cpu",
+    "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false",
+    "PYTHONPATH": str(ROOT),
+  }
   return subprocess.run([sys.executable, *args], env=env, cwd=cwd, capture_output=True, text=True, timeout=300)
 
 
@@ -42,11 +45,23 @@ TRAIN = ["-m", "kimi_jax.train", "--config", str(ROOT / "configs" / "tiny.py"), 
 
 def test_no_credentials(proxy, tmp_path):
   for args, url in [
-      (TRAIN + ["--workdir", f"gs://{BUCKET}/run"], f"gs://{BUCKET}/run"),
-      (["-m", "kimi_jax.convert", "hf-to-orbax", "--hf_dir", f"gs://{BUCKET}/release", "--out_dir",
-        str(tmp_path / "out")], f"gs://{BUCKET}/release"),
-      (["-m", "kimi_jax.forward", "--checkpoint", f"gs://{BUCKET}/ckpt", "--tokens", "x.npy", "--out", "y.npy"],
-       f"gs://{BUCKET}/ckpt"),
+    (TRAIN + ["--workdir", f"gs://{BUCKET}/run"], f"gs://{BUCKET}/run"),
+    (
+      [
+        "-m",
+        "kimi_jax.convert",
+        "hf-to-orbax",
+        "--hf_dir",
+        f"gs://{BUCKET}/release",
+        "--out_dir",
+        str(tmp_path / "out"),
+      ],
+      f"gs://{BUCKET}/release",
+    ),
+    (
+      ["-m", "kimi_jax.forward", "--checkpoint", f"gs://{BUCKET}/ckpt", "--tokens", "x.npy", "--out", "y.npy"],
+      f"gs://{BUCKET}/ckpt",
+    ),
   ]:
     line = last_line(run(proxy, None, *args, cwd=tmp_path))
     assert line.startswith(f"PermissionError: {url}: no usable credentials for gs://{BUCKET}"), line
@@ -56,9 +71,19 @@ def test_no_credentials(proxy, tmp_path):
 
 def test_read_only_token(proxy, tmp_path):
   for args, url in [
-      (TRAIN + ["--workdir", f"gs://{BUCKET}/run"], f"gs://{BUCKET}/run"),
-      (["-m", "kimi_jax.convert", "hf-to-orbax", "--hf_dir", str(DATA / "tiny_hf"), "--out_dir",
-        f"gs://{BUCKET}/converted"], f"gs://{BUCKET}/converted"),
+    (TRAIN + ["--workdir", f"gs://{BUCKET}/run"], f"gs://{BUCKET}/run"),
+    (
+      [
+        "-m",
+        "kimi_jax.convert",
+        "hf-to-orbax",
+        "--hf_dir",
+        str(DATA / "tiny_hf"),
+        "--out_dir",
+        f"gs://{BUCKET}/converted",
+      ],
+      f"gs://{BUCKET}/converted",
+    ),
   ]:
     line = last_line(run(proxy, "reader-token", *args, cwd=tmp_path))
     assert line.startswith(f"PermissionError: {url}: permission denied on gs://{BUCKET}"), line
@@ -72,7 +97,18 @@ def test_read_only_token_reads(proxy, gcs, tmp_path):
   fs = fsspec.filesystem("gs")  # this process talks to the server directly (the `gcs` fixture's variables)
   for f in sorted((DATA / "tiny_hf").iterdir()):
     fs.put_file(str(f), f"{BUCKET}/release-ok/{f.name}")
-  result = run(proxy, "reader-token", "-m", "kimi_jax.convert", "hf-to-orbax", "--hf_dir",
-               f"gs://{BUCKET}/release-ok", "--out_dir", str(tmp_path / "out"), "--noprogress", cwd=tmp_path)
+  result = run(
+    proxy,
+    "reader-token",
+    "-m",
+    "kimi_jax.convert",
+    "hf-to-orbax",
+    "--hf_dir",
+    f"gs://{BUCKET}/release-ok",
+    "--out_dir",
+    str(tmp_path / "out"),
+    "--noprogress",
+    cwd=tmp_path,
+  )
   assert result.returncode == 0, result.stderr[-3000:]
   assert (tmp_path / "out" / "config.json").exists()

@@ -5,9 +5,9 @@ appears on local disk."""
 
 import json
 import os
+from pathlib import Path
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -46,16 +46,20 @@ def converted_gs(bucket, tmp_path_factory):
 
 @pytest.mark.parametrize("name", sorted(HF_FIXTURES))
 def test_hf_to_orbax_into_the_bucket_matches_transformers(name, gcs, bucket, converted_gs):
-  import jax.numpy as jnp
   from flax import nnx
+  import jax.numpy as jnp
 
   from kimi_jax.checkpoint.model_io import load_any
 
   url = converted_gs(name)
   names = gcs.list_objects(bucket, f"convert/{name}/")
   prefix = f"convert/{name}/"
-  assert {prefix + "config.json", prefix + "conversion.json", prefix + "state/_METADATA",
-          prefix + "state/manifest.ocdbt"} <= set(names)
+  assert {
+    prefix + "config.json",
+    prefix + "conversion.json",
+    prefix + "state/_METADATA",
+    prefix + "state/manifest.ocdbt",
+  } <= set(names)
   assert not [n for n in names if n.endswith(".log") or n.endswith(".tmp")]  # the log is removed once complete
   assert json.loads(gcs.read_object(bucket, prefix + "conversion.json"))["complete"]
   ref = np.load(DATA / name / "reference.npz")
@@ -68,9 +72,26 @@ def test_forward_cli_from_the_bucket(converted_gs, tmp_path):
   ref = np.load(DATA / "tiny_hf" / "reference.npz")
   np.save(tmp_path / "t.npy", ref["tokens"])
   env = {**os.environ, "JAX_PLATFORMS": "cpu"}  # the emulator variables come from the `gcs` fixture
-  out = subprocess.run([sys.executable, "-m", "kimi_jax.forward", "--checkpoint", converted_gs("tiny_hf"), "--tokens",
-                        str(tmp_path / "t.npy"), "--out", str(tmp_path / "l.npy"), "--dtype", "float32"],
-                       capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+  out = subprocess.run(
+    [
+      sys.executable,
+      "-m",
+      "kimi_jax.forward",
+      "--checkpoint",
+      converted_gs("tiny_hf"),
+      "--tokens",
+      str(tmp_path / "t.npy"),
+      "--out",
+      str(tmp_path / "l.npy"),
+      "--dtype",
+      "float32",
+    ],
+    capture_output=True,
+    text=True,
+    env=env,
+    cwd=tmp_path,
+    timeout=300,
+  )
   assert out.returncode == 0, out.stderr[-3000:]
   np.testing.assert_allclose(np.load(tmp_path / "l.npy"), ref["logits"], atol=1e-4, rtol=0)
   assert not (tmp_path / "gs:").exists()
@@ -212,9 +233,31 @@ def test_two_concurrent_processes_into_the_bucket(bucket, tmp_path):
   url, root = f"gs://{bucket}/concurrent", str(Path(__file__).parent.parent)
   env = {k: v for k, v in os.environ.items() if not k.startswith("KIMI_")}  # the emulator variables pass through
   result = subprocess.run(
-      [sys.executable, "-m", "launch.local", "--num_processes", "2", "--", "-m", "kimi_jax.convert", "hf-to-orbax",
-       "--hf_dir", str(DATA / "tiny_int4"), "--out_dir", url, "--noprogress", "--workers", "2"],
-      check=False, cwd=root, env=env, capture_output=True, text=True, timeout=300)
+    [
+      sys.executable,
+      "-m",
+      "launch.local",
+      "--num_processes",
+      "2",
+      "--",
+      "-m",
+      "kimi_jax.convert",
+      "hf-to-orbax",
+      "--hf_dir",
+      str(DATA / "tiny_int4"),
+      "--out_dir",
+      url,
+      "--noprogress",
+      "--workers",
+      "2",
+    ],
+    check=False,
+    cwd=root,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
   assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
   assert "[0] hf-to-orbax: process 0 of 2 finished the checkpoint" in result.stdout
   from kimi_jax.checkpoint import convert
@@ -242,6 +285,7 @@ def test_k25_round_trip_from_the_bucket_keeps_the_wrapper(bucket, tmp_path, monk
 
 
 # A release read from the bucket (--hf_dir gs://), and generate from a converted checkpoint there ----------------
+
 
 def upload(local: Path, url: str) -> str:
   """Copies a local directory's files to gs:// (as `gcloud storage cp -r` would)."""
@@ -288,10 +332,28 @@ def test_generate_cli_from_the_bucket(converted_gs, tmp_path):
   want = np.load(DATA / "tiny_hf" / "generate.npz")
   np.save(tmp_path / "prompts.npy", want["prompts"])  # [3, 12], rows right-padded with -1
   env = {**os.environ, "JAX_PLATFORMS": "cpu"}  # the emulator variables come from the `gcs` fixture
-  out = subprocess.run([sys.executable, "-m", "kimi_jax.generate", "--checkpoint", converted_gs("tiny_hf"),
-                        "--prompt_tokens", str(tmp_path / "prompts.npy"), "--max_new_tokens", "24", "--dtype",
-                        "float32", "--out", str(tmp_path / "out.npy")],
-                       capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+  out = subprocess.run(
+    [
+      sys.executable,
+      "-m",
+      "kimi_jax.generate",
+      "--checkpoint",
+      converted_gs("tiny_hf"),
+      "--prompt_tokens",
+      str(tmp_path / "prompts.npy"),
+      "--max_new_tokens",
+      "24",
+      "--dtype",
+      "float32",
+      "--out",
+      str(tmp_path / "out.npy"),
+    ],
+    capture_output=True,
+    text=True,
+    env=env,
+    cwd=tmp_path,
+    timeout=300,
+  )
   assert out.returncode == 0, out.stderr[-3000:]
   got = np.load(tmp_path / "out.npy")
   for row, tokens in enumerate(want["tokens"]):  # the fixture's EOS (2) is the default stop token

@@ -87,7 +87,11 @@ def test_tokenizer_from_the_bucket(rank_file, docs):
   local, url = rank_file
   remote, reference = load_tokenizer(url), load_tokenizer(str(local))
   assert (remote.vocab_size, remote.bos_id, remote.eos_id, remote.pad_id) == (
-      reference.vocab_size, reference.bos_id, reference.eos_id, reference.pad_id)
+    reference.vocab_size,
+    reference.bos_id,
+    reference.eos_id,
+    reference.pad_id,
+  )
   for text in docs:
     assert remote.encode(text, add_bos=True, add_eos=True) == reference.encode(text, add_bos=True, add_eos=True)
   with pytest.raises(FileNotFoundError, match=f"tokenizer file gs://{BUCKET}/nope.model does not exist"):
@@ -118,16 +122,34 @@ def prepared(texts, rank_file, tmp_path_factory) -> tuple[str, pathlib.Path]:
   url = f"gs://{BUCKET}/prepared"
   env = {**os.environ, "TMPDIR": str(tmp / "tmp")}  # the emulator variables come from the `gcs` fixture
   result = subprocess.run(
-      [sys.executable, "-m", "kimi_jax.data.prepare", f"--input=gs://{BUCKET}/text/*.gz,gs://{BUCKET}/text/c.parquet",
-       f"--tokenizer={rank_file[1]}", f"--output={url}", "--shard_size=7"],
-      cwd=pathlib.Path.cwd(), env={**env, "PYTHONPATH": str(REPO)}, capture_output=True, text=True, timeout=120,
-      check=False)
+    [
+      sys.executable,
+      "-m",
+      "kimi_jax.data.prepare",
+      f"--input=gs://{BUCKET}/text/*.gz,gs://{BUCKET}/text/c.parquet",
+      f"--tokenizer={rank_file[1]}",
+      f"--output={url}",
+      "--shard_size=7",
+    ],
+    cwd=pathlib.Path.cwd(),
+    env={**env, "PYTHONPATH": str(REPO)},
+    capture_output=True,
+    text=True,
+    timeout=120,
+    check=False,
+  )
   assert result.returncode == 0, result.stderr[-3000:]
   assert re.search(rf"30 documents, [\d,]+ tokens in 5 shards -> {url}", result.stdout), result.stdout
   assert not list((tmp / "tmp").iterdir())  # the local shards were deleted once uploaded
   local = tmp / "local"
-  prepare.prepare(f"{texts}/*.gz,{texts}/c.parquet", load_tokenizer(str(rank_file[0])), str(local),
-                  tokenizer_name=rank_file[1], shard_size=7, progress=False)
+  prepare.prepare(
+    f"{texts}/*.gz,{texts}/c.parquet",
+    load_tokenizer(str(rank_file[0])),
+    str(local),
+    tokenizer_name=rank_file[1],
+    shard_size=7,
+    progress=False,
+  )
   return url, local
 
 
@@ -165,7 +187,8 @@ def test_prepared_dir_in_the_bucket(prepared, rank_file, docs, gcs, tmp_path, ca
   assert capsys.readouterr().out.count("data: copied 0 of 5 shards (0 bytes)") == 2
   after = cached_files(cache)
   assert {k: v for k, v in after.items() if k.endswith(".array_record")} == {
-      k: v for k, v in before.items() if k.endswith(".array_record")}
+    k: v for k, v in before.items() if k.endswith(".array_record")
+  }
 
   # A cached shard cut short (a full disk, say) is downloaded again, and only it.
   shard = directory / "tokens-00002.array_record"
@@ -206,8 +229,13 @@ def test_unfinished_or_existing_prepared_dirs(prepared, rank_file, gcs, tmp_path
 
 @pytest.mark.parametrize("what", ["text", "prepared", "shards", "prepare", "tokenizer"])
 def test_missing_bucket_is_one_line_naming_the_url(what, gcs, tmp_path):
-  url = {"text": f"{MISSING}/text/*.jsonl", "prepared": f"{MISSING}/prepared", "tokenizer": f"{MISSING}/t.model",
-         "shards": f"{MISSING}/prepared/tokens-00000.array_record", "prepare": f"{MISSING}/out"}[what]
+  url = {
+    "text": f"{MISSING}/text/*.jsonl",
+    "prepared": f"{MISSING}/prepared",
+    "tokenizer": f"{MISSING}/t.model",
+    "shards": f"{MISSING}/prepared/tokens-00000.array_record",
+    "prepare": f"{MISSING}/out",
+  }[what]
   with pytest.raises(FileNotFoundError) as e:
     if what == "tokenizer":
       load_tokenizer(url)

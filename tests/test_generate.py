@@ -6,11 +6,11 @@ import os
 import subprocess
 import sys
 
+from flax import nnx
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
 
 from kimi_jax import generate as gen
 from kimi_jax.checkpoint.hf import HFCheckpoint, load_state
@@ -103,7 +103,7 @@ def test_decode_matches_full_forward_on_a_random_tiny_model(tiny_model, tiny_gre
   """Our own full forward over prompt + greedy continuation is the reference: decode logits match it at every
   step, and its argmax is the continuation."""
   prompt, new = tiny_greedy
-  full = np.asarray(nnx.jit(lambda m, t: m(t)[0])(tiny_model, jnp.asarray([prompt + new])))[0, len(prompt) - 1:-1]
+  full = np.asarray(nnx.jit(lambda m, t: m(t)[0])(tiny_model, jnp.asarray([prompt + new])))[0, len(prompt) - 1 : -1]
   assert full.argmax(-1).tolist() == new
   got = teacher_forced_logits(tiny_model, [prompt], np.asarray([new[:-1]]), kind=kind)[0]
   np.testing.assert_allclose(got, full, atol=1e-4, rtol=0)
@@ -126,7 +126,7 @@ def test_model_forward_with_a_cache(tiny_model, tiny_greedy):
 def test_sample_keeps_the_training_demo_signature(tiny_model, tiny_greedy):
   prompt, new = tiny_greedy
   stop = new[3]
-  assert gen.sample(tiny_model, prompt, max_new_tokens=7, stop_token=stop) == new[:new.index(stop)]
+  assert gen.sample(tiny_model, prompt, max_new_tokens=7, stop_token=stop) == new[: new.index(stop)]
   hot = gen.sample(tiny_model, prompt, max_new_tokens=7, temperature=1.0, seed=3)
   assert len(hot) == 7 and hot == gen.sample(tiny_model, prompt, max_new_tokens=7, temperature=1.0, seed=3)
 
@@ -169,8 +169,9 @@ def test_cache_sizes_from_shapes():
   assert cache_values_per_token_per_layer(cfg, "latent") == cfg.kv_lora_rank + cfg.qk_rope_head_dim == 24
   k2_cache = jax.eval_shape(lambda: gen.init_cache(k2, batch=1, max_len=1, kind="latent"))
   assert jax.tree.map(lambda a: a.shape, k2_cache) == {
-      "dense_layers": {"latent": (1, 1, 1, 512), "rope": (1, 1, 1, 64)},
-      "moe_layers": {"latent": (60, 1, 1, 512), "rope": (60, 1, 1, 64)}}
+    "dense_layers": {"latent": (1, 1, 1, 512), "rope": (1, 1, 1, 64)},
+    "moe_layers": {"latent": (60, 1, 1, 512), "rope": (60, 1, 1, 64)},
+  }
 
 
 def test_stop_tokens_and_streaming(hf_model, hf_generate):
@@ -204,8 +205,9 @@ def test_sampling_filters():
   np.testing.assert_allclose(freqs(gen.Sampling(temperature=1.0, top_k=2)), [0.625, 0.375, 0, 0], atol=0.03)
   # top_p 0.7: 0.5 alone is short of 0.7, so 0.3 joins; 0.8 ≥ 0.7 stops there.
   np.testing.assert_allclose(freqs(gen.Sampling(temperature=1.0, top_p=0.7)), [0.625, 0.375, 0, 0], atol=0.03)
-  np.testing.assert_allclose(freqs(gen.Sampling(temperature=1.0, top_k=3, top_p=0.95)),
-                             [0.5 / 0.95, 0.3 / 0.95, 0.15 / 0.95, 0], atol=0.03)
+  np.testing.assert_allclose(
+    freqs(gen.Sampling(temperature=1.0, top_k=3, top_p=0.95)), [0.5 / 0.95, 0.3 / 0.95, 0.15 / 0.95, 0], atol=0.03
+  )
   hot = freqs(gen.Sampling(temperature=100.0))
   assert hot.min() > 0.2  # near uniform
   with pytest.raises(ValueError, match="top_p"):
@@ -220,14 +222,17 @@ def test_seeded_sampling_is_reproducible(hf_model, hf_generate):
   assert first != gen.generate(hf_model, prompts, **{**options, "seed": 12})
 
 
-@pytest.mark.parametrize("prompts, kwargs, message", [
+@pytest.mark.parametrize(
+  "prompts, kwargs, message",
+  [
     ([], {}, "no prompts"),
     ([[1, 2], []], {}, "prompt 1 is empty"),
     ([[1, 300]], {}, r"token id 300 at position \(0, 1\) is outside the vocabulary \[0, 256\)"),
     ([[1, -3]], {}, "token id -3"),
     ([list(range(10))], {"max_len": 12}, r"prompt 0 has 10 tokens; .* needs a cache of 14 > 12"),
     ([[1]], {"max_len": 200_000}, "max_position_embeddings"),
-])
+  ],
+)
 def test_bad_input_is_explained(hf_model, prompts, kwargs, message):
   with pytest.raises(ValueError, match=message):
     gen.generate(hf_model, prompts, max_new_tokens=4, **kwargs)
@@ -255,8 +260,13 @@ def tiny_checkpoint(tmp_path_factory, tiny_model):
 
 
 def run_cli(*args):
-  return subprocess.run([sys.executable, "-m", "kimi_jax.generate", *args], capture_output=True, text=True,
-                        env={**os.environ, "JAX_PLATFORMS": "cpu"}, timeout=300)
+  return subprocess.run(
+    [sys.executable, "-m", "kimi_jax.generate", *args],
+    capture_output=True,
+    text=True,
+    env={**os.environ, "JAX_PLATFORMS": "cpu"},
+    timeout=300,
+  )
 
 
 @pytest.mark.slow
@@ -264,8 +274,18 @@ def test_cli_tokens_on_the_converted_fixture(converted, hf_generate, tmp_path):
   prompts = tmp_path / "prompts.npy"
   np.save(prompts, hf_generate["prompts"])  # [3, 12], rows right-padded with -1
   out = tmp_path / "out.npy"
-  result = run_cli("--checkpoint", converted, "--prompt_tokens", str(prompts), "--max_new_tokens", "24",
-                   "--dtype", "float32", "--out", str(out))
+  result = run_cli(
+    "--checkpoint",
+    converted,
+    "--prompt_tokens",
+    str(prompts),
+    "--max_new_tokens",
+    "24",
+    "--dtype",
+    "float32",
+    "--out",
+    str(out),
+  )
   assert result.returncode == 0, result.stderr
   got = np.load(out)
   for row, want in enumerate(hf_generate["tokens"]):  # the fixture's EOS (2) is the default stop token
@@ -277,8 +297,22 @@ def test_cli_tokens_on_the_converted_fixture(converted, hf_generate, tmp_path):
 @pytest.mark.slow
 def test_cli_text_and_chat(tiny_checkpoint, tiny_greedy):
   ckpt, ranks = tiny_checkpoint
-  result = run_cli("--checkpoint", ckpt, "--prompt", "Hi", "--max_new_tokens", "6", "--temperature", "0.7",
-                   "--top_k", "20", "--top_p", "0.9", "--cache", "expanded")
+  result = run_cli(
+    "--checkpoint",
+    ckpt,
+    "--prompt",
+    "Hi",
+    "--max_new_tokens",
+    "6",
+    "--temperature",
+    "0.7",
+    "--top_k",
+    "20",
+    "--top_p",
+    "0.9",
+    "--cache",
+    "expanded",
+  )
   assert result.returncode == 0, result.stderr
   assert result.stdout.startswith("Hi") and "tokens/s" in result.stdout
   result = run_cli("--checkpoint", ckpt, "--tokenizer", ranks, "--chat", "--prompt", "Hi", "--max_new_tokens", "4")

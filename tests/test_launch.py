@@ -30,8 +30,13 @@ print("devices", jax.device_count(), "local", jax.local_device_count(), "psum", 
 def _launch_local(tmp_path, script, *flags):
   path = tmp_path / "script.py"
   path.write_text(textwrap.dedent(script))
-  return subprocess.run([sys.executable, "-m", "launch.local", *flags, "--", str(path)], cwd=REPO,
-                        capture_output=True, text=True, timeout=300)
+  return subprocess.run(
+    [sys.executable, "-m", "launch.local", *flags, "--", str(path)],
+    cwd=REPO,
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
 
 
 def test_local_psum_over_two_processes(tmp_path):
@@ -55,18 +60,27 @@ def test_local_failure_stops_the_others(tmp_path):
 
 
 def test_local_process_env():
-  env = local.process_env({"XLA_FLAGS": "--xla_force_host_platform_device_count=2 --xla_dump_to=/tmp/d",
-                           "HOME": "/h"}, 1, 2, 4, 1234, ["A=x=y"])
+  env = local.process_env(
+    {"XLA_FLAGS": "--xla_force_host_platform_device_count=2 --xla_dump_to=/tmp/d", "HOME": "/h"},
+    1,
+    2,
+    4,
+    1234,
+    ["A=x=y"],
+  )
   assert env["XLA_FLAGS"] == "--xla_dump_to=/tmp/d --xla_force_host_platform_device_count=4"
   assert (env["KIMI_COORDINATOR"], env["KIMI_NUM_PROCESSES"], env["KIMI_PROCESS_ID"]) == ("127.0.0.1:1234", "2", "1")
   assert (env["JAX_PLATFORMS"], env["JAX_CPU_COLLECTIVES_IMPLEMENTATION"], env["A"], env["HOME"]) == (
-      "cpu", "gloo", "x=y", "/h")
+    "cpu",
+    "gloo",
+    "x=y",
+    "/h",
+  )
 
 
 def test_distributed_plan():
   explicit = {"KIMI_COORDINATOR": "10.0.0.1:1234", "KIMI_NUM_PROCESSES": "4", "KIMI_PROCESS_ID": "2"}
-  assert distributed.plan(explicit) == {"coordinator_address": "10.0.0.1:1234", "num_processes": 4,
-                                        "process_id": 2}
+  assert distributed.plan(explicit) == {"coordinator_address": "10.0.0.1:1234", "num_processes": 4, "process_id": 2}
   assert distributed.plan({**explicit, "KIMI_LOCAL_DEVICE_IDS": "0,1"})["local_device_ids"] == [0, 1]
   assert distributed.plan({}) is None
   assert distributed.plan({"KIMI_DISTRIBUTED": "auto"}) == {}
@@ -95,22 +109,61 @@ def _flag(argv, name):
 
 
 def test_tpu_dry_run(capsys):
-  argv = ["--name", "k2", "--project", "my-proj", "--zone", "us-east5-a", "--accelerator", "v5p-256",
-          "--capacity", "spot", "--env", "WANDB_NAME=a run"]
+  argv = [
+    "--name",
+    "k2",
+    "--project",
+    "my-proj",
+    "--zone",
+    "us-east5-a",
+    "--accelerator",
+    "v5p-256",
+    "--capacity",
+    "spot",
+    "--env",
+    "WANDB_NAME=a run",
+  ]
   steps, _ = _dry_run(tpu.main, argv, capsys)
   assert list(steps) == list(tpu.STEPS)
   assert shlex.split(steps["create"]) == [
-      "gcloud", "compute", "tpus", "queued-resources", "create", "k2", "--node-id=k2", "--project=my-proj",
-      "--zone=us-east5-a", "--accelerator-type=v5p-256", "--runtime-version=v2-alpha-tpuv5", "--spot"]
+    "gcloud",
+    "compute",
+    "tpus",
+    "queued-resources",
+    "create",
+    "k2",
+    "--node-id=k2",
+    "--project=my-proj",
+    "--zone=us-east5-a",
+    "--accelerator-type=v5p-256",
+    "--runtime-version=v2-alpha-tpuv5",
+    "--spot",
+  ]
   assert "$(gcloud compute tpus queued-resources describe k2 --project=my-proj --zone=us-east5-a" in steps["wait"]
   run = shlex.split(steps["run"])
-  assert run[:9] == ["gcloud", "compute", "tpus", "tpu-vm", "ssh", "k2", "--project=my-proj", "--zone=us-east5-a",
-                     "--worker=all"]
+  assert run[:9] == [
+    "gcloud",
+    "compute",
+    "tpus",
+    "tpu-vm",
+    "ssh",
+    "k2",
+    "--project=my-proj",
+    "--zone=us-east5-a",
+    "--worker=all",
+  ]
   remote = shlex.split(_flag(run, "command"))  # what the workers' shell sees
-  assert ["export", "KIMI_DISTRIBUTED=auto", "WANDB_NAME=a run", "&&", ".venv/bin/python", *TRAIN] == \
-      remote[remote.index("export"):remote.index("export") + 5 + len(TRAIN)]
-  assert shlex.split(steps["delete"])[4:] == ["delete", "k2", "--project=my-proj", "--zone=us-east5-a", "--force",
-                                              "--quiet"]
+  assert ["export", "KIMI_DISTRIBUTED=auto", "WANDB_NAME=a run", "&&", ".venv/bin/python", *TRAIN] == remote[
+    remote.index("export") : remote.index("export") + 5 + len(TRAIN)
+  ]
+  assert shlex.split(steps["delete"])[4:] == [
+    "delete",
+    "k2",
+    "--project=my-proj",
+    "--zone=us-east5-a",
+    "--force",
+    "--quiet",
+  ]
   assert "--worker=all" in shlex.split(steps["install"]) and "--worker=all" in shlex.split(steps["copy"])
 
 
@@ -121,8 +174,9 @@ case "$*" in *"$GCLOUD_FAIL_ON"*) exit 7;; esac
 """
 
 
-@pytest.mark.parametrize("state, fail_on, status", [("ACTIVE", "never", 0), ("ACTIVE", "kimi_jax.train", 7),
-                                                    ("FAILED", "never", 1)])
+@pytest.mark.parametrize(
+  "state, fail_on, status", [("ACTIVE", "never", 0), ("ACTIVE", "kimi_jax.train", 7), ("FAILED", "never", 1)]
+)
 def test_tpu_runs_steps_in_order(tmp_path, monkeypatch, capsys, state, fail_on, status):
   """The real (not dry-run) path against a fake gcloud: the order of calls, and delete after a failure."""
   bin_dir, log = tmp_path / "bin", tmp_path / "gcloud.log"
@@ -134,8 +188,22 @@ def test_tpu_runs_steps_in_order(tmp_path, monkeypatch, capsys, state, fail_on, 
   monkeypatch.setenv("GCLOUD_LOG", str(log))
   monkeypatch.setenv("QR_STATE", state)
   monkeypatch.setenv("GCLOUD_FAIL_ON", fail_on)
-  argv = ["--name", "k2", "--project", "p", "--zone", "z", "--accelerator", "v5p-8", "--poll_seconds", "0",
-          "--source", str(tmp_path / "src"), "--", *TRAIN]
+  argv = [
+    "--name",
+    "k2",
+    "--project",
+    "p",
+    "--zone",
+    "z",
+    "--accelerator",
+    "v5p-8",
+    "--poll_seconds",
+    "0",
+    "--source",
+    str(tmp_path / "src"),
+    "--",
+    *TRAIN,
+  ]
   assert tpu.main(argv) == status
   calls = [line.split()[2:4] for line in log.read_text().splitlines()]  # "compute tpus <group> <verb>"
   expected = [["queued-resources", "create"], ["queued-resources", "describe"], ["queued-resources", "describe"]]
@@ -145,21 +213,45 @@ def test_tpu_runs_steps_in_order(tmp_path, monkeypatch, capsys, state, fail_on, 
 
 
 def test_tpu_keep_and_steps(capsys):
-  argv = ["--name", "n", "--project", "p", "--zone", "z", "--accelerator", "v6e-64", "--steps", "run,create",
-          "--keep"]
+  argv = ["--name", "n", "--project", "p", "--zone", "z", "--accelerator", "v6e-64", "--steps", "run,create", "--keep"]
   steps, _ = _dry_run(tpu.main, argv, capsys)
   assert list(steps) == ["create", "run"]
   assert "--runtime-version=v2-alpha-tpuv6e" in shlex.split(steps["create"])
 
 
 def test_xpk_dry_run(capsys):
-  argv = ["--cluster", "c1", "--workload", "k2-run", "--project", "p", "--zone", "us-east5-a", "--tpu_type",
-          "v5p-256", "--num_slices", "2", "--env", "A=b c", "--steps", "create,logs,wait,delete"]
+  argv = [
+    "--cluster",
+    "c1",
+    "--workload",
+    "k2-run",
+    "--project",
+    "p",
+    "--zone",
+    "us-east5-a",
+    "--tpu_type",
+    "v5p-256",
+    "--num_slices",
+    "2",
+    "--env",
+    "A=b c",
+    "--steps",
+    "create,logs,wait,delete",
+  ]
   steps, _ = _dry_run(xpk.main, argv, capsys)
   create = shlex.split(steps["create"])
   assert create[:3] == ["xpk", "workload", "create"]
-  for flag in ("--cluster=c1", "--workload=k2-run", "--tpu-type=v5p-256", "--num-slices=2", "--project=p",
-               "--zone=us-east5-a", "--script-dir=.", "--env=KIMI_DISTRIBUTED=auto", "--env=A=b c"):
+  for flag in (
+    "--cluster=c1",
+    "--workload=k2-run",
+    "--tpu-type=v5p-256",
+    "--num-slices=2",
+    "--project=p",
+    "--zone=us-east5-a",
+    "--script-dir=.",
+    "--env=KIMI_DISTRIBUTED=auto",
+    "--env=A=b c",
+  ):
     assert flag in create
   assert shlex.split(_flag(create, "command")) == ["pip", "install", "-e", ".[tpu]", "&&", "python3", *TRAIN]
   assert "--location=us-east5" in shlex.split(steps["logs"])
@@ -170,8 +262,18 @@ def test_xpk_dry_run(capsys):
 
 def test_slurm_dry_run_and_script(tmp_path, capsys):
   script = tmp_path / "job dir" / "k2.sbatch"
-  argv = ["--nodes", "4", "--partition", "gpu", "--time", "24:00:00", "--setup", "source .venv/bin/activate",
-          "--script", str(script)]
+  argv = [
+    "--nodes",
+    "4",
+    "--partition",
+    "gpu",
+    "--time",
+    "24:00:00",
+    "--setup",
+    "source .venv/bin/activate",
+    "--script",
+    str(script),
+  ]
   steps, _ = _dry_run(slurm.main, [*argv, "--steps", "submit"], capsys)
   assert shlex.split(steps["submit"]) == ["sbatch", str(script)]
   # The script step really runs (bash writes the file); submitting needs a cluster.
@@ -183,10 +285,13 @@ def test_slurm_dry_run_and_script(tmp_path, capsys):
   assert shlex.split(lines[-1]) == ["srun", "--label", "--kill-on-bad-exit=1", "python", *TRAIN]
 
 
-@pytest.mark.parametrize("argv, message", [
+@pytest.mark.parametrize(
+  "argv, message",
+  [
     (["--num_processes", "2"], "give the python arguments after '--'"),
     (["--num_processes", "2", "--env", "1A=x", "--", "x.py"], "expected KEY=VALUE"),
-])
+  ],
+)
 def test_local_bad_arguments(argv, message, capsys):
   with pytest.raises(SystemExit):
     local.main(argv)

@@ -13,13 +13,13 @@ import os
 import subprocess
 import sys
 
+from flax import nnx
 import jax
 import jax.numpy as jnp
-import numpy as np
-import pytest
-from flax import nnx
 from jax.sharding import AbstractMesh, NamedSharding
 from jax.sharding import PartitionSpec as P
+import numpy as np
+import pytest
 
 from kimi_jax import generate as gen
 from kimi_jax import sharding
@@ -102,8 +102,9 @@ def eight_devices(tmp_path_factory) -> dict:
   ckpt = HFCheckpoint(FIXTURE)
   cfg = ckpt.config(dtype="float32", param_dtype="float32")
   save_model(str(work / "ckpt"), cfg.replace(moe_capacity_factor=0.5), load_state(ckpt, cfg))
-  out = subprocess.run([sys.executable, __file__, str(work)], capture_output=True, text=True, env=EIGHT_DEVICES,
-                       timeout=600, check=False)
+  out = subprocess.run(
+    [sys.executable, __file__, str(work)], capture_output=True, text=True, env=EIGHT_DEVICES, timeout=600, check=False
+  )
   assert out.returncode == 0, out.stderr[-4000:]
   return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -132,18 +133,30 @@ def test_clis_match_one_device(eight_devices):
 
 # The 8-device side ---------------------------------------------------------------------------------------------
 
+
 def _start_clis(work: str) -> dict[str, subprocess.Popen]:
   """Starts the forward and generate CLIs (8 devices, as this process) on `work`/ckpt; they run alongside."""
   tokens, prompt = os.path.join(work, "t.npy"), os.path.join(work, "p.npy")
   np.save(tokens, _tokens(2))
   np.save(prompt, np.asarray(_prompts(1), np.int32))
   common = ["--checkpoint", os.path.join(work, "ckpt"), "--dtype", "float32", "--mesh", MESHES[0]]
-  args = {"forward": ["--tokens", tokens, "--out", os.path.join(work, "forward.npy")],
-          "generate": ["--prompt_tokens", prompt, "--max_new_tokens", str(NEW_TOKENS), "--out",
-                       os.path.join(work, "generate.npy")]}
-  return {name: subprocess.Popen([sys.executable, "-m", f"kimi_jax.{name}", *common, *a], stdout=subprocess.PIPE,
-                                 stderr=subprocess.PIPE, text=True)
-          for name, a in args.items()}
+  args = {
+    "forward": ["--tokens", tokens, "--out", os.path.join(work, "forward.npy")],
+    "generate": [
+      "--prompt_tokens",
+      prompt,
+      "--max_new_tokens",
+      str(NEW_TOKENS),
+      "--out",
+      os.path.join(work, "generate.npy"),
+    ],
+  }
+  return {
+    name: subprocess.Popen(
+      [sys.executable, "-m", f"kimi_jax.{name}", *common, *a], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    for name, a in args.items()
+  }
 
 
 def _cli_results(runs: dict[str, subprocess.Popen], work: str, ref: dict) -> dict:
@@ -180,13 +193,15 @@ def _main(work: str) -> None:
     got["sampled_equal"] = gen.generate(model, _prompts(2), mesh=mesh, **SAMPLED) == ref["sampled"]
     # The prefill `generate` ran (same inputs and shardings, so no new compile): its cache's B is split like the batch.
     tokens, lengths, max_len = gen.pack_prompts(_prompts(1), model.cfg, NEW_TOKENS)
-    inputs = jax.device_put(sharding.pad_batch((tokens, lengths), 8),
-                            (sharding.batch_sharding(mesh, 2), sharding.batch_sharding(mesh, 1)))
+    inputs = jax.device_put(
+      sharding.pad_batch((tokens, lengths), 8), (sharding.batch_sharding(mesh, 2), sharding.batch_sharding(mesh, 1))
+    )
     with sharding.use_mesh(mesh):
       _, state = gen.prefill(model, *inputs, max_len=max_len)
     cache = state.cache["moe_layers"]["latent"]  # [L, B, T, Ckv]
     got["cache_split_like_batch"] = cache.sharding.is_equivalent_to(
-        NamedSharding(mesh, P(None, sharding.BATCH_AXES)), cache.ndim)
+      NamedSharding(mesh, P(None, sharding.BATCH_AXES)), cache.ndim
+    )
     gate = model.moe_layers.mlp.experts.gate[...]  # [L, E, D, F]
     got["params_split_8_ways"] = gate.addressable_shards[0].data.size * 8 == gate.size
     results[spec] = got

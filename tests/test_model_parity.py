@@ -2,11 +2,11 @@
 
 import os
 
+from flax import nnx
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
 
 from kimi_jax.checkpoint.hf import HFCheckpoint, load_state
 from kimi_jax.layers.rope import apply_rope, rope_attention_scaling, rope_cos_sin, yarn_inv_freq
@@ -98,8 +98,9 @@ def test_router_selection_and_weights(loaded, ref, i):
   weights, idx = router(tokens)
   order = np.argsort(np.asarray(idx), axis=-1)
   np.testing.assert_array_equal(np.take_along_axis(np.asarray(idx), order, -1), ref[f"layer{i}_topk_idx"])
-  np.testing.assert_allclose(np.take_along_axis(np.asarray(weights), order, -1), ref[f"layer{i}_topk_weight"],
-                             rtol=1e-5)
+  np.testing.assert_allclose(
+    np.take_along_axis(np.asarray(weights), order, -1), ref[f"layer{i}_topk_weight"], rtol=1e-5
+  )
   # The bias must matter in this fixture, or the test above would not see a selection-only bug.
   assert float(ref["bias_changed_fraction"]) >= 0.3
 
@@ -125,7 +126,7 @@ def test_moe_impls_agree_in_values_and_gradients(loaded, ref):
     model = build(cfg, state, moe_impl=impl)
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
 
-    def loss(params):
+    def loss(params, graphdef=graphdef, rest=rest):
       logits, _ = nnx.merge(graphdef, params, rest)(tokens)
       return jnp.mean(jax.nn.logsumexp(logits, -1) - logits[..., 0])
 

@@ -1,11 +1,11 @@
 """moe_seq_chunk: the MoE run over the sequence in pieces (to bound dispatch buffers at long context) gives the
 whole-sequence model's logits, gradients and expert statistics."""
 
+from flax import nnx
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
 
 from kimi_jax.config import tiny
 from kimi_jax.model import KimiK2
@@ -19,7 +19,7 @@ def loss_and_grads(cfg):
 
   def loss(params):
     logits, aux = nnx.merge(graphdef, params, rest)(TOKENS, segment_ids=SEGMENTS)
-    return jnp.mean(logits ** 2), (logits, aux)
+    return jnp.mean(logits**2), (logits, aux)
 
   (_, (logits, aux)), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(params)
   return logits, aux, grads

@@ -8,8 +8,8 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from kimi_jax.layers.experts import routed_experts
 from kimi_jax.backend import target_platform
+from kimi_jax.layers.experts import routed_experts
 
 os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 T, D, F, K = 1024, 512, 256, 8  # tokens, model, expert hidden, top-k
@@ -20,9 +20,14 @@ def compiled_flops(impl: str, num_experts: int) -> float:
 
   device = topologies.get_topology_desc("v5p:2x2x1", "tpu").devices[0]
   spec = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype, sharding=jax.sharding.SingleDeviceSharding(device))
-  args = (spec((T, D), jnp.bfloat16), spec((T, K), jnp.int32), spec((T, K), jnp.float32),
-          spec((num_experts, D, F), jnp.bfloat16), spec((num_experts, D, F), jnp.bfloat16),
-          spec((num_experts, F, D), jnp.bfloat16))
+  args = (
+    spec((T, D), jnp.bfloat16),
+    spec((T, K), jnp.int32),
+    spec((T, K), jnp.float32),
+    spec((num_experts, D, F), jnp.bfloat16),
+    spec((num_experts, D, F), jnp.bfloat16),
+    spec((num_experts, F, D), jnp.bfloat16),
+  )
   with target_platform("tpu"), jax.default_matmul_precision("default"):  # bf16 TPU matmuls need DEFAULT
     compiled = jax.jit(lambda *a: routed_experts(*a, impl=impl)[0]).trace(*args).lower().compile()
   cost = compiled.cost_analysis()

@@ -9,10 +9,23 @@ import sys
 import pytest
 
 ROOT = os.path.join(os.path.dirname(__file__), "..")
-TRAIN = ["-m", "kimi_jax.train", "--config", os.path.join(ROOT, "configs", "tiny.py"), "--config.steps=4",
-         "--config.log_every=1", "--config.checkpoint_every=4", "--config.sample_tokens=0", "--config.batch_size=8",
-         "--config.seq_len=32", "--config.data_shards=2", "--config.mesh=fsdp=2,expert=4",
-         "--config.model.dtype=float32", "--config.model.hidden_size=64", "--config.model.num_hidden_layers=2"]
+TRAIN = [
+  "-m",
+  "kimi_jax.train",
+  "--config",
+  os.path.join(ROOT, "configs", "tiny.py"),
+  "--config.steps=4",
+  "--config.log_every=1",
+  "--config.checkpoint_every=4",
+  "--config.sample_tokens=0",
+  "--config.batch_size=8",
+  "--config.seq_len=32",
+  "--config.data_shards=2",
+  "--config.mesh=fsdp=2,expert=4",
+  "--config.model.dtype=float32",
+  "--config.model.hidden_size=64",
+  "--config.model.num_hidden_layers=2",
+]
 
 
 def losses(workdir):
@@ -23,12 +36,33 @@ def losses(workdir):
 @pytest.mark.slow
 def test_two_processes_match_one(tmp_path):
   env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-  one = subprocess.run([sys.executable, *TRAIN, "--workdir", str(tmp_path / "one")], capture_output=True,
-                       text=True, env={**env, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}, cwd=ROOT)
+  one = subprocess.run(
+    [sys.executable, *TRAIN, "--workdir", str(tmp_path / "one")],
+    capture_output=True,
+    text=True,
+    env={**env, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"},
+    cwd=ROOT,
+  )
   assert one.returncode == 0, one.stderr[-3000:]
-  two = subprocess.run([sys.executable, "-m", "launch.local", "--num_processes", "2", "--devices_per_process", "4",
-                        "--", *TRAIN, "--workdir", str(tmp_path / "two")], capture_output=True, text=True, env=env,
-                       cwd=ROOT)
+  two = subprocess.run(
+    [
+      sys.executable,
+      "-m",
+      "launch.local",
+      "--num_processes",
+      "2",
+      "--devices_per_process",
+      "4",
+      "--",
+      *TRAIN,
+      "--workdir",
+      str(tmp_path / "two"),
+    ],
+    capture_output=True,
+    text=True,
+    env=env,
+    cwd=ROOT,
+  )
   assert two.returncode == 0, (two.stdout + two.stderr)[-3000:]
   a, b = losses(tmp_path / "one"), losses(tmp_path / "two")
   assert len(a) == len(b) == 4

@@ -25,14 +25,14 @@ def ref():
 def run(ref, ns_dtype, nesterov=True):
   """{leaf: [T, ...] params after each step} for muon_clip fed the fixture's gradients."""
   tx = muon_clip(
-      float(ref["lr"]),
-      weight_decay=float(ref["weight_decay"]),
-      momentum=float(ref["momentum"]),
-      nesterov=nesterov,
-      ns_dtype=ns_dtype,
-      adam_b1=float(ref["adam_b1"]),
-      adam_b2=float(ref["adam_b2"]),
-      qk_clip_tau=None,
+    float(ref["lr"]),
+    weight_decay=float(ref["weight_decay"]),
+    momentum=float(ref["momentum"]),
+    nesterov=nesterov,
+    ns_dtype=ns_dtype,
+    adam_b1=float(ref["adam_b1"]),
+    adam_b2=float(ref["adam_b2"]),
+    qk_clip_tau=None,
   )
   names = ("tall", "wide", "vec")
   params = {n: jnp.asarray(ref[f"{n}_w0"]) for n in names}

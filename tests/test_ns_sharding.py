@@ -1,7 +1,7 @@
 """spread_layout: where Newton–Schulz runs on a mesh (kimi_jax/optim/ns_sharding.py)."""
 
-import pytest
 from jax.sharding import PartitionSpec as P
+import pytest
 
 from kimi_jax.optim.ns_sharding import moved_spec, spread_layout
 
@@ -36,7 +36,9 @@ def test_padding_limit():
   # 7 layers over 4 devices needs 8 (14 % padding): refused at the default 12.5 %, taken at 20 %.
   assert spread_layout((7, 16, 32), P(None, "fsdp", None), {"fsdp": 4})[1] == P(None, "fsdp", None)
   assert spread_layout((7, 16, 32), P(None, "fsdp", None), {"fsdp": 4}, max_padding=0.2) == (
-      (8, 16, 32), P("fsdp", None, None))
+    (8, 16, 32),
+    P("fsdp", None, None),
+  )
 
 
 def test_moved_spec_follows_moveaxis():

@@ -109,21 +109,21 @@ def test_scale_by_muon_custom_axes():
 
 def test_default_muon_dims_rule():
   params = {
-      "tok_embeddings": jnp.zeros((10, 4)),
-      "lm_head": {"kernel": jnp.zeros((4, 10))},
-      "layers": {
-          "attn_norm": {"scale": jnp.zeros((2, 4))},
-          "proj": {"kernel": jnp.zeros((2, 4, 4)), "bias": jnp.zeros((2, 4))},
-      },
-      "w": jnp.zeros((4, 4)),
-      "v": jnp.zeros(4),
+    "tok_embeddings": jnp.zeros((10, 4)),
+    "lm_head": {"kernel": jnp.zeros((4, 10))},
+    "layers": {
+      "attn_norm": {"scale": jnp.zeros((2, 4))},
+      "proj": {"kernel": jnp.zeros((2, 4, 4)), "bias": jnp.zeros((2, 4))},
+    },
+    "w": jnp.zeros((4, 4)),
+    "v": jnp.zeros(4),
   }
   assert optim.default_muon_dims(params) == {
-      "tok_embeddings": None,
-      "lm_head": {"kernel": None},
-      "layers": {"attn_norm": {"scale": None}, "proj": {"kernel": (-2, -1), "bias": None}},
-      "w": (-2, -1),
-      "v": None,
+    "tok_embeddings": None,
+    "lm_head": {"kernel": None},
+    "layers": {"attn_norm": {"scale": None}, "proj": {"kernel": (-2, -1), "bias": None}},
+    "w": (-2, -1),
+    "v": None,
   }
 
 
@@ -184,18 +184,18 @@ def kimi_params(D=32, L_dense=1, L_moe=2, H=4, Cq=16, Ckv=8, Dn=8, Dr=4, Dv=8, F
 
   def stack(L, mlp):
     return {
-        "attn_norm": {"scale": jnp.ones((L, D))},
-        "mlp_norm": {"scale": jnp.ones((L, D))},
-        "attn": {
-            "q_a": {"kernel": w(L, D, Cq)},
-            "q_a_norm": {"scale": jnp.ones((L, Cq))},
-            "q_b": {"kernel": w(L, Cq, H * (Dn + Dr))},
-            "kv_a": {"kernel": w(L, D, Ckv + Dr)},
-            "kv_a_norm": {"scale": jnp.ones((L, Ckv))},
-            "kv_b": {"kernel": w(L, Ckv, H * (Dn + Dv))},
-            "o": {"kernel": w(L, H * Dv, D)},
-        },
-        "mlp": mlp,
+      "attn_norm": {"scale": jnp.ones((L, D))},
+      "mlp_norm": {"scale": jnp.ones((L, D))},
+      "attn": {
+        "q_a": {"kernel": w(L, D, Cq)},
+        "q_a_norm": {"scale": jnp.ones((L, Cq))},
+        "q_b": {"kernel": w(L, Cq, H * (Dn + Dr))},
+        "kv_a": {"kernel": w(L, D, Ckv + Dr)},
+        "kv_a_norm": {"scale": jnp.ones((L, Ckv))},
+        "kv_b": {"kernel": w(L, Ckv, H * (Dn + Dv))},
+        "o": {"kernel": w(L, H * Dv, D)},
+      },
+      "mlp": mlp,
     }
 
   def ffn(L, hidden):
@@ -217,12 +217,12 @@ def test_kimi_muon_dims_routes_the_table_and_agrees_with_the_default():
   flat = dict(zip(optim._tree.leaf_paths(params), optim.resolve_muon_dims(params, optim.kimi_muon_dims)))
   adamw = sorted(p for p, d in flat.items() if d is None)
   assert adamw == sorted(
-      ["embed/embedding", "final_norm/scale", "lm_head/kernel"]
-      + [
-          f"{stack}/{norm}/scale"
-          for stack in ("dense_layers", "moe_layers")
-          for norm in ("attn_norm", "mlp_norm", "attn/q_a_norm", "attn/kv_a_norm")
-      ]
+    ["embed/embedding", "final_norm/scale", "lm_head/kernel"]
+    + [
+      f"{stack}/{norm}/scale"
+      for stack in ("dense_layers", "moe_layers")
+      for norm in ("attn_norm", "mlp_norm", "attn/q_a_norm", "attn/kv_a_norm")
+    ]
   )
   assert flat["moe_layers/mlp/experts/gate"] == (2, 3) and flat["moe_layers/mlp/router/kernel"] == (1, 2)
   assert dims == optim.default_muon_dims(params)
@@ -244,8 +244,8 @@ def test_kimi_muon_clip_step():
   H, Dn, Dr, Dv, tau = 4, 8, 4, 8, 1.0
   params = kimi_params()
   max_logits = {
-      "moe_layers": jnp.array([[0.5, 2.0, 1.0, 4.0], [3.0, 0.1, 0.2, 0.3]]),
-      "dense_layers": jnp.array([[2.0, 0.5, 0.5, 0.5]]),
+    "moe_layers": jnp.array([[0.5, 2.0, 1.0, 4.0], [3.0, 0.1, 0.2, 0.3]]),
+    "dense_layers": jnp.array([[2.0, 0.5, 0.5, 0.5]]),
   }
   grads = jax.tree.map(jnp.ones_like, params)
   tx = optim.muon_clip(0.0, muon_dims=optim.kimi_muon_dims, qk_clip=optim.kimi_qk_clip(H, Dn, Dr, Dv), qk_clip_tau=tau)

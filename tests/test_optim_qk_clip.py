@@ -70,8 +70,8 @@ def test_mha_gqa_clip_lands_on_tau(G):
   rng = np.random.default_rng(0)
   head_gain = np.repeat(np.array([0.5, 1.5, 0.7, 2.0], np.float32), Dh)  # spread the heads' logits
   params = {
-      "attn": {"q": rand(rng, L, D, H * Dh) * head_gain, "k": rand(rng, L, D, G * Dh), "o": rand(rng, L, H * Dh, D)},
-      "norm": {"scale": np.ones((L, D), np.float32)},
+    "attn": {"q": rand(rng, L, D, H * Dh) * head_gain, "k": rand(rng, L, D, G * Dh), "o": rand(rng, L, H * Dh, D)},
+    "norm": {"scale": np.ones((L, D), np.float32)},
   }
   x = rng.standard_normal((L, S, D))
   before = mha_max_logits(params["attn"], x, G, Dh)
@@ -99,12 +99,12 @@ def test_mla_clip_lands_on_tau(layer_axis):
   rng = np.random.default_rng(1)
   head_gain = np.repeat(np.array([0.4, 1.0, 1.6, 2.2], np.float32), Dn + Dr)
   params = {
-      "attn": {
-          "q_b": rand(rng, L, Cq, H * (Dn + Dr)) * head_gain,
-          "kv_a": rand(rng, L, D, Ckv + Dr),
-          "kv_b": rand(rng, L, Ckv, H * (Dn + Dv)),
-      },
-      "embed": {"embedding": rand(rng, 20, D)},
+    "attn": {
+      "q_b": rand(rng, L, Cq, H * (Dn + Dr)) * head_gain,
+      "kv_a": rand(rng, L, D, Ckv + Dr),
+      "kv_b": rand(rng, L, Ckv, H * (Dn + Dv)),
+    },
+    "embed": {"embedding": rand(rng, 20, D)},
   }
   c_q, x = rng.standard_normal((L, S, Cq)), rng.standard_normal((L, S, D))
   if not layer_axis:  # one layer: kernels [X, Y], logits [H]
@@ -114,7 +114,7 @@ def test_mla_clip_lands_on_tau(layer_axis):
   clipped = before > tau
   assert clipped.any() and not clipped.all()
   rule = optim.mla_qk_clip(
-      "attn/q_b", "attn/kv_b", num_heads=H, qk_nope_head_dim=Dn, qk_rope_head_dim=Dr, v_head_dim=Dv
+    "attn/q_b", "attn/kv_b", num_heads=H, qk_nope_head_dim=Dn, qk_rope_head_dim=Dr, v_head_dim=Dv
   )
   new = clip_only_step(params, {"mla": rule}, {"mla": jnp.asarray(before, jnp.float32)}, tau)
 

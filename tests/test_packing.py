@@ -39,17 +39,23 @@ def test_document_logits_do_not_depend_on_packed_neighbours():
   for n, (b, s) in enumerate(where):
     doc = batch.inputs[b][seg[b] == s]
     assert doc[0] == TOK.bos_id and doc[-1] == TOK.eos_id, "whole documents"
-    alone[n, :len(doc)], alone_seg[n, :len(doc)] = doc, 1
+    alone[n, : len(doc)], alone_seg[n, : len(doc)] = doc, 1
   alone_pos = np.where(alone_seg > 0, np.arange(S), 0)
-  logits = np.asarray(logits_fn(
-      model, np.concatenate([batch.inputs, alone, batch.inputs]), np.concatenate([pos, alone_pos, pos]),
-      np.concatenate([seg, alone_seg, (seg > 0).astype(np.int32)]).astype(np.int32)))  # [B + N + B, S, V]
+  logits = np.asarray(
+    logits_fn(
+      model,
+      np.concatenate([batch.inputs, alone, batch.inputs]),
+      np.concatenate([pos, alone_pos, pos]),
+      np.concatenate([seg, alone_seg, (seg > 0).astype(np.int32)]).astype(np.int32),
+    )
+  )  # [B + N + B, S, V]
   packed, single, leaky = logits[:B], logits[B:-B], logits[-B:]
 
   leak = 0.0
   for n, (b, s) in enumerate(where):
     mask = seg[b] == s
-    np.testing.assert_allclose(packed[b][mask], single[n][:mask.sum()], rtol=1e-5, atol=1e-5,
-                               err_msg=f"row {b}, segment {s}")
-    leak = max(leak, np.abs(leaky[b][mask] - single[n][:mask.sum()]).max())
+    np.testing.assert_allclose(
+      packed[b][mask], single[n][: mask.sum()], rtol=1e-5, atol=1e-5, err_msg=f"row {b}, segment {s}"
+    )
+    leak = max(leak, np.abs(leaky[b][mask] - single[n][: mask.sum()]).max())
   assert leak > 1e-3, "the control (attention across documents) must change the logits"

@@ -15,7 +15,7 @@ from kimi_jax.tools.plan import run_report
 from kimi_jax.train import train
 from kimi_jax.train_config import base_config, load_run_config, model_config
 
-PLAIN_SCALE = 192 ** -0.5
+PLAIN_SCALE = 192**-0.5
 K2_YARN_SCALE = 0.1308608  # transformers' DeepseekV3 `scaling` for K2 (tests/reference/README.md)
 TOKENS_67M = 67_108_864
 
@@ -25,8 +25,12 @@ def report(name):
 
 
 def test_plan_cli_reports_plain_rope_for_k2_pretraining():
-  out = subprocess.run([sys.executable, "-m", "kimi_jax.tools.plan", "--config", "configs/kimi_k2.py", "--json"],
-                       check=True, capture_output=True, text=True).stdout
+  out = subprocess.run(
+    [sys.executable, "-m", "kimi_jax.tools.plan", "--config", "configs/kimi_k2.py", "--json"],
+    check=True,
+    capture_output=True,
+    text=True,
+  ).stdout
   got = json.loads(out.strip().splitlines()[-1])
   assert got["rope_scaling"] is None
   assert got["softmax_scale"] == pytest.approx(PLAIN_SCALE, rel=1e-12)
@@ -59,8 +63,15 @@ def test_anneal_then_long_context_continue_one_decay_to_7e_6():
 def test_long_context_stage_applies_yarn():
   got = report("kimi_k2_long")
   assert got["seq_len"] == 32768
-  assert got["rope_scaling"] == {"type": "yarn", "factor": 32.0, "beta_fast": 1.0, "beta_slow": 1.0, "mscale": 1.0,
-                                 "mscale_all_dim": 1.0, "original_max_position_embeddings": 4096}
+  assert got["rope_scaling"] == {
+    "type": "yarn",
+    "factor": 32.0,
+    "beta_fast": 1.0,
+    "beta_slow": 1.0,
+    "mscale": 1.0,
+    "mscale_all_dim": 1.0,
+    "original_max_position_embeddings": 4096,
+  }
   assert got["softmax_scale"] == pytest.approx(K2_YARN_SCALE, rel=1e-6)
 
 
@@ -70,15 +81,16 @@ def test_stages_after_the_first_require_init_from(tmp_path):
     train(c, str(tmp_path))
 
 
-@pytest.mark.parametrize("mode, seq_len, expected", [("auto", 256, False), ("auto", 4096, False),
-                                                     ("auto", 4097, True), ("yarn", 256, True),
-                                                     ("none", 32768, False)])
+@pytest.mark.parametrize(
+  "mode, seq_len, expected",
+  [("auto", 256, False), ("auto", 4096, False), ("auto", 4097, True), ("yarn", 256, True), ("none", 32768, False)],
+)
 def test_rope_scaling_follows_the_run(mode, seq_len, expected):
   c = base_config("tiny")  # original_max_position_embeddings 4096, YaRN factor 32 in the weights' config
   c.update(rope_scaling=mode, seq_len=seq_len)
   cfg = model_config(c)
   assert cfg.use_yarn is expected and cfg.rope_factor == 32.0  # the weights' fields stay as released
-  assert cfg.softmax_scale == pytest.approx(cfg.qk_head_dim ** -0.5 * (1.3465736 ** 2 if expected else 1.0))
+  assert cfg.softmax_scale == pytest.approx(cfg.qk_head_dim**-0.5 * (1.3465736**2 if expected else 1.0))
 
 
 def test_rope_scaling_errors_name_the_field():
@@ -108,12 +120,24 @@ def test_training_records_and_reloads_the_runs_rope(tmp_path):
   from kimi_jax.checkpoint.model_io import load_any
 
   c = base_config("tiny")
-  c.model.update(hidden_size=32, intermediate_size=64, moe_intermediate_size=16, n_routed_experts=4,
-                 num_experts_per_tok=2, num_hidden_layers=2, q_lora_rank=16, kv_lora_rank=16, qk_nope_head_dim=8,
-                 qk_rope_head_dim=8, v_head_dim=8, num_attention_heads=2, vocab_size=260)
+  c.model.update(
+    hidden_size=32,
+    intermediate_size=64,
+    moe_intermediate_size=16,
+    n_routed_experts=4,
+    num_experts_per_tok=2,
+    num_hidden_layers=2,
+    q_lora_rank=16,
+    kv_lora_rank=16,
+    qk_nope_head_dim=8,
+    qk_rope_head_dim=8,
+    v_head_dim=8,
+    num_attention_heads=2,
+    vocab_size=260,
+  )
   c.update(steps=1, batch_size=2, seq_len=16, log_every=1, checkpoint_every=1, sample_tokens=0)
   train(c, str(tmp_path))
   saved = json.loads((tmp_path / "run_config.json").read_text())
   assert saved["model"]["use_yarn"] is False and saved["model"]["rope_factor"] == 32.0
   cfg, _ = load_any(str(tmp_path))
-  assert cfg.use_yarn is False and math.isclose(cfg.softmax_scale, cfg.qk_head_dim ** -0.5)
+  assert cfg.use_yarn is False and math.isclose(cfg.softmax_scale, cfg.qk_head_dim**-0.5)

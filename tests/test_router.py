@@ -27,11 +27,11 @@ def transformers_topk(scores, bias, cfg, fill):
   t, e = choice.shape
   grouped = choice.reshape(t, cfg.n_group, e // cfg.n_group)
   group_scores = np.sort(grouped, axis=-1)[..., -2:].sum(-1)  # sum of each group's best two
-  keep = np.argsort(-group_scores, axis=-1, kind="stable")[:, :cfg.topk_group]
+  keep = np.argsort(-group_scores, axis=-1, kind="stable")[:, : cfg.topk_group]
   mask = np.zeros((t, cfg.n_group), bool)
   np.put_along_axis(mask, keep, True, axis=-1)
   masked = np.where(np.repeat(mask, e // cfg.n_group, axis=-1), choice, fill)
-  return np.sort(np.argsort(-masked, axis=-1, kind="stable")[:, :cfg.num_experts_per_tok], axis=-1)
+  return np.sort(np.argsort(-masked, axis=-1, kind="stable")[:, : cfg.num_experts_per_tok], axis=-1)
 
 
 def sorted_route(scores, bias, cfg):

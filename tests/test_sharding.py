@@ -5,8 +5,8 @@ import os
 import subprocess
 import sys
 
-import pytest
 from flax import nnx
+import pytest
 
 from kimi_jax import config, sharding
 from kimi_jax.model_stats import abstract_model
@@ -35,8 +35,9 @@ def test_microbatching_equals_one_batch(sharded_results):
 
 def test_spread_newton_schulz_equals_one_device(sharded_results):
   """MuonClip on fsdp=2,expert=4 with Newton–Schulz spread over the mesh (XLA loop, or the Pallas kernel under
-  shard_map) lands where one device does (float32 NS), like XLA's own layout; the spread update of a stacked expert leaf has no all-reduce (whole matrices per
-  device) and fewer FLOPs per device, while XLA's layout all-reduces a Gram matrix every step."""
+  shard_map) lands where one device does (float32 NS), like XLA's own layout; the spread update of a stacked expert
+  leaf has no all-reduce (whole matrices per device) and fewer FLOPs per device, while XLA's layout all-reduces a
+  Gram matrix every step."""
   r = sharded_results["spread_ns"]
   assert r["step_size"] > 1e-4, r
   assert max(r["spread_vs_one_device"], r["xla_layout_vs_one_device"], r["spread_pallas_vs_one_device"]) <= 1e-5, r
@@ -55,8 +56,8 @@ def test_mesh_spec_parsing_and_errors():
 
 def test_indivisible_experts_and_batch_are_named():
   import jax
-  import numpy as np
   from jax.sharding import Mesh
+  import numpy as np
 
   devices = np.array(jax.devices() * 3)[:3].reshape(1, 1, 3, 1)  # 3 "devices" on the expert axis
   mesh = Mesh(devices, sharding.MESH_AXES)

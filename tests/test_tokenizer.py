@@ -12,19 +12,35 @@ import pytest
 import regex
 
 from kimi_jax.data import sources
-from kimi_jax.data.tokenizer import (KIMI_PATTERN, ByteTokenizer, KimiTokenizer, _pieces, load_tokenizer,
-                                     special_token_names)
+from kimi_jax.data.tokenizer import (
+  KIMI_PATTERN,
+  ByteTokenizer,
+  KimiTokenizer,
+  _pieces,
+  load_tokenizer,
+  special_token_names,
+)
 
-TRAINING_TEXT = (sources.load_corpus()[0][:6000]
-                 + "\n天地玄黄，宇宙洪荒。日月盈昃，辰宿列张。 123456 7890 it's THEY'RE naïve café\n")
+TRAINING_TEXT = (
+  sources.load_corpus()[0][:6000] + "\n天地玄黄，宇宙洪荒。日月盈昃，辰宿列张。 123456 7890 it's THEY'RE naïve café\n"
+)
 NUM_MERGES = 150
 
 # Kimi K2's documented special ids (KIMI_K2_FACTS.md "Tokenizer and chat format"): 163,584 ranks first.
 REAL_SPECIAL_IDS = {
-    "[BOS]": 163584, "[EOS]": 163585, "<|im_end|>": 163586, "<|im_user|>": 163587, "<|im_assistant|>": 163588,
-    "<|im_system|>": 163594, "<|tool_calls_section_begin|>": 163595, "<|tool_calls_section_end|>": 163596,
-    "<|tool_call_begin|>": 163597, "<|tool_call_argument_begin|>": 163598, "<|tool_call_end|>": 163599,
-    "<|im_middle|>": 163601, "[PAD]": 163839,
+  "[BOS]": 163584,
+  "[EOS]": 163585,
+  "<|im_end|>": 163586,
+  "<|im_user|>": 163587,
+  "<|im_assistant|>": 163588,
+  "<|im_system|>": 163594,
+  "<|tool_calls_section_begin|>": 163595,
+  "<|tool_calls_section_end|>": 163596,
+  "<|tool_call_begin|>": 163597,
+  "<|tool_call_argument_begin|>": 163598,
+  "<|tool_call_end|>": 163599,
+  "<|im_middle|>": 163601,
+  "[PAD]": 163839,
 }
 
 
@@ -32,8 +48,10 @@ REAL_SPECIAL_IDS = {
 def train_ranks(text: str = TRAINING_TEXT, num_merges: int = NUM_MERGES) -> dict[bytes, int]:
   """A tiny byte-level BPE on `text` split by Kimi's pattern: the 256 bytes, then one token per merge."""
   ranks = {bytes([b]): b for b in range(256)}
-  words = [([bytes([b]) for b in w.encode()], n)
-           for w, n in collections.Counter(regex.findall(KIMI_PATTERN, text, flags=regex.V1)).items()]
+  words = [
+    ([bytes([b]) for b in w.encode()], n)
+    for w, n in collections.Counter(regex.findall(KIMI_PATTERN, text, flags=regex.V1)).items()
+  ]
   for _ in range(num_merges):
     pairs = collections.Counter()
     for parts, n in words:
@@ -72,8 +90,15 @@ def tok(tmp_path_factory) -> KimiTokenizer:
 
 def random_unicode(rng: np.random.Generator, n: int) -> str:
   """Characters from ASCII, Latin, combining marks, Greek, Han, emoji, whitespace and marker-like text."""
-  ranges = [(0x20, 0x7E), (0x00C0, 0x024F), (0x0300, 0x036F), (0x0391, 0x03C9), (0x4E00, 0x9FFF),
-            (0x1F300, 0x1F64F), (0x0E00, 0x0E7F)]
+  ranges = [
+    (0x20, 0x7E),
+    (0x00C0, 0x024F),
+    (0x0300, 0x036F),
+    (0x0391, 0x03C9),
+    (0x4E00, 0x9FFF),
+    (0x1F300, 0x1F64F),
+    (0x0E00, 0x0E7F),
+  ]
   pieces = []
   for _ in range(n):
     kind = rng.integers(len(ranges) + 2)

@@ -16,11 +16,33 @@ from kimi_jax.train_config import base_config
 
 def small_config(steps):
   c = base_config("tiny")
-  c.model.update(hidden_size=32, intermediate_size=64, moe_intermediate_size=16, n_routed_experts=4,
-                 num_experts_per_tok=2, num_hidden_layers=2, q_lora_rank=16, kv_lora_rank=16, qk_nope_head_dim=8,
-                 qk_rope_head_dim=8, v_head_dim=8, num_attention_heads=2, vocab_size=260, dtype="float32")
-  c.update(steps=steps, batch_size=4, seq_len=32, learning_rate=1e-2, warmup_steps=2, log_every=1,
-           checkpoint_every=4, sample_tokens=0, router_bias_update_rate=1e-2)
+  c.model.update(
+    hidden_size=32,
+    intermediate_size=64,
+    moe_intermediate_size=16,
+    n_routed_experts=4,
+    num_experts_per_tok=2,
+    num_hidden_layers=2,
+    q_lora_rank=16,
+    kv_lora_rank=16,
+    qk_nope_head_dim=8,
+    qk_rope_head_dim=8,
+    v_head_dim=8,
+    num_attention_heads=2,
+    vocab_size=260,
+    dtype="float32",
+  )
+  c.update(
+    steps=steps,
+    batch_size=4,
+    seq_len=32,
+    learning_rate=1e-2,
+    warmup_steps=2,
+    log_every=1,
+    checkpoint_every=4,
+    sample_tokens=0,
+    router_bias_update_rate=1e-2,
+  )
   return c
 
 
@@ -76,8 +98,8 @@ def test_router_bias_update_moves_toward_balance():
 
 def test_router_biases_are_found_and_replaced_by_name():
   """ROUTER_BIAS_PATH names the model's one RouterBias [L, E]; replacing it leaves the given dict as it was."""
-  import jax
   from flax import nnx
+  import jax
 
   from kimi_jax.layers.moe import RouterBias
   from kimi_jax.model_stats import abstract_model
@@ -95,8 +117,20 @@ def test_router_biases_are_found_and_replaced_by_name():
 
 def test_unknown_config_field_is_an_error(tmp_path):
   config = os.path.join(os.path.dirname(__file__), "..", "configs", "tiny.py")
-  out = subprocess.run([sys.executable, "-m", "kimi_jax.train", "--config", config, "--workdir",
-                        str(tmp_path), "--config.model.hiden_size=3"], capture_output=True, text=True)
+  out = subprocess.run(
+    [
+      sys.executable,
+      "-m",
+      "kimi_jax.train",
+      "--config",
+      config,
+      "--workdir",
+      str(tmp_path),
+      "--config.model.hiden_size=3",
+    ],
+    capture_output=True,
+    text=True,
+  )
   assert out.returncode != 0 and "hiden_size" in out.stderr
 
 
@@ -139,7 +173,6 @@ def test_device_peak_flops_table():
   assert device_peak_flops("TPU v5 lite") == 197e12
   assert device_peak_flops("NVIDIA H100 80GB HBM3") == 989e12
   assert device_peak_flops("cpu") is None  # no MFU is logged on CPU
-
 
 
 def test_chunked_loss_equals_the_whole_logits_loss():

@@ -8,10 +8,10 @@ import base64
 import gzip
 import json
 import os
+from pathlib import Path
 import re
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
@@ -25,9 +25,9 @@ TOKENIZER = f"{RELEASE}/tiktoken.model"
 @pytest.fixture(scope="module")
 def bucket(gcs, tmp_path_factory):
   """`gcloud storage buckets create`, then `gcloud storage cp -r` of the release and the text."""
+  from builders.synthetic import write_synthetic
   import fsspec
 
-  from builders.synthetic import write_synthetic
   from kimi_jax.config import tiny
   from kimi_jax.data.sources import load_corpus
 
@@ -55,18 +55,48 @@ def sh(*args, cwd):
 
 def test_the_walkthrough(bucket, gcs, tmp_path):
   cwd = ROOT  # run from the repository root, as the README says
-  sh("-m", "kimi_jax.convert", "hf-to-orbax", "--hf_dir", RELEASE, "--out_dir", f"{B}/checkpoints/k2-tiny",
-     "--dtype", "bfloat16", "--noprogress", cwd=cwd)
+  sh(
+    "-m",
+    "kimi_jax.convert",
+    "hf-to-orbax",
+    "--hf_dir",
+    RELEASE,
+    "--out_dir",
+    f"{B}/checkpoints/k2-tiny",
+    "--dtype",
+    "bfloat16",
+    "--noprogress",
+    cwd=cwd,
+  )
   assert json.loads(gcs.read_object(BUCKET, "checkpoints/k2-tiny/conversion.json"))["complete"]
 
-  out = sh("-m", "kimi_jax.data.prepare", "--input", f"{B}/text/*.jsonl.gz", "--tokenizer", TOKENIZER,
-           "--output", f"{B}/data/prepared", cwd=cwd)
+  out = sh(
+    "-m",
+    "kimi_jax.data.prepare",
+    "--input",
+    f"{B}/text/*.jsonl.gz",
+    "--tokenizer",
+    TOKENIZER,
+    "--output",
+    f"{B}/data/prepared",
+    cwd=cwd,
+  )
   assert "200 documents" in out
 
-  train = ["-m", "kimi_jax.train", "--config", "configs/tiny.py", "--workdir", f"{B}/runs/anneal",
-           f"--config.init_from={B}/checkpoints/k2-tiny", f"--config.data={B}/data/prepared",
-           f"--config.tokenizer={TOKENIZER}", "--config.checkpoint_every=4", "--config.log_every=1",
-           "--config.sample_tokens=0"]
+  train = [
+    "-m",
+    "kimi_jax.train",
+    "--config",
+    "configs/tiny.py",
+    "--workdir",
+    f"{B}/runs/anneal",
+    f"--config.init_from={B}/checkpoints/k2-tiny",
+    f"--config.data={B}/data/prepared",
+    f"--config.tokenizer={TOKENIZER}",
+    "--config.checkpoint_every=4",
+    "--config.log_every=1",
+    "--config.sample_tokens=0",
+  ]
   out = sh(*train, "--config.steps=8", cwd=cwd)
   assert f"starting from {B}/checkpoints/k2-tiny" in out
   out = sh(*train, "--config.steps=12", cwd=cwd)  # the same command (longer): resumes from the bucket
@@ -78,7 +108,18 @@ def test_the_walkthrough(bucket, gcs, tmp_path):
   assert 5.5 < rows[0]["loss"] < 8 and rows[-1]["loss"] < rows[0]["loss"]
 
   print([round(r["loss"], 3) for r in rows])
-  out = sh("-m", "kimi_jax.generate", "--checkpoint", f"{B}/runs/anneal", "--tokenizer", TOKENIZER, "--prompt",
-           "And God said, ", "--max_new_tokens", "16", cwd=cwd)
+  out = sh(
+    "-m",
+    "kimi_jax.generate",
+    "--checkpoint",
+    f"{B}/runs/anneal",
+    "--tokenizer",
+    TOKENIZER,
+    "--prompt",
+    "And God said, ",
+    "--max_new_tokens",
+    "16",
+    cwd=cwd,
+  )
   assert out.startswith("And God said, ") and re.search(r"decode: \d+ steps", out)
   assert not (ROOT / "gs:").exists() and not (tmp_path / "gs:").exists()

@@ -38,6 +38,7 @@ fields kept in OUT/hf_wrapper.json); orbax_to_hf writes the layout it is asked f
 from __future__ import annotations
 
 import bisect
+from collections.abc import Callable, Iterator
 import dataclasses
 import itertools
 import json
@@ -46,17 +47,25 @@ import os
 import re
 import threading
 import time
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import ml_dtypes
 import numpy as np
 
 from kimi_jax.checkpoint import layout as layouts
 from kimi_jax.checkpoint import orbax_arrays, quant
-from kimi_jax.checkpoint.hf import (CheckpointError, HFCheckpoint, TensorMap, abstract_state, checked_entries,
-                                    flatten, leaf_dtype, tensor_map)
-from kimi_jax.checkpoint.host_ops import transpose_cast
+from kimi_jax.checkpoint.hf import (
+  CheckpointError,
+  HFCheckpoint,
+  TensorMap,
+  abstract_state,
+  checked_entries,
+  flatten,
+  leaf_dtype,
+  tensor_map,
+)
 from kimi_jax.checkpoint.hf_write import write_release
+from kimi_jax.checkpoint.host_ops import transpose_cast
 from kimi_jax.checkpoint.io_util import progress_bar, run_bounded, write_json
 from kimi_jax.checkpoint.safetensors import TensorSpec
 from kimi_jax.checkpoint.workdir import as_path, check_bucket, is_url, list_dir
@@ -96,9 +105,19 @@ def _row_ranges(rows: int, step: int) -> list[tuple[int, int]]:
 
 # HF → Orbax ----------------------------------------------------------------------------------------------------
 
-def hf_to_orbax(hf_dir: str, out_dir: str, *, dtype: str = "float32", workers: int = 4,
-                piece_elements: int = PIECE_ELEMENTS, progress: bool = False, process_index: int = 0,
-                process_count: int = 1, wait_timeout: float | None = None) -> Stats:
+
+def hf_to_orbax(
+  hf_dir: str,
+  out_dir: str,
+  *,
+  dtype: str = "float32",
+  workers: int = 4,
+  piece_elements: int = PIECE_ELEMENTS,
+  progress: bool = False,
+  process_index: int = 0,
+  process_count: int = 1,
+  wait_timeout: float | None = None,
+) -> Stats:
   """Convert the HF checkpoint at `hf_dir` into the model checkpoint `out_dir` (config.json + state/).
 
   Weights are stored in `dtype` (the router bias in float32); the saved config's param_dtype is `dtype`.
@@ -117,8 +136,10 @@ def hf_to_orbax(hf_dir: str, out_dir: str, *, dtype: str = "float32", workers: i
   if dtype not in _DTYPES:
     raise ValueError(f"dtype {dtype!r} not in {sorted(_DTYPES)}")
   if not 0 <= process_index < process_count:
-    raise ValueError(f"process_index {process_index} is not in [0, process_count={process_count}); give each "
-                     "process its own index 0 .. process_count - 1")
+    raise ValueError(
+      f"process_index {process_index} is not in [0, process_count={process_count}); give each "
+      "process its own index 0 .. process_count - 1"
+    )
   start = time.perf_counter()
   ckpt = HFCheckpoint(hf_dir)
   cfg = ckpt.config(param_dtype=dtype)
@@ -127,9 +148,11 @@ def hf_to_orbax(hf_dir: str, out_dir: str, *, dtype: str = "float32", workers: i
   skipped = Stats(skipped_tensors=len(ckpt.skipped), skipped_bytes=ckpt.skipped_bytes())
   if ckpt.skipped and process_index == 0:
     prefixes = sorted({name.split(".")[0] for name in ckpt.skipped})
-    print(f"hf-to-orbax: skipping {skipped.skipped_tensors} tensors ({skipped.skipped_bytes:,} bytes, "
-          f"{skipped.skipped_bytes / 1e9:.2f} GB) outside the text model: {', '.join(p + '.*' for p in prefixes)}",
-          flush=True)
+    print(
+      f"hf-to-orbax: skipping {skipped.skipped_tensors} tensors ({skipped.skipped_bytes:,} bytes, "
+      f"{skipped.skipped_bytes / 1e9:.2f} GB) outside the text model: {', '.join(p + '.*' for p in prefixes)}",
+      flush=True,
+    )
   remote = is_url(out_dir)
   if remote:
     check_bucket(out_dir, write=True)
@@ -137,14 +160,16 @@ def hf_to_orbax(hf_dir: str, out_dir: str, *, dtype: str = "float32", workers: i
     out_dir = os.path.abspath(out_dir)
   out = as_path(out_dir)
   state_dir = str(out / STATE_DIR) if remote else os.path.join(out_dir, STATE_DIR)
-  status = {"source": hf_dir if is_url(hf_dir) else os.path.abspath(hf_dir), "dtype": dtype, "piece_elements": piece_elements}
+  source = hf_dir if is_url(hf_dir) else os.path.abspath(hf_dir)
+  status = {"source": source, "dtype": dtype, "piece_elements": piece_elements}
   done = _start_or_resume(out_dir, status, state_dir)
   if done is None:
     return skipped
 
   rows_of = {entry.path: block_rows(entry.hf_shape(shape), piece_elements) for entry, shape in entries}
-  pieces = [(entry, rows) for entry, shape in entries
-            for rows in _row_ranges(entry.hf_shape(shape)[0], rows_of[entry.path])]
+  pieces = [
+    (entry, rows) for entry, shape in entries for rows in _row_ranges(entry.hf_shape(shape)[0], rows_of[entry.path])
+  ]
   stored = {entry.hf_name: ckpt.nbytes(entry.hf_name) / entry.hf_shape(shape)[0] for entry, shape in entries}
   sizes = [int(stored[e.hf_name] * (r[1] - r[0])) for e, r in pieces]
   mine = share(sizes, process_index, process_count)
@@ -153,11 +178,16 @@ def hf_to_orbax(hf_dir: str, out_dir: str, *, dtype: str = "float32", workers: i
   arrays = _create_targets(db_dir, leaves, entries, rows_of, _DTYPES[dtype], workers)
   todo = [pieces[i] for i in range(mine.start, mine.stop) if _key(*pieces[i]) not in done]
   total = sum(sizes[mine])
-  bar = progress_bar(progress, total, total - sum(stored[e.hf_name] * (r[1] - r[0]) for e, r in todo),
-                     "hf-to-orbax" if process_count == 1 else f"hf-to-orbax [{process_index}/{process_count}]")
+  bar = progress_bar(
+    progress,
+    total,
+    total - sum(stored[e.hf_name] * (r[1] - r[0]) for e, r in todo),
+    "hf-to-orbax" if process_count == 1 else f"hf-to-orbax [{process_index}/{process_count}]",
+  )
   stats, log_lock = skipped, threading.Lock()
 
   with PieceLog(out / _log_file(process_index, process_count)) as log:
+
     def convert(piece: tuple[TensorMap, tuple[int, int]]) -> None:
       entry, rows = piece
       target = arrays[entry.path]
@@ -183,8 +213,10 @@ def hf_to_orbax(hf_dir: str, out_dir: str, *, dtype: str = "float32", workers: i
   _wait_for_peers(out_dir, process_count, wait_timeout)
   done = _logged(out_dir)
   if missing := [_key(*p) for p in pieces if _key(*p) not in done]:
-    raise CheckpointError(f"{out_dir}: every process reported its share done, but {len(missing)} pieces are not "
-                          f"logged (e.g. {missing[0]}); rerun all processes with the same --process_count")
+    raise CheckpointError(
+      f"{out_dir}: every process reported its share done, but {len(missing)} pieces are not "
+      f"logged (e.g. {missing[0]}); rerun all processes with the same --process_count"
+    )
   if not remote:
     os.sync()  # peers on this host: their writes reach the disk before the metadata that declares them complete
   orbax_arrays.merge_process_dbs(state_dir, orbax_arrays.context(concurrency=workers))
@@ -302,11 +334,14 @@ def _wait_for_peers(out_dir: str, process_count: int, timeout: float | None) -> 
   while missing := [i for i in range(1, process_count) if not (out / _done_file(i, process_count)).exists()]:
     now = time.monotonic()
     if timeout is not None and now - start > timeout:
-      raise TimeoutError(f"{out_dir}: processes {missing} of {process_count} have not finished their shares after "
-                         f"{timeout:.0f} s; (re)start them with the same command and their --process_index")
+      raise TimeoutError(
+        f"{out_dir}: processes {missing} of {process_count} have not finished their shares after "
+        f"{timeout:.0f} s; (re)start them with the same command and their --process_index"
+      )
     if now - last_report > 60:
-      print(f"hf-to-orbax: process 0 waiting for processes {missing} of {process_count} to finish their shares",
-            flush=True)
+      print(
+        f"hf-to-orbax: process 0 waiting for processes {missing} of {process_count} to finish their shares", flush=True
+      )
       last_report = now
     time.sleep(WAIT_POLL_SECONDS)
 
@@ -322,8 +357,14 @@ def _logged(out_dir: str) -> set[str]:
   return done
 
 
-def _create_targets(state_dir: str, leaves: dict, entries: list[tuple[TensorMap, tuple[int, ...]]],
-                    rows_of: dict, dtype: np.dtype, workers: int) -> dict:
+def _create_targets(
+  state_dir: str,
+  leaves: dict,
+  entries: list[tuple[TensorMap, tuple[int, ...]]],
+  rows_of: dict,
+  dtype: np.dtype,
+  workers: int,
+) -> dict:
   """The zarr array of every leaf, chunked so that each piece is whole chunks: one (layer, expert) and the
   piece's rows (our last axis when transposed) per chunk."""
   entry_of = {}
@@ -338,7 +379,7 @@ def _create_targets(state_dir: str, leaves: dict, entries: list[tuple[TensorMap,
   arrays = {}
   for path, leaf in leaves.items():
     entry, shape = entry_of[path], tuple(leaf.shape)
-    chunks = [1] * len(entry.index) + list(shape[len(entry.index):])
+    chunks = [1] * len(entry.index) + list(shape[len(entry.index) :])
     chunks[len(shape) - 1 if entry.transpose else len(entry.index)] = rows_of[path]
     arrays[path] = orbax_arrays.create_array(state_dir, path, shape, leaf_dtype(path, dtype), tuple(chunks), ctx)
   return arrays
@@ -365,8 +406,9 @@ def _start_or_resume(out_dir: str, status: dict[str, Any], state_dir: str) -> se
     if previous.get("complete"):
       return None
   elif state_existed:
-    raise ValueError(f"{out_dir} already holds a checkpoint that is not a conversion in progress; "
-                     "use another --out_dir")
+    raise ValueError(
+      f"{out_dir} already holds a checkpoint that is not a conversion in progress; use another --out_dir"
+    )
   elif remote:  # an object appears whole; object storage has no directories to make
     status_path.write_text(json.dumps({**status, "complete": False}, indent=2))
   else:
@@ -383,9 +425,20 @@ def _start_or_resume(out_dir: str, status: dict[str, Any], state_dir: str) -> se
 
 # Orbax → HF ----------------------------------------------------------------------------------------------------
 
-def orbax_to_hf(checkpoint: str, out_dir: str, *, dtype: str = "bfloat16", fp8: bool = False, layout: str = "k2",
-                wrapper_config: str | None = None, workers: int = 4, max_shard_bytes: int = 4 << 30,
-                piece_elements: int = PIECE_ELEMENTS, progress: bool = False) -> Stats:
+
+def orbax_to_hf(
+  checkpoint: str,
+  out_dir: str,
+  *,
+  dtype: str = "bfloat16",
+  fp8: bool = False,
+  layout: str = "k2",
+  wrapper_config: str | None = None,
+  workers: int = 4,
+  max_shard_bytes: int = 4 << 30,
+  piece_elements: int = PIECE_ELEMENTS,
+  progress: bool = False,
+) -> Stats:
   """Write the model checkpoint (or training workdir) `checkpoint` in the released per-expert layout.
 
   Weights in `dtype` (the router bias in float32); with `fp8`, every linear weight but the router and lm_head is
@@ -401,8 +454,10 @@ def orbax_to_hf(checkpoint: str, out_dir: str, *, dtype: str = "bfloat16", fp8: 
   if dtype not in _DTYPES:
     raise ValueError(f"dtype {dtype!r} not in {sorted(_DTYPES)}")
   if is_url(out_dir):
-    raise ValueError(f"{out_dir}: orbax-to-hf writes a local directory (safetensors shards are written in place); "
-                     "give a local --out_dir and copy it up (`gcloud storage cp -r`)")
+    raise ValueError(
+      f"{out_dir}: orbax-to-hf writes a local directory (safetensors shards are written in place); "
+      "give a local --out_dir and copy it up (`gcloud storage cp -r`)"
+    )
   target = layouts.get(layout)
   carried = layouts.find_carried(target, checkpoint, wrapper_config)
   start = time.perf_counter()
@@ -419,8 +474,10 @@ def orbax_to_hf(checkpoint: str, out_dir: str, *, dtype: str = "bfloat16", fp8: 
           raise CheckpointError(f"{item_dir}: no array for {'.'.join(path)} (config/checkpoint mismatch)")
         arrays[path] = orbax_arrays.open_array(item_dir, names[path], ctx)
         if tuple(arrays[path].shape) != tuple(leaves[path].shape):
-          raise CheckpointError(f"{item_dir}: array {'.'.join(names[path])} has shape {tuple(arrays[path].shape)}, "
-                                f"but the config needs {tuple(leaves[path].shape)}")
+          raise CheckpointError(
+            f"{item_dir}: array {'.'.join(names[path])} has shape {tuple(arrays[path].shape)}, "
+            f"but the config needs {tuple(leaves[path].shape)}"
+          )
       return arrays[path]
 
   def read(entry: TensorMap, rows: tuple[int, int], dtype: np.dtype) -> np.ndarray:
@@ -428,27 +485,43 @@ def orbax_to_hf(checkpoint: str, out_dir: str, *, dtype: str = "bfloat16", fp8: 
     return transpose_cast(arr[entry.target(arr.rank, rows)].read().result(), dtype, entry.transpose)
 
   scheme = quant.Fp8Scheme() if fp8 else None
-  groups = [_export_specs(entry, entry.hf_shape(tuple(leaves[entry.path].shape)), read,
-                          leaf_dtype(entry.path, _DTYPES[dtype]), scheme if entry.fp8_exportable else None,
-                          piece_elements)
-            for entry in tensor_map(cfg, target)]
+  groups = [
+    _export_specs(
+      entry,
+      entry.hf_shape(tuple(leaves[entry.path].shape)),
+      read,
+      leaf_dtype(entry.path, _DTYPES[dtype]),
+      scheme if entry.fp8_exportable else None,
+      piece_elements,
+    )
+    for entry in tensor_map(cfg, target)
+  ]
   text_config = cfg.to_hf()
   if scheme:
     text_config["quantization_config"] = scheme.hf_config()
   hf_config = target.hf_config(text_config, carried)
   if isinstance(target, layouts.WrapperLayout) and carried is None:
-    print(f"orbax-to-hf: {checkpoint} keeps no {target.title} wrapper fields ({layouts.WRAPPER_FILE}), so "
-          "config.json gets no vision_config; pass the release's config.json as wrapper_config to carry them",
-          flush=True)
+    print(
+      f"orbax-to-hf: {checkpoint} keeps no {target.title} wrapper fields ({layouts.WRAPPER_FILE}), so "
+      "config.json gets no vision_config; pass the release's config.json as wrapper_config to carry them",
+      flush=True,
+    )
   bar = progress_bar(progress, sum(s.nbytes for g in groups for s in g), 0, "orbax-to-hf")
-  _, written = write_release(out_dir, groups, hf_config, max_shard_bytes=max_shard_bytes, workers=workers,
-                             on_written=bar.update)
+  _, written = write_release(
+    out_dir, groups, hf_config, max_shard_bytes=max_shard_bytes, workers=workers, on_written=bar.update
+  )
   bar.close()
   return Stats(written, written, time.perf_counter() - start)
 
 
-def _export_specs(entry: TensorMap, shape: tuple[int, ...], read: Callable, dtype: np.dtype,
-                  scheme: quant.Fp8Scheme | None, piece_elements: int) -> list[TensorSpec]:
+def _export_specs(
+  entry: TensorMap,
+  shape: tuple[int, ...],
+  read: Callable,
+  dtype: np.dtype,
+  scheme: quant.Fp8Scheme | None,
+  piece_elements: int,
+) -> list[TensorSpec]:
   """The spec of one HF tensor (plus its `_scale_inv` when FP8), producing row blocks from `read`."""
   ranges = _row_ranges(shape[0], block_rows(shape, piece_elements, scheme.block[0] if scheme else 128))
   if scheme is None:
@@ -463,8 +536,10 @@ def _export_specs(entry: TensorMap, shape: tuple[int, ...], read: Callable, dtyp
       yield wq
 
   scale_name = entry.hf_name + quant.FP8_SCALE_SUFFIX
-  return [TensorSpec(entry.hf_name, quant.FP8_DTYPE, shape, weight),
-          TensorSpec(scale_name, np.float32, scheme.scale_shape(shape), lambda: iter([np.concatenate(scales)]))]
+  return [
+    TensorSpec(entry.hf_name, quant.FP8_DTYPE, shape, weight),
+    TensorSpec(scale_name, np.float32, scheme.scale_shape(shape), lambda: iter([np.concatenate(scales)])),
+  ]
 
 
 def _locate_state(directory: str) -> tuple[ModelConfig, str, dict[tuple[str, ...], tuple[str, ...]]]:

@@ -48,7 +48,7 @@ class TensorMap:
 
   def hf_shape(self, leaf_shape: tuple[int, ...]) -> tuple[int, ...]:
     """The HF tensor's shape, given the full shape of our (stacked) leaf."""
-    shape = tuple(leaf_shape[len(self.index):])
+    shape = tuple(leaf_shape[len(self.index) :])
     return shape[::-1] if self.transpose else shape
 
   def target(self, leaf_ndim: int, rows: tuple[int, int]) -> tuple[Any, ...]:
@@ -68,14 +68,19 @@ def tensor_map(cfg: ModelConfig, layout: layouts.Layout = layouts.K2) -> list[Te
   """Every text-model tensor of a release in `layout`, in checkpoint order."""
   name = layout.hf_name
   out = [TensorMap(name("model.embed_tokens.weight"), ("embed", "embedding"), (), False)]
-  attn = [("q_a_proj", "q_a"), ("q_b_proj", "q_b"), ("kv_a_proj_with_mqa", "kv_a"), ("kv_b_proj", "kv_b"),
-          ("o_proj", "o")]
+  attn = [
+    ("q_a_proj", "q_a"),
+    ("q_b_proj", "q_b"),
+    ("kv_a_proj_with_mqa", "kv_a"),
+    ("kv_b_proj", "kv_b"),
+    ("o_proj", "o"),
+  ]
   for i in range(cfg.num_hidden_layers):
     moe = i >= cfg.first_k_dense_replace
     group, layer = ("moe_layers", i - cfg.first_k_dense_replace) if moe else ("dense_layers", i)
     pre = name(f"model.layers.{i}.")
 
-    def add(suffix, path, transpose=True, index=(layer,)):
+    def add(suffix, path, transpose=True, index=(layer,), pre=pre, group=group):
       out.append(TensorMap(pre + suffix, (group,) + path, index, transpose))
 
     add("input_layernorm.weight", ("attn_norm", "scale"), False)
@@ -105,6 +110,7 @@ def tensor_map(cfg: ModelConfig, layout: layouts.Layout = layouts.K2) -> list[Te
 @dataclasses.dataclass(frozen=True)
 class _Stored:
   """How one logical tensor is stored: kind "plain" | "fp8" | "int4", its logical [R, C] shape."""
+
   kind: str
   shape: tuple[int, ...]
 
@@ -181,8 +187,9 @@ class HFCheckpoint:
       total += math.prod(shape) * dtype.itemsize
     return total
 
-  def read(self, name: str, rows: tuple[int, int] | None = None, *, transpose: bool = False,
-           dtype: np.dtype | None = None) -> np.ndarray:
+  def read(
+    self, name: str, rows: tuple[int, int] | None = None, *, transpose: bool = False, dtype: np.dtype | None = None
+  ) -> np.ndarray:
     """Rows [r0, r1) of the tensor (all by default), [r, C] or [C, r] with `transpose`, C-contiguous, in `dtype`
     (default: float32 if quantised, else the stored dtype)."""
     stored = self._describe(name)
@@ -191,12 +198,18 @@ class HFCheckpoint:
     if stored.kind == "fp8":
       scale_name = name + quant.FP8_SCALE_SUFFIX
       scale = self._file(scale_name).get(scale_name)
-      out = quant.fp8_dequantize(self._file(name).get(name, rows), scale, self._fp8.block,
-                                 rows[0] if rows else 0, transpose=transpose)
+      out = quant.fp8_dequantize(
+        self._file(name).get(name, rows), scale, self._fp8.block, rows[0] if rows else 0, transpose=transpose
+      )
     else:
       packed, scale = (name + s for s in quant.INT4_SUFFIXES[:2])
-      out = quant.int4_dequantize(self._file(packed).get(packed, rows), self._file(scale).get(scale, rows),
-                                  stored.shape[1], self._int4.group, transpose=transpose)
+      out = quant.int4_dequantize(
+        self._file(packed).get(packed, rows),
+        self._file(scale).get(scale, rows),
+        stored.shape[1],
+        self._int4.group,
+        transpose=transpose,
+      )
     return out if dtype is None else out.astype(dtype, copy=False)
 
   def _describe(self, name: str) -> _Stored:
@@ -210,15 +223,20 @@ class HFCheckpoint:
       dtype, shape = self._file(name).info(name)
       if dtype != quant.FP8_DTYPE:
         if scale_name in self.weight_map:
-          raise CheckpointError(f"tensor {name!r} in {self.where(name)} has a {scale_name!r} but dtype {dtype}, "
-                                "not float8_e4m3fn")
+          raise CheckpointError(
+            f"tensor {name!r} in {self.where(name)} has a {scale_name!r} but dtype {dtype}, not float8_e4m3fn"
+          )
         return _Stored("plain", shape)
       if scale_name not in self.weight_map:
         raise CheckpointError(f"FP8 tensor {name!r} in {self.where(name)} has no {scale_name!r}")
       if len(shape) != 2:
         raise CheckpointError(f"FP8 tensor {name!r} in {self.where(name)} has shape {shape}; expected 2-D")
-      self._expect(scale_name, self._fp8.scale_shape(shape), "float",
-                   f"[ceil({shape[0]}/{self._fp8.block[0]}), ceil({shape[1]}/{self._fp8.block[1]})]")
+      self._expect(
+        scale_name,
+        self._fp8.scale_shape(shape),
+        "float",
+        f"[ceil({shape[0]}/{self._fp8.block[0]}), ceil({shape[1]}/{self._fp8.block[1]})]",
+      )
       return _Stored("fp8", shape)
     packed, scale, shape_name = (name + s for s in quant.INT4_SUFFIXES)
     if packed not in self.weight_map:
@@ -230,21 +248,26 @@ class HFCheckpoint:
     r, c = (int(v) for v in self._file(shape_name).get(shape_name))
     group = self._int4.group
     if c % group:
-      raise CheckpointError(f"{shape_name!r} in {self.where(shape_name)} says {c} columns, not a multiple of the "
-                            f"group size {group}")
+      raise CheckpointError(
+        f"{shape_name!r} in {self.where(shape_name)} says {c} columns, not a multiple of the group size {group}"
+      )
     self._expect(packed, (r, math.ceil(c / 8)), "int32", f"[{r}, ceil({c}/8)] from {shape_name!r}")
     self._expect(scale, (r, c // group), "float", f"[{r}, {c}/{group}] from {shape_name!r}")
     return _Stored("int4", (r, c))
 
   def _expect(self, name: str, shape: tuple[int, ...], kind: str, rule: str) -> None:
     dtype, actual = self._file(name).info(name)
-    ok_dtype = {"float": np.issubdtype(dtype, np.floating) or dtype == np.dtype(ml_dtypes.bfloat16),
-                "int": np.issubdtype(dtype, np.integer), "int32": dtype == np.int32}[kind]
+    ok_dtype = {
+      "float": np.issubdtype(dtype, np.floating) or dtype == np.dtype(ml_dtypes.bfloat16),
+      "int": np.issubdtype(dtype, np.integer),
+      "int32": dtype == np.int32,
+    }[kind]
     if not ok_dtype:
       raise CheckpointError(f"tensor {name!r} in {self.where(name)} has dtype {dtype}; expected {kind}")
     if tuple(actual) != tuple(shape):
-      raise CheckpointError(f"tensor {name!r} in {self.where(name)} has shape {tuple(actual)}; expected "
-                            f"{tuple(shape)} = {rule}")
+      raise CheckpointError(
+        f"tensor {name!r} in {self.where(name)} has shape {tuple(actual)}; expected {tuple(shape)} = {rule}"
+      )
 
   def _file(self, name: str) -> SafetensorsFile:
     if name not in self.weight_map:
@@ -274,8 +297,9 @@ def leaf_dtype(path: tuple[str, ...], dtype: np.dtype) -> np.dtype:
   return np.dtype(np.float32) if path[-1] == "bias" else np.dtype(dtype)
 
 
-def checked_entries(ckpt: HFCheckpoint, cfg: ModelConfig,
-                    leaves: dict[tuple[str, ...], Any]) -> list[tuple[TensorMap, tuple[int, ...]]]:
+def checked_entries(
+  ckpt: HFCheckpoint, cfg: ModelConfig, leaves: dict[tuple[str, ...], Any]
+) -> list[tuple[TensorMap, tuple[int, ...]]]:
   """Every tensor_map entry with its full leaf shape, after checking each HF tensor against the config.
 
   leaves: flatten(abstract_state(cfg)).
@@ -285,8 +309,10 @@ def checked_entries(ckpt: HFCheckpoint, cfg: ModelConfig,
     leaf_shape = tuple(leaves[entry.path].shape)
     expected, actual = entry.hf_shape(leaf_shape), ckpt.shape(entry.hf_name)
     if tuple(actual) != expected:
-      raise CheckpointError(f"tensor {entry.hf_name!r} in {ckpt.where(entry.hf_name)} has shape "
-                            f"{tuple(actual)}, but the config needs {expected}")
+      raise CheckpointError(
+        f"tensor {entry.hf_name!r} in {ckpt.where(entry.hf_name)} has shape "
+        f"{tuple(actual)}, but the config needs {expected}"
+      )
     out.append((entry, leaf_shape))
   return out
 

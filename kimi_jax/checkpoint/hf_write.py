@@ -7,9 +7,10 @@ the planned header and rewrites the rest. Workers write different shards.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 import os
 import threading
-from typing import Any, Callable, Sequence
+from typing import Any
 
 from kimi_jax.checkpoint.hf import INDEX_FILE
 from kimi_jax.checkpoint.io_util import run_bounded, write_json
@@ -31,9 +32,15 @@ def plan_shards(groups: Sequence[Sequence[TensorSpec]], max_bytes: int) -> list[
   return shards
 
 
-def write_release(directory: str, groups: Sequence[Sequence[TensorSpec]], hf_config: dict[str, Any], *,
-                  max_shard_bytes: int = 4 << 30, workers: int = 1,
-                  on_written: Callable[[int], None] = lambda n: None) -> tuple[int, int]:
+def write_release(
+  directory: str,
+  groups: Sequence[Sequence[TensorSpec]],
+  hf_config: dict[str, Any],
+  *,
+  max_shard_bytes: int = 4 << 30,
+  workers: int = 1,
+  on_written: Callable[[int], None] = lambda n: None,
+) -> tuple[int, int]:
   """Write every spec into shards under `directory`, then the index and config.json.
 
   on_written(bytes) is called after each shard (for progress). Returns (bytes planned, bytes written now).

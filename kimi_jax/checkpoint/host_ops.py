@@ -28,8 +28,8 @@ def transpose_cast(x: np.ndarray, dtype: np.dtype | None = None, transpose: bool
   out = np.empty(x.shape[::-1], dtype)
   for i in range(0, x.shape[0], _TILE):
     for j in range(0, x.shape[1], _TILE):
-      tile = x[i:i + _TILE, j:j + _TILE]
-      out[j:j + _TILE, i:i + _TILE] = (widen(tile) if widen else tile).T
+      tile = x[i : i + _TILE, j : j + _TILE]
+      out[j : j + _TILE, i : i + _TILE] = (widen(tile) if widen else tile).T
   return out
 
 

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 import concurrent.futures
 import json
 import os
-from typing import Any, Callable, Iterable
+from typing import Any
 
 
 def run_bounded(fn: Callable[[Any], None], items: Iterable[Any], workers: int) -> None:
@@ -39,5 +40,14 @@ def progress_bar(enabled: bool, total: float, initial: float, desc: str):
   """A tqdm bar counting bytes (shows GB and GB/s); a no-op when not enabled."""
   from tqdm import tqdm
 
-  return tqdm(total=int(total), initial=int(initial), unit="B", unit_scale=True, unit_divisor=1000, desc=desc,
-              disable=not enabled, dynamic_ncols=True, smoothing=0.1)
+  return tqdm(
+    total=int(total),
+    initial=int(initial),
+    unit="B",
+    unit_scale=True,
+    unit_divisor=1000,
+    desc=desc,
+    disable=not enabled,
+    dynamic_ncols=True,
+    smoothing=0.1,
+  )

@@ -19,9 +19,9 @@ them back: with the release's vision shards added to the index, the export is a 
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 import dataclasses
 import json
-from collections.abc import Iterable
 from typing import Any
 
 from kimi_jax.checkpoint.workdir import as_path
@@ -34,6 +34,7 @@ _TEXT_ROOTS = ("model", "lm_head")  # the first name component of every K2 text 
 @dataclasses.dataclass(frozen=True)
 class Layout:
   """k2: config.json is the text config; tensors carry the K2 names as they are."""
+
   name: str
   title: str  # for messages
   text_prefix: str = ""  # stored name = text_prefix + K2 name
@@ -50,22 +51,26 @@ class Layout:
     for name in names:
       if name.startswith(self.skipped_prefixes):  # never true for no prefixes
         skipped.append(name)
-      elif not (name.startswith(self.text_prefix) and name[len(self.text_prefix):].split(".")[0] in _TEXT_ROOTS):
+      elif not (name.startswith(self.text_prefix) and name[len(self.text_prefix) :].split(".")[0] in _TEXT_ROOTS):
         prefix = name.split(".")[0] + "." if "." in name else name
         unknown.setdefault(prefix, []).append(name)
     if unknown:
       found = "; ".join(f"{p!r} ({len(n)} tensors, e.g. {min(n)!r})" for p, n in sorted(unknown.items()))
       known = [self.text_prefix + r + "." for r in _TEXT_ROOTS] + list(self.skipped_prefixes)
-      raise ValueError(f"{where}: unknown tensor prefix {found} in a {self.title} checkpoint, whose tensors are "
-                       f"named {', '.join(known)}*; check that config.json's model_type matches the weights")
+      raise ValueError(
+        f"{where}: unknown tensor prefix {found} in a {self.title} checkpoint, whose tensors are "
+        f"named {', '.join(known)}*; check that config.json's model_type matches the weights"
+      )
     return sorted(skipped)
 
   def text_config(self, hf: dict[str, Any], where: str) -> dict[str, Any]:
     """The text model's config.json dict (`hf` itself for k2). Raises ValueError naming a model_type that is
     neither a text model's nor a known wrapper's."""
     if hf.get("model_type") not in TEXT_MODEL_TYPES:
-      raise ValueError(f"{where}: model_type {hf.get('model_type')!r} is not supported (expected "
-                       f"{', '.join(TEXT_MODEL_TYPES)} or the {K25.model_type} wrapper)")
+      raise ValueError(
+        f"{where}: model_type {hf.get('model_type')!r} is not supported (expected "
+        f"{', '.join(TEXT_MODEL_TYPES)} or the {K25.model_type} wrapper)"
+      )
     return hf
 
   def text_where(self, where: str) -> str:
@@ -84,6 +89,7 @@ class Layout:
 @dataclasses.dataclass(frozen=True)
 class WrapperLayout(Layout):
   """k25: the text config sits under text_config of a multimodal wrapper."""
+
   model_type: str = ""
   architecture: str = ""
 
@@ -95,24 +101,30 @@ class WrapperLayout(Layout):
     text = hf.get("text_config")
     if not isinstance(text, dict):  # a ValueError like every config error: HFCheckpoint names it CheckpointError
       raise ValueError(  # noqa: TRY004
-          f"{where}: model_type {self.model_type!r} is a multimodal wrapper but has no text_config object (found "
-          f"{text!r}); it must hold the text model's config (model_type {' or '.join(TEXT_MODEL_TYPES)})")
+        f"{where}: model_type {self.model_type!r} is a multimodal wrapper but has no text_config object (found "
+        f"{text!r}); it must hold the text model's config (model_type {' or '.join(TEXT_MODEL_TYPES)})"
+      )
     text = dict(text)
     text_type = text.setdefault("model_type", "deepseek_v3")  # transformers' Kimi_K25Config default
     if text_type not in TEXT_MODEL_TYPES:
-      raise ValueError(f"{where}: text_config.model_type {text_type!r} is not supported (expected "
-                       f"{' or '.join(TEXT_MODEL_TYPES)})")
+      raise ValueError(
+        f"{where}: text_config.model_type {text_type!r} is not supported (expected {' or '.join(TEXT_MODEL_TYPES)})"
+      )
     # transformers ties (or not) by the wrapper's flag, which defaults to true; the releases set it false and
     # ship language_model.lm_head.weight, which is what kimi-jax needs.
     if hf.get("tie_word_embeddings", True):
       value = hf.get("tie_word_embeddings", "absent (transformers' default: true)")
-      raise ValueError(f"{where}: tie_word_embeddings is {value}; kimi-jax needs an untied lm_head "
-                       f"({self.text_prefix}lm_head.weight, tie_word_embeddings false as in the K2.5 releases)")
+      raise ValueError(
+        f"{where}: tie_word_embeddings is {value}; kimi-jax needs an untied lm_head "
+        f"({self.text_prefix}lm_head.weight, tie_word_embeddings false as in the K2.5 releases)"
+      )
     text["tie_word_embeddings"] = False
     outer, inner = hf.get("quantization_config"), text.get("quantization_config")
     if outer and inner and outer != inner:
-      raise ValueError(f"{where}: quantization_config differs from text_config.quantization_config; "
-                       "keep the one that describes the stored weights")
+      raise ValueError(
+        f"{where}: quantization_config differs from text_config.quantization_config; "
+        "keep the one that describes the stored weights"
+      )
     if outer and not inner:
       text["quantization_config"] = outer
     return text
@@ -131,9 +143,14 @@ class WrapperLayout(Layout):
 
 
 K2 = Layout("k2", "Kimi K2")
-K25 = WrapperLayout("k25", "Kimi K2.5", text_prefix="language_model.",
-                    skipped_prefixes=("vision_tower.", "mm_projector."), model_type="kimi_k25",
-                    architecture="KimiK25ForConditionalGeneration")
+K25 = WrapperLayout(
+  "k25",
+  "Kimi K2.5",
+  text_prefix="language_model.",
+  skipped_prefixes=("vision_tower.", "mm_projector."),
+  model_type="kimi_k25",
+  architecture="KimiK25ForConditionalGeneration",
+)
 LAYOUTS = {layout.name: layout for layout in (K2, K25)}
 
 
@@ -159,8 +176,9 @@ def find_carried(layout: Layout, checkpoint: str, wrapper_config: str | None = N
   if wrapper_config:
     hf = json.loads(as_path(wrapper_config).read_text())
     if hf.get("model_type") != layout.model_type:
-      raise ValueError(f"{wrapper_config}: model_type {hf.get('model_type')!r} is not a {layout.title} wrapper "
-                       f"({layout.model_type!r})")
+      raise ValueError(
+        f"{wrapper_config}: model_type {hf.get('model_type')!r} is not a {layout.title} wrapper ({layout.model_type!r})"
+      )
     return layout.carried(hf)
   path = as_path(checkpoint) / WRAPPER_FILE  # local or gs://
   return json.loads(path.read_text()) if path.is_file() else None

@@ -30,10 +30,10 @@ class TrainCheckpointer:
   def __init__(self, workdir: str, *, keep: int, keep_period: int | None = None):
     self.directory = workdir_lib.as_path(workdir) / workdir_lib.CHECKPOINTS_DIR  # an epath.Path
     policies = [pp.LatestN(n=keep)] + ([pp.EveryNSteps(keep_period)] if keep_period else [])
-    options = ocp.CheckpointManagerOptions(create=True, enable_async_checkpointing=True,
-                                           preservation_policy=pp.AnyPreservationPolicy(policies))
-    self._manager = ocp.CheckpointManager(self.directory, options=options,
-                                          item_names=("state", "opt_state", "data"))
+    options = ocp.CheckpointManagerOptions(
+      create=True, enable_async_checkpointing=True, preservation_policy=pp.AnyPreservationPolicy(policies)
+    )
+    self._manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "opt_state", "data"))
 
   def latest_step(self) -> int | None:
     return self._manager.latest_step()
@@ -43,16 +43,25 @@ class TrainCheckpointer:
 
   def save(self, step: int, state: Any, opt_state: Any, data_state: dict) -> None:
     """Starts an async save; call `wait()` before exiting."""
-    self._manager.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state), opt_state=ocp.args.StandardSave(opt_state),
-        data=ocp.args.JsonSave(data_state)))
+    self._manager.save(
+      step,
+      args=ocp.args.Composite(
+        state=ocp.args.StandardSave(state),
+        opt_state=ocp.args.StandardSave(opt_state),
+        data=ocp.args.JsonSave(data_state),
+      ),
+    )
 
   def restore(self, step: int, abstract_state: Any, abstract_opt_state: Any) -> tuple[Any, Any, dict]:
     fallback = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-    out = self._manager.restore(step, args=ocp.args.Composite(
+    out = self._manager.restore(
+      step,
+      args=ocp.args.Composite(
         state=ocp.args.StandardRestore(abstract_state, fallback_sharding=fallback),
         opt_state=ocp.args.StandardRestore(abstract_opt_state, fallback_sharding=fallback),
-        data=ocp.args.JsonRestore()))
+        data=ocp.args.JsonRestore(),
+      ),
+    )
     return out.state, out.opt_state, out.data
 
   def wait(self) -> None:
@@ -60,4 +69,3 @@ class TrainCheckpointer:
 
   def close(self) -> None:
     self._manager.close()
-

@@ -14,9 +14,9 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from flax import nnx
 import jax
 import orbax.checkpoint as ocp
-from flax import nnx
 
 from kimi_jax.checkpoint.workdir import RUN_CONFIG_FILE, Workdir, as_path, check_bucket
 from kimi_jax.config import ModelConfig
@@ -57,8 +57,10 @@ def workdir_state(workdir: str) -> tuple[ModelConfig, str]:
   """(model config, Orbax item dir of the model state) of a training workdir's latest checkpoint."""
   wd = Workdir(workdir)
   if not wd.is_run():
-    raise FileNotFoundError(f"{workdir} is neither a model checkpoint ({CONFIG_FILE} + {STATE_DIR}/) nor a "
-                            f"training workdir ({RUN_CONFIG_FILE})")
+    raise FileNotFoundError(
+      f"{workdir} is neither a model checkpoint ({CONFIG_FILE} + {STATE_DIR}/) nor a "
+      f"training workdir ({RUN_CONFIG_FILE})"
+    )
   cfg, item_dir = wd.latest_model_state()
   return cfg, str(item_dir)
 
@@ -115,8 +117,9 @@ def load_any(directory: str, shardings: PyTree | None = None, **runtime: Any):
   return cfg, _build(cfg, restore_state(directory, cfg, shardings))
 
 
-def init_state_from(directory: str, cfg: ModelConfig,
-                    shardings: tuple[PyTree, PyTree] | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
+def init_state_from(
+  directory: str, cfg: ModelConfig, shardings: tuple[PyTree, PyTree] | None = None
+) -> tuple[dict[str, Any], dict[str, Any]]:
   """Initial (params, rest) for a training run from a converted HF checkpoint, a model checkpoint or another
   run's workdir: pure dicts shaped like `nnx.split(KimiK2(cfg), nnx.Param, ...)[1:]` (`.to_pure_dict()`), in
   cfg.param_dtype. shardings: optional (params_shardings, rest_shardings) pytrees matching them.
@@ -137,6 +140,7 @@ def _build(cfg: ModelConfig, state: dict[str, Any]):
 
 def _split_like(tree: dict[str, Any], params: dict[str, Any]) -> dict[str, dict[str, Any]]:
   """{"params": the leaves of `tree` whose paths are in `params`, "rest": the others}."""
+
   def go(node, p):
     ours, rest = {}, {}
     for k, v in node.items():

@@ -20,9 +20,10 @@ Paths are tuples of dict keys, e.g. ("moe_layers", "mlp", "experts", "gate").
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 import json
 import os
-from typing import Any, Iterable
+from typing import Any
 
 import numpy as np
 import tensorstore as ts
@@ -41,13 +42,15 @@ def context(*, cache_bytes: int = 0, concurrency: int = 8, sync: bool = True) ->
   sync=False skips the fsync after every commit (about 3x faster writes of many chunks); the caller must then
   `os.sync()` before declaring the data complete.
   """
-  return ts.Context({
+  return ts.Context(
+    {
       "cache_pool": {"total_bytes_limit": cache_bytes},
       "cache_pool#ocdbt": {"total_bytes_limit": 100_000_000},
       "data_copy_concurrency": {"limit": concurrency},
       "file_io_concurrency": {"limit": max(concurrency, 32)},
       "file_io_sync": sync,
-  })
+    }
+  )
 
 
 def _base(directory: str) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -55,11 +58,13 @@ def _base(directory: str) -> tuple[dict[str, Any], dict[str, Any]]:
   if not is_url(directory):
     root = os.path.abspath(directory) + "/"
     # Data files are only referenced once a manifest commit names them, so they need no atomic rename.
-    return ({"driver": "file", "path": root, "file_io_locking": {"mode": "non_atomic"}},
-            {"driver": "file", "path": root})
+    return (
+      {"driver": "file", "path": root, "file_io_locking": {"mode": "non_atomic"}},
+      {"driver": "file", "path": root},
+    )
   if not directory.startswith("gs://"):
     raise ValueError(f"{directory}: only local paths and gs:// URLs can hold Orbax arrays")
-  bucket, _, prefix = directory[len("gs://"):].partition("/")
+  bucket, _, prefix = directory[len("gs://") :].partition("/")
   prefix = prefix.strip("/")
   if not bucket:
     raise ValueError(f"{directory}: no bucket in the URL (gs://BUCKET/PATH)")
@@ -71,11 +76,11 @@ def _base(directory: str) -> tuple[dict[str, Any], dict[str, Any]]:
 def _kvstore(directory: str, path: Path, *, write: bool) -> dict[str, Any]:
   base, manifest = _base(directory)
   spec = {
-      "driver": "ocdbt",
-      "base": base,
-      "manifest": manifest,
-      "cache_pool": "cache_pool#ocdbt",
-      "path": ".".join(path),
+    "driver": "ocdbt",
+    "base": base,
+    "manifest": manifest,
+    "cache_pool": "cache_pool#ocdbt",
+    "path": ".".join(path),
   }
   if write:
     # Small values (the .zarray files) inline in the tree and one manifest file, as Orbax writes them. Unlike
@@ -86,21 +91,22 @@ def _kvstore(directory: str, path: Path, *, write: bool) -> dict[str, Any]:
   return spec
 
 
-def create_array(directory: str, path: Path, shape: tuple[int, ...], dtype: np.dtype, chunks: tuple[int, ...],
-                 ctx: ts.Context) -> ts.TensorStore:
+def create_array(
+  directory: str, path: Path, shape: tuple[int, ...], dtype: np.dtype, chunks: tuple[int, ...], ctx: ts.Context
+) -> ts.TensorStore:
   """Create (or, when resuming, reopen) the uncompressed zarr array for leaf `path` of the item at `directory`.
 
   Writes that cover whole chunks never read anything back, so callers write chunk-aligned blocks.
   """
   spec = {
-      "driver": "zarr",
-      "kvstore": _kvstore(directory, path, write=True),
-      "metadata": {"shape": list(shape), "chunks": list(chunks), "compressor": None},
-      "dtype": np.dtype(dtype).name,
-      # Orbax restores raise on missing chunks, so chunks equal to the fill value (zeros) must be written too.
-      "store_data_equal_to_fill_value": True,
-      "recheck_cached_data": False,
-      "recheck_cached_metadata": False,
+    "driver": "zarr",
+    "kvstore": _kvstore(directory, path, write=True),
+    "metadata": {"shape": list(shape), "chunks": list(chunks), "compressor": None},
+    "dtype": np.dtype(dtype).name,
+    # Orbax restores raise on missing chunks, so chunks equal to the fill value (zeros) must be written too.
+    "store_data_equal_to_fill_value": True,
+    "recheck_cached_data": False,
+    "recheck_cached_metadata": False,
   }
   return ts.open(spec, create=True, open=True, context=ctx).result()
 
@@ -145,11 +151,20 @@ def write_tree_metadata(directory: str, paths: Iterable[Path]) -> None:
   Leaves are declared as numpy arrays: they carry no saved sharding, so Orbax restores them onto whatever
   shardings the caller asks for (or as host numpy arrays when none is given).
   """
-  tree = {str(tuple(path)): {"key_metadata": [{"key": k, "key_type": 2} for k in path],  # 2: dict key
-                             "value_metadata": {"value_type": "np.ndarray", "skip_deserialize": False}}
-          for path in paths}
-  meta = {"tree_metadata": tree, "use_ocdbt": True, "use_zarr3": False,
-          "store_array_data_equal_to_fill_value": True, "custom_metadata": None}
+  tree = {
+    str(tuple(path)): {
+      "key_metadata": [{"key": k, "key_type": 2} for k in path],  # 2: dict key
+      "value_metadata": {"value_type": "np.ndarray", "skip_deserialize": False},
+    }
+    for path in paths
+  }
+  meta = {
+    "tree_metadata": tree,
+    "use_ocdbt": True,
+    "use_zarr3": False,
+    "store_array_data_equal_to_fill_value": True,
+    "custom_metadata": None,
+  }
   if is_url(directory):  # an object appears whole or not at all
     (as_path(directory) / METADATA_FILE).write_text(json.dumps(meta))
     # Orbax takes an item on object storage (no atomic directory rename there) as finished only with this file.
@@ -175,6 +190,10 @@ def read_tree_paths(directory: str) -> list[Path]:
 def open_array(directory: str, path: Path, ctx: ts.Context) -> ts.TensorStore:
   """Open leaf `path` of an Orbax item (ours or Orbax-written) for reading slices."""
   zarr3 = json.loads((as_path(directory) / METADATA_FILE).read_text()).get("use_zarr3", False)
-  spec = {"driver": "zarr3" if zarr3 else "zarr", "kvstore": _kvstore(directory, path, write=False),
-          "recheck_cached_data": False, "recheck_cached_metadata": False}
+  spec = {
+    "driver": "zarr3" if zarr3 else "zarr",
+    "kvstore": _kvstore(directory, path, write=False),
+    "recheck_cached_data": False,
+    "recheck_cached_metadata": False,
+  }
   return ts.open(spec, open=True, read=True, context=ctx).result()

@@ -42,8 +42,7 @@ class Fp8Scheme:
 
   def hf_config(self) -> dict[str, Any]:
     """The `quantization_config` of config.json, as in Kimi-K2-Instruct."""
-    return {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8",
-            "weight_block_size": list(self.block)}
+    return {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8", "weight_block_size": list(self.block)}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,28 +65,33 @@ def scheme_from_hf(hf_config: dict[str, Any], where: str) -> Fp8Scheme | Int4Sch
     return Fp8Scheme((block[0], block[1]))
   if method == "compressed-tensors":
     if q.get("format") != "pack-quantized":
-      raise ValueError(f"{where}: compressed-tensors format {q.get('format')!r} is not supported "
-                       "(expected pack-quantized)")
+      raise ValueError(
+        f"{where}: compressed-tensors format {q.get('format')!r} is not supported (expected pack-quantized)"
+      )
     weights = [g.get("weights") or {} for g in q.get("config_groups", {}).values()]
     for w in weights:
       if (w.get("num_bits"), w.get("type"), w.get("symmetric"), w.get("strategy")) != (4, "int", True, "group"):
-        raise ValueError(f"{where}: compressed-tensors weights {w!r} are not supported (expected num_bits 4, "
-                         "type int, symmetric, strategy group)")
+        raise ValueError(
+          f"{where}: compressed-tensors weights {w!r} are not supported (expected num_bits 4, "
+          "type int, symmetric, strategy group)"
+        )
     groups = sorted({w.get("group_size") for w in weights}, key=str)
     if len(groups) != 1 or not isinstance(groups[0], int) or groups[0] % _INT4_PER_WORD:
       raise ValueError(f"{where}: compressed-tensors needs one group_size, a multiple of 8; got {groups}")
     return Int4Scheme(groups[0])
-  raise ValueError(f"{where}: quantization_config quant_method {method!r} is not supported "
-                   "(expected fp8 or compressed-tensors)")
+  raise ValueError(
+    f"{where}: quantization_config quant_method {method!r} is not supported (expected fp8 or compressed-tensors)"
+  )
 
 
-def fp8_dequantize(wq: np.ndarray, scale: np.ndarray, block: tuple[int, int], row0: int = 0, *,
-                   transpose: bool = False) -> np.ndarray:
+def fp8_dequantize(
+  wq: np.ndarray, scale: np.ndarray, block: tuple[int, int], row0: int = 0, *, transpose: bool = False
+) -> np.ndarray:
   """wq: [r, C] float8_e4m3fn, rows row0.. of the weight; scale: [ceil(R/br), ceil(C/bc)] f32
   -> [r, C] f32, or [C, r] with `transpose` (C-contiguous either way)."""
   br, bc = block
   out = transpose_cast(wq, np.float32, transpose)
-  col_scale = np.repeat(scale.astype(np.float32), bc, axis=1)[:, :wq.shape[1]]  # [ceil(R/br), C]
+  col_scale = np.repeat(scale.astype(np.float32), bc, axis=1)[:, : wq.shape[1]]  # [ceil(R/br), C]
   for b in range(row0 // br, (row0 + wq.shape[0] - 1) // br + 1):  # the block rows these rows touch
     rows = slice(max(b * br - row0, 0), (b + 1) * br - row0)
     if transpose:
@@ -131,8 +135,9 @@ def int4_pack(q: np.ndarray) -> np.ndarray:
   return words.astype(np.uint32).view(np.int32)
 
 
-def int4_dequantize(packed: np.ndarray, scale: np.ndarray, columns: int, group: int, *,
-                    transpose: bool = False) -> np.ndarray:
+def int4_dequantize(
+  packed: np.ndarray, scale: np.ndarray, columns: int, group: int, *, transpose: bool = False
+) -> np.ndarray:
   """packed: [R, C/8] int32; scale: [R, C/G] -> W: [R, C] f32, or [C, R] with `transpose`."""
   q = int4_unpack(packed, columns, transpose=transpose).astype(np.float32)
   scale = scale.astype(np.float32)

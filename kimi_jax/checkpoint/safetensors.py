@@ -9,21 +9,28 @@ are one contiguous byte range, which is what lets converters stream tensors larg
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 import json
 import math
 import os
 import struct
 import threading
-from typing import Callable, Iterable, Iterator, Mapping, Sequence
 
 import ml_dtypes
 import numpy as np
 
 DTYPES: dict[str, np.dtype] = {
-    "F64": np.dtype(np.float64), "F32": np.dtype(np.float32), "F16": np.dtype(np.float16),
-    "BF16": np.dtype(ml_dtypes.bfloat16), "F8_E4M3": np.dtype(ml_dtypes.float8_e4m3fn),
-    "I64": np.dtype(np.int64), "I32": np.dtype(np.int32), "I16": np.dtype(np.int16), "I8": np.dtype(np.int8),
-    "U8": np.dtype(np.uint8), "BOOL": np.dtype(np.bool_),
+  "F64": np.dtype(np.float64),
+  "F32": np.dtype(np.float32),
+  "F16": np.dtype(np.float16),
+  "BF16": np.dtype(ml_dtypes.bfloat16),
+  "F8_E4M3": np.dtype(ml_dtypes.float8_e4m3fn),
+  "I64": np.dtype(np.int64),
+  "I32": np.dtype(np.int32),
+  "I16": np.dtype(np.int16),
+  "I8": np.dtype(np.int8),
+  "U8": np.dtype(np.uint8),
+  "BOOL": np.dtype(np.bool_),
 }
 _NAMES = {v: k for k, v in DTYPES.items()}
 
@@ -56,11 +63,14 @@ class SafetensorsFile:
       dtype, shape = self.info(name)
       begin, end = entry["data_offsets"]
       if end - begin != math.prod(shape) * dtype.itemsize:
-        raise SafetensorsError(f"{path}: tensor {name!r} has {end - begin} bytes but {entry['dtype']}{shape} "
-                               f"needs {math.prod(shape) * dtype.itemsize}")
+        raise SafetensorsError(
+          f"{path}: tensor {name!r} has {end - begin} bytes but {entry['dtype']}{shape} "
+          f"needs {math.prod(shape) * dtype.itemsize}"
+        )
       if self._base + end > size:
-        raise SafetensorsError(f"{path}: tensor {name!r} ends at byte {self._base + end} beyond the file size "
-                               f"{size} (truncated file?)")
+        raise SafetensorsError(
+          f"{path}: tensor {name!r} ends at byte {self._base + end} beyond the file size {size} (truncated file?)"
+        )
 
   def names(self) -> list[str]:
     return list(self._header)
@@ -68,8 +78,9 @@ class SafetensorsFile:
   def info(self, name: str) -> tuple[np.dtype, tuple[int, ...]]:
     entry = self._entry(name)
     if entry["dtype"] not in DTYPES:
-      raise SafetensorsError(f"{self.path}: tensor {name!r} has unknown dtype {entry['dtype']!r} "
-                             f"(known: {', '.join(DTYPES)})")
+      raise SafetensorsError(
+        f"{self.path}: tensor {name!r} has unknown dtype {entry['dtype']!r} (known: {', '.join(DTYPES)})"
+      )
     return DTYPES[entry["dtype"]], tuple(entry["shape"])
 
   def get(self, name: str, rows: tuple[int, int] | None = None) -> np.ndarray:
@@ -158,7 +169,7 @@ class _RemoteBytes:
       data = self.read(offset + start, n)
       if len(data) != n:
         raise SafetensorsError(f"{self.path}: unexpected end of object at byte {offset + start + len(data)}")
-      buf[start:start + n] = np.frombuffer(data, np.uint8)
+      buf[start : start + n] = np.frombuffer(data, np.uint8)
 
   def close(self) -> None:
     pass
@@ -167,8 +178,7 @@ class _RemoteBytes:
 class TensorSpec:
   """One tensor of a file being written: its name, dtype, shape and a producer of its bytes in row order."""
 
-  def __init__(self, name: str, dtype: np.dtype, shape: Sequence[int],
-               blocks: Callable[[], Iterable[np.ndarray]]):
+  def __init__(self, name: str, dtype: np.dtype, shape: Sequence[int], blocks: Callable[[], Iterable[np.ndarray]]):
     self.name, self.dtype, self.shape, self.blocks = name, np.dtype(dtype), tuple(shape), blocks
     if self.dtype not in _NAMES:
       raise SafetensorsError(f"tensor {name!r} has unsupported dtype {self.dtype}")
@@ -187,8 +197,11 @@ def write_streaming(path: str, specs: Sequence[TensorSpec], metadata: Mapping[st
   """
   header, offset = {}, 0
   for spec in specs:
-    header[spec.name] = {"dtype": _NAMES[spec.dtype], "shape": list(spec.shape),
-                         "data_offsets": [offset, offset + spec.nbytes]}
+    header[spec.name] = {
+      "dtype": _NAMES[spec.dtype],
+      "shape": list(spec.shape),
+      "data_offsets": [offset, offset + spec.nbytes],
+    }
     offset += spec.nbytes
   if metadata:
     header["__metadata__"] = dict(metadata)
@@ -211,8 +224,11 @@ def write_streaming(path: str, specs: Sequence[TensorSpec], metadata: Mapping[st
   return offset
 
 
-def write(path: str, tensors: Mapping[str, np.ndarray] | Iterable[tuple[str, np.ndarray]],
-          metadata: Mapping[str, str] | None = None) -> int:
+def write(
+  path: str,
+  tensors: Mapping[str, np.ndarray] | Iterable[tuple[str, np.ndarray]],
+  metadata: Mapping[str, str] | None = None,
+) -> int:
   """Write in-memory tensors (in the given order) to `path`; returns the number of data bytes."""
   items = list(tensors.items() if isinstance(tensors, Mapping) else tensors)
   return write_streaming(path, [TensorSpec(n, a.dtype, a.shape, _single(a)) for n, a in items], metadata)

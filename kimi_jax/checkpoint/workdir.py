@@ -48,8 +48,10 @@ def as_path(path: str | os.PathLike) -> epath.Path:
   return epath.Path(path if is_url(path) else os.path.abspath(path))
 
 
-LOGIN_FIX = ("run `gcloud auth application-default login` (or set GOOGLE_APPLICATION_CREDENTIALS to a key file); on "
-             "a Cloud TPU / GCE VM, the VM's service account is used")
+LOGIN_FIX = (
+  "run `gcloud auth application-default login` (or set GOOGLE_APPLICATION_CREDENTIALS to a key file); on "
+  "a Cloud TPU / GCE VM, the VM's service account is used"
+)
 _checked: set[tuple[str, bool]] = set()  # (bucket, write) pairs already found reachable by this process
 
 
@@ -64,7 +66,7 @@ def check_bucket(path: str | os.PathLike, *, write: bool = False) -> None:
   path = os.fspath(path)
   if not path.startswith("gs://"):
     return
-  bucket, _, prefix = path[len("gs://"):].partition("/")
+  bucket, _, prefix = path[len("gs://") :].partition("/")
   if (bucket, write) in _checked or (bucket, True) in _checked:
     return
   try:
@@ -74,9 +76,11 @@ def check_bucket(path: str | os.PathLike, *, write: bool = False) -> None:
   except Exception as e:  # credentials, permissions, network: gcsfs/google-auth raise many types
     raise storage_error(path, e) from e
   if not exists:
-    raise FileNotFoundError(f"{path}: bucket gs://{bucket} does not exist or these credentials cannot see it; "
-                            f"create it (`gcloud storage buckets create gs://{bucket}`), fix the URL, or log in "
-                            "(`gcloud auth application-default login`)")
+    raise FileNotFoundError(
+      f"{path}: bucket gs://{bucket} does not exist or these credentials cannot see it; "
+      f"create it (`gcloud storage buckets create gs://{bucket}`), fix the URL, or log in "
+      "(`gcloud auth application-default login`)"
+    )
   probe = "/".join(filter(None, [prefix.strip("/"), f".kimi-jax-access-check-{os.getpid()}-{time.time_ns()}"]))
   try:
     import tensorstore as ts
@@ -96,18 +100,34 @@ def check_bucket(path: str | os.PathLike, *, write: bool = False) -> None:
 
 def storage_error(path: str, e: BaseException, *, write: bool = False) -> Exception:
   """`e` (from gcsfs, google-auth or tensorstore, reaching gs://`path`) as one line naming the URL and the fix."""
-  text, bucket = str(e), path[len("gs://"):].split("/", 1)[0]
+  text, bucket = str(e), path[len("gs://") :].split("/", 1)[0]
   cause = first_line(e).split(" [http_response_body=")[0][:300]  # tensorstore appends the whole response
-  if any(s in text for s in ("401", "UNAUTHENTICATED", "Anonymous caller", "nvalid Credentials", "credentials file",
-                             "DefaultCredentialsError")) or type(e).__name__ == "DefaultCredentialsError":
+  if (
+    any(
+      s in text
+      for s in (
+        "401",
+        "UNAUTHENTICATED",
+        "Anonymous caller",
+        "nvalid Credentials",
+        "credentials file",
+        "DefaultCredentialsError",
+      )
+    )
+    or type(e).__name__ == "DefaultCredentialsError"
+  ):
     return PermissionError(f"{path}: no usable credentials for gs://{bucket} ({cause}); {LOGIN_FIX}")
   if any(s in text for s in ("403", "PERMISSION_DENIED", "Forbidden", "does not have storage.")):
     role = "roles/storage.objectAdmin" if write else "roles/storage.objectViewer"
-    return PermissionError(f"{path}: permission denied on gs://{bucket} ({cause}); grant this account {role} on the "
-                           f"bucket (`gcloud storage buckets add-iam-policy-binding gs://{bucket} --member=ACCOUNT "
-                           f"--role={role}`) or log in as another (`gcloud auth application-default login`)")
-  return RuntimeError(f"{path}: cannot reach bucket gs://{bucket} ({type(e).__name__}: {cause}); check the network "
-                      "and `gcloud auth application-default login`")
+    return PermissionError(
+      f"{path}: permission denied on gs://{bucket} ({cause}); grant this account {role} on the "
+      f"bucket (`gcloud storage buckets add-iam-policy-binding gs://{bucket} --member=ACCOUNT "
+      f"--role={role}`) or log in as another (`gcloud auth application-default login`)"
+    )
+  return RuntimeError(
+    f"{path}: cannot reach bucket gs://{bucket} ({type(e).__name__}: {cause}); check the network "
+    "and `gcloud auth application-default login`"
+  )
 
 
 def write_text_atomically(path: epath.Path, text: str) -> None:
@@ -192,13 +212,15 @@ class Workdir:
     diff = {k: (saved[k], v) for k, v in cfg.architecture().items() if saved.get(k) != v}
     if diff:
       changes = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in sorted(diff.items()))
-      raise ValueError(f"{self.url} holds a checkpoint of another model config ({changes}); "
-                       "use a new --workdir or the original config")
+      raise ValueError(
+        f"{self.url} holds a checkpoint of another model config ({changes}); use a new --workdir or the original config"
+      )
 
   def write_run_config(self, cfg: ModelConfig, train_config: dict[str, Any]) -> None:
     # Other processes may be reading it (check_architecture) while process 0 writes it.
-    write_text_atomically(self.run_config_path,
-                          json.dumps({"model": cfg.to_dict(), "train": train_config}, indent=2, default=str))
+    write_text_atomically(
+      self.run_config_path, json.dumps({"model": cfg.to_dict(), "train": train_config}, indent=2, default=str)
+    )
 
   def checkpointer(self, *, keep: int, keep_period: int | None = None):
     from kimi_jax.checkpoint.manager import TrainCheckpointer

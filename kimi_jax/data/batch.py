@@ -40,10 +40,19 @@ class Batch(NamedTuple):
     target counts in the loss (synthetic batches for benchmarks and tests)."""
     inputs, targets = np.asarray(inputs, DTYPES.inputs), np.asarray(targets, DTYPES.targets)
     b, s = inputs.shape
-    return cls(inputs=inputs, targets=targets, segment_ids=np.ones((b, s), DTYPES.segment_ids),
-               positions=np.tile(np.arange(s, dtype=DTYPES.positions), (b, 1)),
-               loss_mask=np.ones((b, s), DTYPES.loss_mask))
+    return cls(
+      inputs=inputs,
+      targets=targets,
+      segment_ids=np.ones((b, s), DTYPES.segment_ids),
+      positions=np.tile(np.arange(s, dtype=DTYPES.positions), (b, 1)),
+      loss_mask=np.ones((b, s), DTYPES.loss_mask),
+    )
 
 
-DTYPES = Batch(inputs=np.dtype(np.int32), targets=np.dtype(np.int32), segment_ids=np.dtype(np.int32),
-               positions=np.dtype(np.int32), loss_mask=np.dtype(np.float32))  # each field's dtype
+DTYPES = Batch(
+  inputs=np.dtype(np.int32),
+  targets=np.dtype(np.int32),
+  segment_ids=np.dtype(np.int32),
+  positions=np.dtype(np.int32),
+  loss_mask=np.dtype(np.float32),
+)  # each field's dtype

@@ -46,15 +46,19 @@ class ToolCallParseError(ValueError):
   """A malformed tool-calls section in generated text."""
 
 
-def chat_segments(messages: Sequence[Mapping[str, Any]], tools: Sequence[Mapping[str, Any]] | None = None,
-                  add_generation_prompt: bool = True) -> list[Segment]:
+def chat_segments(
+  messages: Sequence[Mapping[str, Any]],
+  tools: Sequence[Mapping[str, Any]] | None = None,
+  add_generation_prompt: bool = True,
+) -> list[Segment]:
   """The conversation as alternating special tokens and text runs (adjacent text merged)."""
   if not messages:
     raise ValueError("messages is empty")
   segments: list[Segment] = []
   if tools:
-    segments += _turn(IM_SYSTEM, "tool_declare", [(False, json.dumps(list(tools), ensure_ascii=False,
-                                                                        separators=(",", ":")))])
+    segments += _turn(
+      IM_SYSTEM, "tool_declare", [(False, json.dumps(list(tools), ensure_ascii=False, separators=(",", ":")))]
+    )
   if messages[0].get("role") != "system":
     segments += _turn(IM_SYSTEM, "system", [(False, DEFAULT_SYSTEM_PROMPT)])
   for i, message in enumerate(messages):
@@ -64,14 +68,21 @@ def chat_segments(messages: Sequence[Mapping[str, Any]], tools: Sequence[Mapping
   return _merge_text(segments)
 
 
-def render_chat(messages: Sequence[Mapping[str, Any]], tools: Sequence[Mapping[str, Any]] | None = None,
-                add_generation_prompt: bool = True) -> str:
+def render_chat(
+  messages: Sequence[Mapping[str, Any]],
+  tools: Sequence[Mapping[str, Any]] | None = None,
+  add_generation_prompt: bool = True,
+) -> str:
   """The conversation as template text (markers spelled out)."""
   return "".join(text for _, text in chat_segments(messages, tools, add_generation_prompt))
 
 
-def encode_chat(tokenizer: KimiTokenizer, messages: Sequence[Mapping[str, Any]],
-                tools: Sequence[Mapping[str, Any]] | None = None, add_generation_prompt: bool = True) -> list[int]:
+def encode_chat(
+  tokenizer: KimiTokenizer,
+  messages: Sequence[Mapping[str, Any]],
+  tools: Sequence[Mapping[str, Any]] | None = None,
+  add_generation_prompt: bool = True,
+) -> list[int]:
   """The conversation as token ids: [S]. Ends with the generation prompt unless add_generation_prompt=False."""
   ids: list[int] = []
   for special, text in chat_segments(messages, tools, add_generation_prompt):
@@ -95,7 +106,7 @@ def parse_tool_calls(text: str) -> list[dict[str, Any]]:
     raise ToolCallParseError(f"the tool-calls section is not closed by {SECTION_END} (was the output cut off?)")
   if SECTION_BEGIN in text[end:]:
     raise ToolCallParseError("more than one tool-calls section")
-  rest = text[begin + len(SECTION_BEGIN):end].strip()
+  rest = text[begin + len(SECTION_BEGIN) : end].strip()
   if not rest:
     raise ToolCallParseError("the tool-calls section holds no tool call")
   calls = []
@@ -159,7 +170,7 @@ def _parse_call(text: str, n: int) -> tuple[dict[str, Any], str]:
   end = text.find(CALL_END)
   if end < 0:
     raise ToolCallParseError(f"tool call {n} is not closed by {CALL_END}")
-  body = text[len(CALL_BEGIN):end]
+  body = text[len(CALL_BEGIN) : end]
   header, sep, arguments = body.partition(ARGUMENT_BEGIN)
   if not sep:
     raise ToolCallParseError(f"tool call {n} has no {ARGUMENT_BEGIN}: {body[:60]!r}")
@@ -172,13 +183,16 @@ def _parse_call(text: str, n: int) -> tuple[dict[str, Any], str]:
   try:
     parsed = json.loads(arguments)
   except json.JSONDecodeError as e:
-    raise ToolCallParseError(f"tool call {n} ({header.strip()}): arguments are not valid JSON ({e.msg} at "
-                             f"character {e.pos}): {arguments.strip()[:80]!r}") from e
+    raise ToolCallParseError(
+      f"tool call {n} ({header.strip()}): arguments are not valid JSON ({e.msg} at "
+      f"character {e.pos}): {arguments.strip()[:80]!r}"
+    ) from e
   if not isinstance(parsed, dict):
-    raise ToolCallParseError(f"tool call {n} ({header.strip()}): arguments must be a JSON object, "
-                             f"got {type(parsed).__name__}")
+    raise ToolCallParseError(
+      f"tool call {n} ({header.strip()}): arguments must be a JSON object, got {type(parsed).__name__}"
+    )
   call = {"name": match["name"], "index": int(match["index"]), "arguments": parsed}
-  return call, text[end + len(CALL_END):]
+  return call, text[end + len(CALL_END) :]
 
 
 def _merge_text(segments: list[Segment]) -> list[Segment]:

@@ -42,11 +42,11 @@ _PREFETCH_BATCHES = 4
 
 
 def make_document_dataset(
-    source: DocumentSource,
-    *,
-    seed: int,
-    process_index: int = 0,
-    process_count: int = 1,
+  source: DocumentSource,
+  *,
+  seed: int,
+  process_index: int = 0,
+  process_count: int = 1,
 ) -> grain.MapDataset:
   """One shuffled epoch of this process's documents (each int32 [L]); `.repeat()` reshuffles each epoch.
 
@@ -70,20 +70,22 @@ class SplitIntoChunks(grain.experimental.FlatMapTransform):
 
   def flat_map(self, doc: np.ndarray) -> list[dict[str, np.ndarray]]:
     targets = np.append(doc[1:], np.int32(self.pad_id))
-    return [{"inputs": doc[a:a + self.seq_len], "targets": targets[a:a + self.seq_len]}
-            for a in range(0, len(doc), self.seq_len)]
+    return [
+      {"inputs": doc[a : a + self.seq_len], "targets": targets[a : a + self.seq_len]}
+      for a in range(0, len(doc), self.seq_len)
+    ]
 
 
 def make_train_iterator(
-    *,
-    tokenizer: Tokenizer,
-    seq_len: int,
-    batch_size: int,
-    seed: int,
-    documents: Sequence[str] | None = None,
-    source: DocumentSource | None = None,
-    process_index: int = 0,
-    process_count: int = 1,
+  *,
+  tokenizer: Tokenizer,
+  seq_len: int,
+  batch_size: int,
+  seed: int,
+  documents: Sequence[str] | None = None,
+  source: DocumentSource | None = None,
+  process_index: int = 0,
+  process_count: int = 1,
 ) -> grain.DatasetIterator:
   """Endless iterator of packed next-token batches for this process (see the module docstring).
 
@@ -112,12 +114,12 @@ def make_train_iterator(
   pad = tokenizer.pad_id
   ds = grain.experimental.FlatMapIterDataset(ds, SplitIntoChunks(seq_len, pad))
   ds = grain.experimental.FirstFitPackIterDataset(
-      ds,
-      length_struct={"inputs": seq_len, "targets": seq_len},
-      num_packing_bins=max(batch_size, 128),  # more bins, less padding: ~1% at S=256, ~6% at S=4096 (KJV)
-      seed=_scramble(seed, 1),
-      shuffle_bins=True,
-      padding_struct={"inputs": pad, "targets": pad},
+    ds,
+    length_struct={"inputs": seq_len, "targets": seq_len},
+    num_packing_bins=max(batch_size, 128),  # more bins, less padding: ~1% at S=256, ~6% at S=4096 (KJV)
+    seed=_scramble(seed, 1),
+    shuffle_bins=True,
+    padding_struct={"inputs": pad, "targets": pad},
   )
   ds = ds.batch(batch_size, drop_remainder=True).map(functools.partial(_to_model_batch, pad_id=pad))
   return iter(grain.experimental.ThreadPrefetchIterDataset(ds, prefetch_buffer_size=_PREFETCH_BATCHES))
@@ -132,11 +134,11 @@ def _scramble(seed: int, stream: int) -> int:
 def _to_model_batch(packed: dict[str, np.ndarray], *, pad_id: int) -> Batch:
   """grain's packing outputs (all [B, S]) as a Batch, with loss_mask [B, S] derived from the targets."""
   return Batch(
-      inputs=packed["inputs"],
-      targets=packed["targets"],
-      segment_ids=packed["inputs_segment_ids"],
-      positions=packed["inputs_positions"],
-      loss_mask=(packed["targets"] != pad_id).astype(np.float32),
+    inputs=packed["inputs"],
+    targets=packed["targets"],
+    segment_ids=packed["inputs_segment_ids"],
+    positions=packed["inputs_positions"],
+    loss_mask=(packed["targets"] != pad_id).astype(np.float32),
   )
 
 
@@ -149,17 +151,19 @@ class ShardedBatches:
   rows as a `Batch`, [B / process_count, S] per field; `get_state` / `set_state` cover all of its streams.
   """
 
-  def __init__(self, *, num_shards: int, global_batch_size: int, process_index: int, process_count: int,
-               **stream_kwargs):
+  def __init__(
+    self, *, num_shards: int, global_batch_size: int, process_index: int, process_count: int, **stream_kwargs
+  ):
     if num_shards % process_count:
       raise ValueError(f"data_shards={num_shards} is not divisible by the {process_count} processes")
     if global_batch_size % num_shards:
       raise ValueError(f"batch_size={global_batch_size} is not divisible by data_shards={num_shards}")
     per_process = num_shards // process_count
     self._streams = [
-        make_train_iterator(batch_size=global_batch_size // num_shards, process_index=v, process_count=num_shards,
-                            **stream_kwargs)
-        for v in range(process_index * per_process, (process_index + 1) * per_process)
+      make_train_iterator(
+        batch_size=global_batch_size // num_shards, process_index=v, process_count=num_shards, **stream_kwargs
+      )
+      for v in range(process_index * per_process, (process_index + 1) * per_process)
     ]
 
   def __iter__(self):
@@ -174,7 +178,9 @@ class ShardedBatches:
 
   def set_state(self, state: dict) -> None:
     if len(state["streams"]) != len(self._streams):
-      raise ValueError(f"checkpointed data state has {len(state['streams'])} streams for this process, the "
-                       f"config gives {len(self._streams)} (data_shards or the process count changed)")
+      raise ValueError(
+        f"checkpointed data state has {len(state['streams'])} streams for this process, the "
+        f"config gives {len(self._streams)} (data_shards or the process count changed)"
+      )
     for stream, s in zip(self._streams, state["streams"]):
       stream.set_state(s)

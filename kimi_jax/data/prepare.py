@@ -61,8 +61,16 @@ class _ShardWriter:
       self.on_close(self.shards[-1]["name"])
 
 
-def prepare(inputs: str | Sequence[str], tokenizer: Tokenizer, output_dir: str, *, tokenizer_name: str,
-            shard_size: int = 50_000, text_field: str = "text", progress: bool = True) -> dict[str, Any]:
+def prepare(
+  inputs: str | Sequence[str],
+  tokenizer: Tokenizer,
+  output_dir: str,
+  *,
+  tokenizer_name: str,
+  shard_size: int = 50_000,
+  text_field: str = "text",
+  progress: bool = True,
+) -> dict[str, Any]:
   """Tokenises every document of `inputs` (paths / globs, local or gs://) into shards in `output_dir` (a directory
   or a gs:// URL); returns the metadata."""
   if shard_size < 1:
@@ -102,14 +110,14 @@ def prepare(inputs: str | Sequence[str], tokenizer: Tokenizer, output_dir: str, 
   if not num_documents:
     raise ValueError(f"{inputs!r} holds no documents")
   metadata = {
-      "tokenizer": tokenizer_name,
-      **sources.tokenizer_ids(tokenizer),
-      "dtype": "int32",
-      "text_field": text_field,
-      "inputs": paths,
-      "num_documents": num_documents,
-      "num_tokens": num_tokens,
-      "shards": writer.shards,
+    "tokenizer": tokenizer_name,
+    **sources.tokenizer_ids(tokenizer),
+    "dtype": "int32",
+    "text_field": text_field,
+    "inputs": paths,
+    "num_documents": num_documents,
+    "num_tokens": num_tokens,
+    "shards": writer.shards,
   }
   write_text_atomically(output / sources.METADATA_FILE, json.dumps(metadata, indent=2))
   return metadata
@@ -123,8 +131,9 @@ def _upload(local: str, url: epath.Path) -> None:
 
 
 def _define_flags() -> None:
-  flags.DEFINE_list("input", None, "Text files, comma-separated, globs allowed: .jsonl, .jsonl.gz, .parquet.",
-                    required=True)
+  flags.DEFINE_list(
+    "input", None, "Text files, comma-separated, globs allowed: .jsonl, .jsonl.gz, .parquet.", required=True
+  )
   flags.DEFINE_string("tokenizer", "byte", '"byte" or the path (or gs:// URL) of a tiktoken.model file.')
   flags.DEFINE_string("output", None, "Directory (or gs:// URL) for the shards and metadata.json.", required=True)
   flags.DEFINE_integer("shard_size", 50_000, "Documents per shard.", lower_bound=1)
@@ -134,10 +143,17 @@ def _define_flags() -> None:
 def main(argv: Sequence[str]) -> None:
   del argv
   f = flags.FLAGS
-  meta = prepare(f.input, load_tokenizer(f.tokenizer), f.output, tokenizer_name=f.tokenizer,
-                 shard_size=f.shard_size, text_field=f.text_field)
-  print(f"{meta['num_documents']:,} documents, {meta['num_tokens']:,} tokens in {len(meta['shards'])} shards "
-        f"-> {f.output}")
+  meta = prepare(
+    f.input,
+    load_tokenizer(f.tokenizer),
+    f.output,
+    tokenizer_name=f.tokenizer,
+    shard_size=f.shard_size,
+    text_field=f.text_field,
+  )
+  print(
+    f"{meta['num_documents']:,} documents, {meta['num_tokens']:,} tokens in {len(meta['shards'])} shards -> {f.output}"
+  )
 
 
 if __name__ == "__main__":

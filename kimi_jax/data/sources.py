@@ -108,8 +108,9 @@ class ArrayRecordDocuments:
     self._ends = np.cumsum([r.num_records() for r in self._readers])  # [num_shards]
 
   @classmethod
-  def from_urls(cls, urls: Sequence[str], *, vocab_size: int, metadata: dict[str, Any] | None = None,
-                cache_dir: str | None = None) -> ArrayRecordDocuments:
+  def from_urls(
+    cls, urls: Sequence[str], *, vocab_size: int, metadata: dict[str, Any] | None = None, cache_dir: str | None = None
+  ) -> ArrayRecordDocuments:
     """Shards in a bucket, read from local copies (see the module docstring); errors name the copy and the URL."""
     paths = cache_locally(urls, metadata=metadata, cache_dir=cache_dir)
     return cls(paths, vocab_size=vocab_size, names=[p if p == u else f"{p} (copy of {u})" for p, u in zip(paths, urls)])
@@ -122,8 +123,10 @@ class ArrayRecordDocuments:
     ours = tokenizer_ids(tokenizer)
     theirs = {k: meta.get(k) for k in ours}
     if theirs != ours:
-      raise ValueError(f"{directory} was prepared with tokenizer {meta.get('tokenizer')!r} {theirs}, but training "
-                       f"uses {ours}; prepare the data again with this tokenizer")
+      raise ValueError(
+        f"{directory} was prepared with tokenizer {meta.get('tokenizer')!r} {theirs}, but training "
+        f"uses {ours}; prepare the data again with this tokenizer"
+      )
     if is_url(directory):
       urls = [os.fspath(as_path(directory) / s["name"]) for s in meta["shards"]]
       docs = cls.from_urls(urls, vocab_size=tokenizer.vocab_size, metadata=meta, cache_dir=cache_dir)
@@ -131,8 +134,10 @@ class ArrayRecordDocuments:
       docs = cls([os.path.join(directory, s["name"]) for s in meta["shards"]], vocab_size=tokenizer.vocab_size)
     for path, shard, n in zip(docs.names, meta["shards"], np.diff(docs._ends, prepend=0)):
       if n != shard["num_documents"]:
-        raise CorruptShardError(f"ArrayRecord shard {path} holds {n} records but {METADATA_FILE} lists "
-                                f"{shard['num_documents']}: truncated or replaced")
+        raise CorruptShardError(
+          f"ArrayRecord shard {path} holds {n} records but {METADATA_FILE} lists "
+          f"{shard['num_documents']}: truncated or replaced"
+        )
     return docs
 
   def __len__(self) -> int:
@@ -161,23 +166,30 @@ def decode_record(record: bytes, *, vocab_size: int, where: str) -> np.ndarray:
   tokens = np.frombuffer(record, _RECORD_DTYPE).astype(np.int32)
   bad = tokens[(tokens < 0) | (tokens >= vocab_size)]
   if bad.size:
-    raise CorruptShardError(f"{where}: token id {bad[0]} is outside the vocabulary [0, {vocab_size}) (corrupt, or "
-                            "prepared with another tokenizer)")
+    raise CorruptShardError(
+      f"{where}: token id {bad[0]} is outside the vocabulary [0, {vocab_size}) (corrupt, or "
+      "prepared with another tokenizer)"
+    )
   return tokens
 
 
 def tokenizer_ids(tokenizer: Tokenizer) -> dict[str, int]:
   """What shards must agree on with the training tokenizer."""
-  return {"vocab_size": tokenizer.vocab_size, "bos_id": tokenizer.bos_id, "eos_id": tokenizer.eos_id,
-          "pad_id": tokenizer.pad_id}
+  return {
+    "vocab_size": tokenizer.vocab_size,
+    "bos_id": tokenizer.bos_id,
+    "eos_id": tokenizer.eos_id,
+    "pad_id": tokenizer.pad_id,
+  }
 
 
 def read_metadata(directory: str) -> dict[str, Any]:
   """DIR/metadata.json of a prepared directory (local or URL)."""
   root = as_path(directory)
   if METADATA_FILE not in {p.name for p in list_dir(root)}:  # a fresh listing, not gcsfs's cached one
-    raise FileNotFoundError(f"{directory} has no {METADATA_FILE}: not written (or not finished) by "
-                            "python -m kimi_jax.data.prepare")
+    raise FileNotFoundError(
+      f"{directory} has no {METADATA_FILE}: not written (or not finished) by python -m kimi_jax.data.prepare"
+    )
   return json.loads((root / METADATA_FILE).read_text())
 
 
@@ -195,8 +207,9 @@ def default_cache_dir() -> pathlib.Path:
   return pathlib.Path(os.environ.get("KIMI_JAX_CACHE") or "~/.cache/kimi_jax").expanduser() / "data"
 
 
-def cache_locally(urls: Sequence[str], *, metadata: dict[str, Any] | None = None,
-                  cache_dir: str | os.PathLike | None = None) -> list[str]:
+def cache_locally(
+  urls: Sequence[str], *, metadata: dict[str, Any] | None = None, cache_dir: str | os.PathLike | None = None
+) -> list[str]:
   """Local copies of the files at `urls` (ArrayRecord shards in a bucket) -> their local paths, in order; local
   paths among them are returned as they are.
 
@@ -242,8 +255,11 @@ def cache_locally(urls: Sequence[str], *, metadata: dict[str, Any] | None = None
     for target in targets.values():
       write_text_atomically(epath.Path(target / METADATA_FILE), json.dumps(metadata, indent=2))
   if targets:
-    print(f"data: copied {copied} of {sum(map(is_url, urls))} shards ({nbytes:,} bytes) from "
-          + ", ".join(f"{d} to {t}" for d, t in targets.items()), flush=True)
+    print(
+      f"data: copied {copied} of {sum(map(is_url, urls))} shards ({nbytes:,} bytes) from "
+      + ", ".join(f"{d} to {t}" for d, t in targets.items()),
+      flush=True,
+    )
   return local
 
 
@@ -302,8 +318,9 @@ def is_dir(spec: str) -> bool:
   return epath.Path(spec).is_dir()
 
 
-def open_source(spec: str, tokenizer: Tokenizer, *, text_field: str = "text",
-                cache_dir: str | None = None) -> DocumentSource:
+def open_source(
+  spec: str, tokenizer: Tokenizer, *, text_field: str = "text", cache_dir: str | None = None
+) -> DocumentSource:
   """A document source from a config string.
 
   spec: "corpus" (the embedded corpus); a directory written by `prepare`; or comma-separated files / globs,

@@ -60,7 +60,8 @@ class ByteTokenizer:
 # Kimi K2's pre-tokenisation: Han runs on their own, then words (a leading non-letter, an optional casing run,
 # lower-case letters, an English contraction), 1-3 digit groups, punctuation runs, newlines and spaces.
 # `&&` is character-class intersection (letters that are not Han).
-KIMI_PATTERN = "|".join([
+KIMI_PATTERN = "|".join(
+  [
     r"[\p{Han}]+",
     r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}&&[^\p{Han}]]*[\p{Ll}\p{Lm}\p{Lo}\p{M}&&[^\p{Han}]]+"
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)?",
@@ -71,29 +72,30 @@ KIMI_PATTERN = "|".join([
     r"\s*[\r\n]+",
     r"\s+(?!\S)",
     r"\s+",
-])
+  ]
+)
 
 NUM_SPECIAL_IDS = 256
 # Named special ids as offsets from the first one (= the number of BPE ranks); the others are reserved and named
 # `<|reserved_token_{id}|>` as in the real tokenizer.
 _NAMED_SPECIALS = {
-    0: "[BOS]",
-    1: "[EOS]",
-    2: "<|im_end|>",
-    3: "<|im_user|>",
-    4: "<|im_assistant|>",
-    6: "<|start_header_id|>",
-    7: "<|end_header_id|>",
-    9: "[EOT]",
-    10: "<|im_system|>",
-    11: "<|tool_calls_section_begin|>",
-    12: "<|tool_calls_section_end|>",
-    13: "<|tool_call_begin|>",
-    14: "<|tool_call_argument_begin|>",
-    15: "<|tool_call_end|>",
-    17: "<|im_middle|>",
-    254: "[UNK]",
-    255: "[PAD]",
+  0: "[BOS]",
+  1: "[EOS]",
+  2: "<|im_end|>",
+  3: "<|im_user|>",
+  4: "<|im_assistant|>",
+  6: "<|start_header_id|>",
+  7: "<|end_header_id|>",
+  9: "[EOT]",
+  10: "<|im_system|>",
+  11: "<|tool_calls_section_begin|>",
+  12: "<|tool_calls_section_end|>",
+  13: "<|tool_call_begin|>",
+  14: "<|tool_call_argument_begin|>",
+  15: "<|tool_call_end|>",
+  17: "<|im_middle|>",
+  254: "[UNK]",
+  255: "[PAD]",
 }
 # tiktoken cannot encode a piece of more than ~400k characters and is slow on long runs of whitespace or
 # non-whitespace; the real tokenizer cuts text at these lengths, and so do we, at the same places.
@@ -105,8 +107,8 @@ _RUNS = re.compile(r"\s+|\S+")
 def special_token_names(num_ranks: int) -> dict[str, int]:
   """All 256 special token names -> ids for a rank file of `num_ranks` ranks (163584 for Kimi K2)."""
   return {
-      _NAMED_SPECIALS.get(offset, f"<|reserved_token_{num_ranks + offset}|>"): num_ranks + offset
-      for offset in range(NUM_SPECIAL_IDS)
+    _NAMED_SPECIALS.get(offset, f"<|reserved_token_{num_ranks + offset}|>"): num_ranks + offset
+    for offset in range(NUM_SPECIAL_IDS)
   }
 
 
@@ -123,11 +125,18 @@ class KimiTokenizer:
       raise ValueError(f"{name}: BPE ranks must be exactly 0..{n - 1}, each once")
     missing = [b for b in range(256) if bytes([b]) not in mergeable_ranks]
     if missing:
-      raise ValueError(f"{name}: the rank file lacks {len(missing)} single-byte tokens (e.g. byte {missing[0]}); "
-                       "byte-level BPE needs all 256")
+      raise ValueError(
+        f"{name}: the rank file lacks {len(missing)} single-byte tokens (e.g. byte {missing[0]}); "
+        "byte-level BPE needs all 256"
+      )
     self.special_tokens = special_token_names(n)
-    self._encoding = tiktoken.Encoding(name, pat_str=KIMI_PATTERN, mergeable_ranks=mergeable_ranks,
-                                       special_tokens=self.special_tokens, explicit_n_vocab=n + NUM_SPECIAL_IDS)
+    self._encoding = tiktoken.Encoding(
+      name,
+      pat_str=KIMI_PATTERN,
+      mergeable_ranks=mergeable_ranks,
+      special_tokens=self.special_tokens,
+      explicit_n_vocab=n + NUM_SPECIAL_IDS,
+    )
     self.vocab_size = n + NUM_SPECIAL_IDS
     self.bos_id = self.special_id("[BOS]")
     self.eos_id = self.special_id("[EOS]")
@@ -159,8 +168,13 @@ class KimiTokenizer:
       raise self._unknown_special(name)
     return self.special_tokens[name]
 
-  def encode(self, text: str, add_bos: bool = False, add_eos: bool = False,
-             allowed_special: Literal["all"] | Set[str] = frozenset()) -> list[int]:
+  def encode(
+    self,
+    text: str,
+    add_bos: bool = False,
+    add_eos: bool = False,
+    allowed_special: Literal["all"] | Set[str] = frozenset(),
+  ) -> list[int]:
     """text -> ids. Special token names in `allowed_special` ("all": every one) found in text become their ids."""
     allowed = set(self.special_tokens) if allowed_special == "all" else set(allowed_special)
     unknown = allowed - self.special_tokens.keys()
@@ -188,7 +202,7 @@ class KimiTokenizer:
 def _pieces(text: str) -> Iterator[str]:
   """Cuts text every 400k characters, then inside runs of whitespace / non-whitespace longer than 25k."""
   for start in range(0, len(text), _MAX_ENCODE_CHARS):
-    window = text[start:start + _MAX_ENCODE_CHARS]
+    window = text[start : start + _MAX_ENCODE_CHARS]
     cut = 0
     for run in _RUNS.finditer(window):
       for end in range(run.start() + _MAX_RUN_CHARS, run.end(), _MAX_RUN_CHARS):
@@ -198,5 +212,5 @@ def _pieces(text: str) -> Iterator[str]:
 
 
 def load_tokenizer(spec: str) -> Tokenizer:
-  """"byte" -> ByteTokenizer; anything else is the path (or gs:// URL) of a tiktoken.model file -> KimiTokenizer."""
+  """ "byte" -> ByteTokenizer; anything else is the path (or gs:// URL) of a tiktoken.model file -> KimiTokenizer."""
   return ByteTokenizer() if spec == "byte" else KimiTokenizer.from_file(spec)

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-
 from jax.sharding import PartitionSpec as P
 
 from kimi_jax import backend, sharding
@@ -31,8 +30,17 @@ def attention_mask(segment_ids: jax.Array, *, causal: bool = True) -> jax.Array:
   return same
 
 
-def mla_attention(q_nope: jax.Array, q_rope: jax.Array, k_nope: jax.Array, k_rope: jax.Array, v: jax.Array,
-                  segment_ids: jax.Array, *, scale: float, impl: str = "xla") -> tuple[jax.Array, jax.Array]:
+def mla_attention(
+  q_nope: jax.Array,
+  q_rope: jax.Array,
+  k_nope: jax.Array,
+  k_rope: jax.Array,
+  v: jax.Array,
+  segment_ids: jax.Array,
+  *,
+  scale: float,
+  impl: str = "xla",
+) -> tuple[jax.Array, jax.Array]:
   """Causal MLA self-attention within segments.
 
   q_nope: [B, S, H, Dn], q_rope: [B, S, H, Dr], k_nope: [B, S, H, Dn], k_rope: [B, S, Dr] (shared by heads),
@@ -58,8 +66,9 @@ def mla_attention(q_nope: jax.Array, q_rope: jax.Array, k_nope: jax.Array, k_rop
   return out, max_logits
 
 
-def _flash(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array,
-           scale: float) -> tuple[jax.Array, jax.Array]:
+def _flash(
+  q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array, scale: float
+) -> tuple[jax.Array, jax.Array]:
   """The Pallas flash kernel; under a mesh, one call per (batch shard, head shard) via shard_map.
 
   Kernels cannot be partitioned by XLA, so each device runs it on its local [B/b, S, H/t, ·] block, and the
@@ -68,8 +77,16 @@ def _flash(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array,
   import pallas_kernels  # standalone package; imported only when this impl is chosen
 
   def local(q, k, v, segment_ids):
-    return pallas_kernels.flash_attention(q, k, v, segment_ids=segment_ids, causal=True, softmax_scale=scale,
-                                          return_max_logits=True, **backend.pallas_options())
+    return pallas_kernels.flash_attention(
+      q,
+      k,
+      v,
+      segment_ids=segment_ids,
+      causal=True,
+      softmax_scale=scale,
+      return_max_logits=True,
+      **backend.pallas_options(),
+    )
 
   mesh = sharding.active_mesh()
   if mesh is None:
@@ -82,12 +99,21 @@ def _flash(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array,
     return out, jax.lax.pmax(jax.lax.stop_gradient(max_logits), batch)  # no tangent: pmax has no JVP
 
   # check_vma=False: pallas_call's outputs carry no varying-axes annotation.
-  return jax.shard_map(sharded, mesh=mesh, in_specs=(qkv, qkv, qkv, P(batch, None)),
-                       out_specs=(qkv, P(heads)), check_vma=False)(q, k, v, segment_ids)
+  return jax.shard_map(
+    sharded, mesh=mesh, in_specs=(qkv, qkv, qkv, P(batch, None)), out_specs=(qkv, P(heads)), check_vma=False
+  )(q, k, v, segment_ids)
 
 
-def latent_attention(q_latent: jax.Array, q_rope: jax.Array, cache_latent: jax.Array, cache_rope: jax.Array,
-                     lengths: jax.Array, scale: float, *, impl: str = "auto") -> jax.Array:
+def latent_attention(
+  q_latent: jax.Array,
+  q_rope: jax.Array,
+  cache_latent: jax.Array,
+  cache_rope: jax.Array,
+  lengths: jax.Array,
+  scale: float,
+  *,
+  impl: str = "auto",
+) -> jax.Array:
   """Multi-query attention over the latent cache, the latent being both key (with the rope key) and value.
 
   q_latent: [B, H, C]; q_rope: [B, H, Dr]; cache_latent: [B, T, C]; cache_rope: [B, T, Dr]; lengths: [B] ≥ 1.
@@ -97,8 +123,9 @@ def latent_attention(q_latent: jax.Array, q_rope: jax.Array, cache_latent: jax.A
   if backend.resolve("attention", impl) == "pallas":
     import pallas_kernels  # standalone package; imported only when this impl is chosen
 
-    return pallas_kernels.mla_decode(q_latent, q_rope, cache_latent, cache_rope, lengths, scale,
-                                     **backend.pallas_options())
+    return pallas_kernels.mla_decode(
+      q_latent, q_rope, cache_latent, cache_rope, lengths, scale, **backend.pallas_options()
+    )
   f32 = jnp.float32
   logits = jnp.einsum("bhc,btc->bht", q_latent, cache_latent, preferred_element_type=f32)
   logits += jnp.einsum("bhr,btr->bht", q_rope, cache_rope, preferred_element_type=f32)

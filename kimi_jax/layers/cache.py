@@ -40,8 +40,9 @@ def cache_spec(cfg: ModelConfig, kind: str) -> dict[str, tuple[int, ...]]:
   raise ValueError(f"cache kind must be one of {CACHE_KINDS}, got {kind!r}")
 
 
-def cache_entry(kind: str, latent: jax.Array, k_rope: jax.Array, k_nope: jax.Array,
-                v: jax.Array) -> dict[str, jax.Array]:
+def cache_entry(
+  kind: str, latent: jax.Array, k_rope: jax.Array, k_nope: jax.Array, v: jax.Array
+) -> dict[str, jax.Array]:
   """What a layer caches for its new tokens. latent: [B, S, C]; k_rope: [B, S, Dr]; k_nope: [B, S, H, Dn];
   v: [B, S, H, Dv] -> {name: [B, S, ...]}."""
   if kind == "latent":

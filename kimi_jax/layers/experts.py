@@ -27,9 +27,17 @@ from kimi_jax import backend, sharding
 BLOCK_ROWS = 128  # M for the blocked impl: large enough for efficient matmuls, small enough to bound padding.
 
 
-def routed_experts(x: jax.Array, idx: jax.Array, weights: jax.Array, gate: jax.Array, up: jax.Array,
-                   down: jax.Array, *, impl: str, capacity_factor: float | None = None
-                   ) -> tuple[jax.Array, jax.Array]:
+def routed_experts(
+  x: jax.Array,
+  idx: jax.Array,
+  weights: jax.Array,
+  gate: jax.Array,
+  up: jax.Array,
+  down: jax.Array,
+  *,
+  impl: str,
+  capacity_factor: float | None = None,
+) -> tuple[jax.Array, jax.Array]:
   """x: [N, D]; idx: [N, K] int; weights: [N, K] f32; gate, up: [E, D, Fe]; down: [E, Fe, D].
 
   Returns ([N, D], dropped (token, expert) pairs: int32 scalar). Under a mesh whose `expert` axis has more
@@ -42,9 +50,19 @@ def routed_experts(x: jax.Array, idx: jax.Array, weights: jax.Array, gate: jax.A
     from kimi_jax.expert_parallel import expert_parallel_moe
 
     out, dropped = expert_parallel_moe(
-        x, idx, weights, gate, up, down, mesh=mesh, tensor_axis="tensor", token_axes=sharding.BATCH_AXES,
-        capacity_factor=capacity_factor, matmul=GROUPED_MATMULS[impl],
-        check_vma=impl != "pallas")  # pallas_call outputs carry no varying axes
+      x,
+      idx,
+      weights,
+      gate,
+      up,
+      down,
+      mesh=mesh,
+      tensor_axis="tensor",
+      token_axes=sharding.BATCH_AXES,
+      capacity_factor=capacity_factor,
+      matmul=GROUPED_MATMULS[impl],
+      check_vma=impl != "pallas",
+    )  # pallas_call outputs carry no varying axes
     return out.astype(x.dtype), dropped
   no_drops = jnp.zeros((), jnp.int32)
   if impl == "dense":
@@ -94,6 +112,7 @@ def _pallas_gmm(xs, w, group_sizes):
 
 class _Tiles(NamedTuple):
   """Where each of P expert-sorted rows sits when every expert's run is padded to whole M-row tiles."""
+
   row: jax.Array  # [P] row in the tiled layout [G·M]
   expert: jax.Array  # [G] expert of each tile (tiles past the last group: the last expert, rows all zero)
   rows_per_tile: int
@@ -135,8 +154,7 @@ def _blocked_matmul(xs: jax.Array, w: jax.Array, group_sizes: jax.Array) -> jax.
   return jnp.where(valid[:, None], out, 0)
 
 
-def _blocked_ffn(xs: jax.Array, group_sizes: jax.Array, gate: jax.Array, up: jax.Array,
-                 down: jax.Array) -> jax.Array:
+def _blocked_ffn(xs: jax.Array, group_sizes: jax.Array, gate: jax.Array, up: jax.Array, down: jax.Array) -> jax.Array:
   """xs: [P, D] sorted by expert with `group_sizes` [E] -> [P, D]: the expert FFN of each row, one tiling."""
   tiles = _tiles(group_sizes, xs.shape[0])
   tiled = _to_tiles(xs, tiles)

@@ -6,13 +6,14 @@ metadata and mapped to mesh axes by `kimi_jax.sharding`, so the model code never
 
 from __future__ import annotations
 
+from flax import nnx
 import jax
 import jax.numpy as jnp
-from flax import nnx
 
 
-def param(rngs: nnx.Rngs, shape: tuple[int, ...], names: tuple[str | None, ...], *, std: float,
-          dtype: jnp.dtype) -> nnx.Param:
+def param(
+  rngs: nnx.Rngs, shape: tuple[int, ...], names: tuple[str | None, ...], *, std: float, dtype: jnp.dtype
+) -> nnx.Param:
   """A normal(0, std) parameter annotated with logical axis `names` (one per dim)."""
   assert len(names) == len(shape), (shape, names)
   value = std * jax.random.normal(rngs.params(), shape, dtype)
@@ -26,8 +27,17 @@ def ones(shape: tuple[int, ...], names: tuple[str | None, ...], *, dtype: jnp.dt
 class Linear(nnx.Module):
   """y = x @ kernel, computed in `dtype`. kernel: [in, out]."""
 
-  def __init__(self, d_in: int, d_out: int, names: tuple[str | None, str | None], *, std: float,
-               dtype: jnp.dtype, param_dtype: jnp.dtype, rngs: nnx.Rngs):
+  def __init__(
+    self,
+    d_in: int,
+    d_out: int,
+    names: tuple[str | None, str | None],
+    *,
+    std: float,
+    dtype: jnp.dtype,
+    param_dtype: jnp.dtype,
+    rngs: nnx.Rngs,
+  ):
     self.kernel = param(rngs, (d_in, d_out), names, std=std, dtype=param_dtype)
     self.dtype = dtype
 

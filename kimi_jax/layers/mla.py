@@ -22,14 +22,14 @@ after the sum. The softmax scale stays the model's (Dn + Dr)^-0.5 · m², not (C
 
 from __future__ import annotations
 
+from flax import nnx
 import jax
 import jax.numpy as jnp
-from flax import nnx
 
+from kimi_jax import backend
 from kimi_jax.config import ModelConfig
 from kimi_jax.layers.attention import expanded_attention, latent_attention, mla_attention
 from kimi_jax.layers.cache import LayerCache, cache_entry
-from kimi_jax import backend
 from kimi_jax.layers.linear import Linear
 from kimi_jax.layers.norms import RMSNorm
 from kimi_jax.layers.rope import apply_rope
@@ -52,9 +52,17 @@ class MLA(nnx.Module):
     self.o = Linear(h * dv, cfg.hidden_size, ("heads", "embed"), **kw)
     self.cfg = cfg
 
-  def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, segment_ids: jax.Array, *,
-               cache: LayerCache | None = None, positions: jax.Array | None = None,
-               impl: str | None = None) -> tuple[jax.Array, jax.Array | None, LayerCache | None]:
+  def __call__(
+    self,
+    x: jax.Array,
+    cos: jax.Array,
+    sin: jax.Array,
+    segment_ids: jax.Array,
+    *,
+    cache: LayerCache | None = None,
+    positions: jax.Array | None = None,
+    impl: str | None = None,
+  ) -> tuple[jax.Array, jax.Array | None, LayerCache | None]:
     """x: [B, S, D]; cos, sin: [B, S, Dr/2]; segment_ids: [B, S] (0 = padding); positions: [B, S], with a cache.
 
     cache: None (training), or this layer's cache: S > 1 is a prefill from position 0 (the cache is only
@@ -75,15 +83,17 @@ class MLA(nnx.Module):
     if cache is not None:
       cache = cache.write(cache_entry(cache.kind, latent, k_rope, kv[..., :dn], kv[..., dn:]), positions)
     if cache is None or s > 1:
-      out, max_logits = mla_attention(q[..., :dn], q_rope, kv[..., :dn], k_rope, kv[..., dn:], segment_ids,
-                                      scale=cfg.softmax_scale, impl=impl)
+      out, max_logits = mla_attention(
+        q[..., :dn], q_rope, kv[..., :dn], k_rope, kv[..., dn:], segment_ids, scale=cfg.softmax_scale, impl=impl
+      )
     else:
       out = self._decode_attention(q[:, 0, :, :dn], q_rope[:, 0], cache, positions[:, 0] + 1, impl)
       max_logits = None  # a training statistic (qk-clip)
     return self.o(out.reshape(b, s, h * dv)), max_logits, cache
 
-  def _decode_attention(self, q_nope: jax.Array, q_rope: jax.Array, cache: LayerCache, lengths: jax.Array,
-                        impl: str) -> jax.Array:
+  def _decode_attention(
+    self, q_nope: jax.Array, q_rope: jax.Array, cache: LayerCache, lengths: jax.Array, impl: str
+  ) -> jax.Array:
     """q_nope: [B, H, Dn]; q_rope: [B, H, Dr]; the layer's cache [B, T, ...], row b valid below lengths[b] [B].
 
     impl: "xla", "pallas" (pallas_kernels.mla_decode; latent cache only) or "auto". Returns [B, H, Dv].
@@ -94,10 +104,12 @@ class MLA(nnx.Module):
     if cache.kind == "expanded":
       if backend.resolve("attention", impl) == "pallas":
         raise ValueError("the pallas decode kernel reads the latent cache; use impl='xla' with kind='expanded'")
-      return expanded_attention(jnp.concatenate([q_nope, q_rope], -1), arrays["k"], arrays["v"], lengths,
-                                cfg.softmax_scale)
+      return expanded_attention(
+        jnp.concatenate([q_nope, q_rope], -1), arrays["k"], arrays["v"], lengths, cfg.softmax_scale
+      )
     w_kv = self.kv_b.kernel[...].astype(q_nope.dtype).reshape(cfg.kv_lora_rank, h, dn + dv)
     q_latent = jnp.einsum("bhn,chn->bhc", q_nope, w_kv[..., :dn])
-    out_latent = latent_attention(q_latent, q_rope, arrays["latent"], arrays["rope"], lengths, cfg.softmax_scale,
-                                  impl=impl)
+    out_latent = latent_attention(
+      q_latent, q_rope, arrays["latent"], arrays["rope"], lengths, cfg.softmax_scale, impl=impl
+    )
     return jnp.einsum("bhc,chv->bhv", out_latent, w_kv[..., dn:])

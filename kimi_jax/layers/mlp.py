@@ -6,16 +6,17 @@ as the shared expert).
 
 from __future__ import annotations
 
+from flax import nnx
 import jax
 import jax.numpy as jnp
-from flax import nnx
 
 from kimi_jax.layers.linear import Linear
 
 
 class MLP(nnx.Module):
-  def __init__(self, d_model: int, d_hidden: int, *, std: float, dtype: jnp.dtype, param_dtype: jnp.dtype,
-               rngs: nnx.Rngs):
+  def __init__(
+    self, d_model: int, d_hidden: int, *, std: float, dtype: jnp.dtype, param_dtype: jnp.dtype, rngs: nnx.Rngs
+  ):
     kw = dict(std=std, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.gate = Linear(d_model, d_hidden, ("embed", "mlp"), **kw)
     self.up = Linear(d_model, d_hidden, ("embed", "mlp"), **kw)

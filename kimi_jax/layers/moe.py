@@ -14,9 +14,9 @@ is updated between steps from the expert load (aux-loss-free balancing, see `tra
 
 from __future__ import annotations
 
+from flax import nnx
 import jax
 import jax.numpy as jnp
-from flax import nnx
 
 from kimi_jax.config import ModelConfig
 from kimi_jax.layers.experts import routed_experts
@@ -47,8 +47,13 @@ def route(scores: jax.Array, bias: jax.Array, cfg: ModelConfig) -> tuple[jax.Arr
 
 class Router(nnx.Module):
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
-    self.kernel = param(rngs, (cfg.hidden_size, cfg.n_routed_experts), ("embed", None), std=cfg.initializer_range,
-                        dtype=jnp.dtype(cfg.param_dtype))
+    self.kernel = param(
+      rngs,
+      (cfg.hidden_size, cfg.n_routed_experts),
+      ("embed", None),
+      std=cfg.initializer_range,
+      dtype=jnp.dtype(cfg.param_dtype),
+    )
     self.bias = RouterBias(jnp.zeros((cfg.n_routed_experts,), jnp.float32))
     self.cfg = cfg
 
@@ -57,8 +62,7 @@ class Router(nnx.Module):
     # True float32: the default precision is one bf16 pass on TPU and TF32 on GPU, enough to flip near-tied
     # top-K choices against transformers' float32 router.
     with jax.named_scope("router_logits"):  # the name tests find in compiled HLO
-      logits = jnp.dot(x.astype(jnp.float32), self.kernel[...].astype(jnp.float32),
-                       precision=jax.lax.Precision.HIGHEST)
+      logits = jnp.dot(x.astype(jnp.float32), self.kernel[...].astype(jnp.float32), precision=jax.lax.Precision.HIGHEST)
     scores = jax.nn.sigmoid(logits)
     return route(scores, self.bias[...], self.cfg)
 
@@ -77,9 +81,16 @@ class Experts(nnx.Module):
   def __call__(self, x: jax.Array, weights: jax.Array, idx: jax.Array) -> tuple[jax.Array, jax.Array]:
     """x: [N, D]; weights, idx: [N, K] -> ([N, D], dropped pairs: int32 scalar)."""
     dtype = jnp.dtype(self.cfg.dtype)
-    return routed_experts(x.astype(dtype), idx, weights, self.gate[...].astype(dtype), self.up[...].astype(dtype),
-                          self.down[...].astype(dtype), impl=self.cfg.moe_impl,
-                          capacity_factor=self.cfg.moe_capacity_factor)
+    return routed_experts(
+      x.astype(dtype),
+      idx,
+      weights,
+      self.gate[...].astype(dtype),
+      self.up[...].astype(dtype),
+      self.down[...].astype(dtype),
+      impl=self.cfg.moe_impl,
+      capacity_factor=self.cfg.moe_capacity_factor,
+    )
 
 
 class MoE(nnx.Module):
@@ -87,8 +98,18 @@ class MoE(nnx.Module):
     dtype, param_dtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
     self.router = Router(cfg, rngs=rngs)
     self.experts = Experts(cfg, rngs=rngs)
-    self.shared = (MLP(cfg.hidden_size, cfg.shared_intermediate_size, std=cfg.initializer_range, dtype=dtype,
-                       param_dtype=param_dtype, rngs=rngs) if cfg.n_shared_experts else None)
+    self.shared = (
+      MLP(
+        cfg.hidden_size,
+        cfg.shared_intermediate_size,
+        std=cfg.initializer_range,
+        dtype=dtype,
+        param_dtype=param_dtype,
+        rngs=rngs,
+      )
+      if cfg.n_shared_experts
+      else None
+    )
     self.cfg = cfg
 
   def __call__(self, x: jax.Array, valid: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
@@ -116,8 +137,10 @@ class MoE(nnx.Module):
       out, stats = nnx.merge(graphdef, state)._apply(*piece)
       return jax.tree.map(jnp.add, totals, stats), out
 
-    zeros = {"expert_load": jnp.zeros((self.cfg.n_routed_experts,), jnp.int32),
-             "dropped_pairs": jnp.zeros((), jnp.int32)}
+    zeros = {
+      "expert_load": jnp.zeros((self.cfg.n_routed_experts,), jnp.int32),
+      "dropped_pairs": jnp.zeros((), jnp.int32),
+    }
     stats, out = jax.lax.scan(body, zeros, (pieces(x), pieces(valid)))
     return jnp.moveaxis(out, 0, 1).reshape(b, s, d), stats
 

@@ -28,8 +28,7 @@ def yarn_inv_freq(cfg: ModelConfig) -> np.ndarray:
     return inv_freq.astype(np.float32)
 
   def correction_dim(rotations: float) -> float:
-    return dim * math.log(cfg.rope_original_max_position_embeddings / (rotations * 2 * math.pi)) / (
-        2 * math.log(base))
+    return dim * math.log(cfg.rope_original_max_position_embeddings / (rotations * 2 * math.pi)) / (2 * math.log(base))
 
   low = max(math.floor(correction_dim(cfg.rope_beta_fast)), 0)
   high = min(math.ceil(correction_dim(cfg.rope_beta_slow)), dim - 1)

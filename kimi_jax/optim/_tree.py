@@ -25,7 +25,7 @@ def leaf_paths(tree: Any) -> list[str]:
 
 
 def match_spec(
-    tree: Any, spec: Any, what: str, is_spec_leaf: Callable[[Any], bool], tree_name: str = "params"
+  tree: Any, spec: Any, what: str, is_spec_leaf: Callable[[Any], bool], tree_name: str = "params"
 ) -> list[Any]:
   """One entry of `spec` per leaf of `tree` (`jax.tree.leaves` order).
 
@@ -39,8 +39,8 @@ def match_spec(
     spec_paths = {path_str(p) for p, _ in jax.tree_util.tree_flatten_with_path(spec, is_leaf=is_spec_leaf)[0]}
     missing, extra = sorted(tree_paths - spec_paths), sorted(spec_paths - tree_paths)
     detail = (
-        f"{tree_name} entries missing from {what}: {missing[:10]}; {what} entries not in {tree_name}: {extra[:10]}"
-        if missing or extra
-        else f"same paths but different container types: {jax.tree.structure(tree)}"
+      f"{tree_name} entries missing from {what}: {missing[:10]}; {what} entries not in {tree_name}: {extra[:10]}"
+      if missing or extra
+      else f"same paths but different container types: {jax.tree.structure(tree)}"
     )
     raise ValueError(f"{what} does not match the {tree_name} tree: {detail}.") from None

@@ -46,16 +46,16 @@ def kimi_qk_clip(num_heads: int, qk_nope_head_dim: int, qk_rope_head_dim: int, v
 
   def spec(params) -> dict[str, QKClipRule]:
     return {
-        stack: mla_qk_clip(
-            f"{stack}/attn/q_b/kernel",
-            f"{stack}/attn/kv_b/kernel",
-            num_heads=num_heads,
-            qk_nope_head_dim=qk_nope_head_dim,
-            qk_rope_head_dim=qk_rope_head_dim,
-            v_head_dim=v_head_dim,
-        )
-        for stack in STACKS
-        if stack in params
+      stack: mla_qk_clip(
+        f"{stack}/attn/q_b/kernel",
+        f"{stack}/attn/kv_b/kernel",
+        num_heads=num_heads,
+        qk_nope_head_dim=qk_nope_head_dim,
+        qk_rope_head_dim=qk_rope_head_dim,
+        v_head_dim=v_head_dim,
+      )
+      for stack in STACKS
+      if stack in params
     }
 
   return spec

@@ -10,8 +10,8 @@ the params, so that bf16 params do not lose the small μ-weighted increments):
   M ← μ M + G;   U = G + μ M (Nesterov) or M;   O = NS(U);   update = rms_scale · sqrt(max(I, J)) · O
 """
 
-import functools
 from collections.abc import Callable
+import functools
 from typing import Any, NamedTuple
 
 import jax
@@ -61,13 +61,13 @@ def _fits_kernel(m: int, n: int, dtype: Any) -> bool:
 
 
 def newton_schulz(
-    x: jax.Array,
-    steps: int = 5,
-    coeffs: tuple[float, float, float] = NS_COEFFS,
-    dtype: Any = jnp.bfloat16,
-    eps: float = 1e-7,
-    impl: str = "xla",
-    interpret: bool = False,
+  x: jax.Array,
+  steps: int = 5,
+  coeffs: tuple[float, float, float] = NS_COEFFS,
+  dtype: Any = jnp.bfloat16,
+  eps: float = 1e-7,
+  impl: str = "xla",
+  interpret: bool = False,
 ) -> jax.Array:
   """Approximately orthogonalises every matrix in x: U S Vᵀ → U p⁽ˢᵗᵉᵖˢ⁾(S/‖x‖_F) Vᵀ.
 
@@ -103,8 +103,9 @@ def newton_schulz(
     from pallas_kernels.matrix_iteration import matrix_iteration
 
     flat = y.reshape(-1, m, n)
-    y = matrix_iteration(flat, step, steps, flops_per_step=4 * m * m * n + 2 * m**3, impl="tpu",
-                         interpret=interpret).reshape(y.shape)
+    y = matrix_iteration(
+      flat, step, steps, flops_per_step=4 * m * m * n + 2 * m**3, impl="tpu", interpret=interpret
+    ).reshape(y.shape)
   else:
     for _ in range(steps):  # unrolled: XLA's cost analysis counts a while loop's body once
       y = step(y)
@@ -156,8 +157,7 @@ def resolve_muon_dims(params: Any, muon_dims: MuonDimsSpec | None) -> list[MuonD
       raise ValueError(f"muon_dims for '{path}' must be None or a pair of axes (a, b), got {dims!r}.")
     if not all(-ndim <= d < ndim for d in dims):
       raise ValueError(
-          f"muon_dims for '{path}' names axes {tuple(dims)}, but the leaf has shape {jnp.shape(leaf)} "
-          f"({ndim} axes)."
+        f"muon_dims for '{path}' names axes {tuple(dims)}, but the leaf has shape {jnp.shape(leaf)} ({ndim} axes)."
       )
     a, b = (d % ndim for d in dims)
     if a == b:
@@ -186,17 +186,17 @@ class MuonState(NamedTuple):
 
 
 def scale_by_muon(
-    momentum: float = 0.95,
-    nesterov: bool = True,
-    ns_steps: int = 5,
-    ns_coeffs: tuple[float, float, float] = NS_COEFFS,
-    ns_dtype: Any = jnp.bfloat16,
-    ns_eps: float = 1e-7,
-    rms_scale: float = 0.2,
-    muon_dims: MuonDimsSpec | None = None,
-    param_shardings: Any = None,
-    ns_impl: str = "auto",
-    ns_interpret: bool = False,
+  momentum: float = 0.95,
+  nesterov: bool = True,
+  ns_steps: int = 5,
+  ns_coeffs: tuple[float, float, float] = NS_COEFFS,
+  ns_dtype: Any = jnp.bfloat16,
+  ns_eps: float = 1e-7,
+  rms_scale: float = 0.2,
+  muon_dims: MuonDimsSpec | None = None,
+  param_shardings: Any = None,
+  ns_impl: str = "auto",
+  ns_interpret: bool = False,
 ) -> optax.GradientTransformation:
   """Turns the gradients of Muon leaves into RMS-matched orthogonalised momentum; other leaves pass through.
 
@@ -254,13 +254,13 @@ def scale_by_muon(
 
 
 __all__ = (
-    "NS_COEFFS",
-    "ADAMW_NAME_HINTS",
-    "MuonDims",
-    "MuonState",
-    "newton_schulz",
-    "newton_schulz_step",
-    "default_muon_dims",
-    "resolve_muon_dims",
-    "scale_by_muon",
+  "NS_COEFFS",
+  "ADAMW_NAME_HINTS",
+  "MuonDims",
+  "MuonState",
+  "newton_schulz",
+  "newton_schulz_step",
+  "default_muon_dims",
+  "resolve_muon_dims",
+  "scale_by_muon",
 )

@@ -17,24 +17,24 @@ from kimi_jax.optim.qk_clip import QKClipSpec, scale_by_qk_clip
 
 
 def muon_clip(
-    learning_rate: float | optax.Schedule,
-    *,
-    weight_decay: float = 0.1,
-    momentum: float = 0.95,
-    nesterov: bool = True,
-    ns_steps: int = 5,
-    ns_dtype: Any = jnp.bfloat16,
-    ns_impl: str = "auto",
-    ns_interpret: bool = False,
-    rms_scale: float = 0.2,
-    adam_b1: float = 0.9,
-    adam_b2: float = 0.95,
-    adam_eps: float = 1e-8,
-    qk_clip_tau: float | None = 100.0,
-    qk_clip: QKClipSpec | None = None,
-    muon_dims: MuonDimsSpec | None = None,
-    param_shardings: Any = None,
-    axis_name: str | None = None,
+  learning_rate: float | optax.Schedule,
+  *,
+  weight_decay: float = 0.1,
+  momentum: float = 0.95,
+  nesterov: bool = True,
+  ns_steps: int = 5,
+  ns_dtype: Any = jnp.bfloat16,
+  ns_impl: str = "auto",
+  ns_interpret: bool = False,
+  rms_scale: float = 0.2,
+  adam_b1: float = 0.9,
+  adam_b2: float = 0.95,
+  adam_eps: float = 1e-8,
+  qk_clip_tau: float | None = 100.0,
+  qk_clip: QKClipSpec | None = None,
+  muon_dims: MuonDimsSpec | None = None,
+  param_shardings: Any = None,
+  axis_name: str | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   """The MuonClip optimizer as one optax transformation.
 
@@ -70,12 +70,23 @@ def muon_clip(
     return jax.tree.unflatten(jax.tree.structure(tree), [d is None for d in dims])
 
   stages = [
-      ("muon", scale_by_muon(momentum, nesterov, ns_steps, ns_dtype=ns_dtype, ns_impl=ns_impl,
-                             ns_interpret=ns_interpret, rms_scale=rms_scale,
-                             muon_dims=muon_dims, param_shardings=param_shardings)),
-      ("adamw", optax.masked(optax.scale_by_adam(adam_b1, adam_b2, adam_eps), adamw_mask)),
-      ("weight_decay", optax.add_decayed_weights(weight_decay)),
-      ("learning_rate", optax.scale_by_learning_rate(learning_rate)),
+    (
+      "muon",
+      scale_by_muon(
+        momentum,
+        nesterov,
+        ns_steps,
+        ns_dtype=ns_dtype,
+        ns_impl=ns_impl,
+        ns_interpret=ns_interpret,
+        rms_scale=rms_scale,
+        muon_dims=muon_dims,
+        param_shardings=param_shardings,
+      ),
+    ),
+    ("adamw", optax.masked(optax.scale_by_adam(adam_b1, adam_b2, adam_eps), adamw_mask)),
+    ("weight_decay", optax.add_decayed_weights(weight_decay)),
+    ("learning_rate", optax.scale_by_learning_rate(learning_rate)),
   ]
   if qk_clip is not None and qk_clip_tau is not None:
     stages.append(("qk_clip", scale_by_qk_clip(qk_clip, qk_clip_tau, axis_name)))

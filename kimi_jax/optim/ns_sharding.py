@@ -8,8 +8,8 @@ matrices when that is cheap), so that each device orthogonalises only its own wh
 in, one out, no per-step collectives. Mesh axes that shard nothing (data-parallel replicas) are used the same way.
 """
 
-import math
 from collections.abc import Mapping, Sequence
+import math
 from typing import Any
 
 import jax
@@ -32,7 +32,7 @@ def _entry(names: Sequence[str]) -> Any:
 
 
 def spread_layout(
-    shape: Sequence[int], spec: PartitionSpec, axis_sizes: Mapping[str, int], max_padding: float = MAX_PADDING
+  shape: Sequence[int], spec: PartitionSpec, axis_sizes: Mapping[str, int], max_padding: float = MAX_PADDING
 ) -> tuple[tuple[int, ...], PartitionSpec]:
   """The padded shape and the spec to run Newton–Schulz on a [..., I, J] array laid out as `spec`.
 

@@ -15,8 +15,8 @@ A rule maps γ [..., H] to one factor per (kernel head, segment); the clip multi
 scales head h's logits by exactly γ_h, so its max logit becomes min(S^h, τ).
 """
 
-import dataclasses
 from collections.abc import Callable, Sequence
+import dataclasses
 from typing import Any
 
 import jax
@@ -65,7 +65,7 @@ def _check_axis(axis: int) -> int:
 
 
 def mha_qk_clip(
-    q: ParamPath, k: ParamPath, *, num_heads: int, head_dim: int, num_kv_heads: int | None = None, axis: int = -1
+  q: ParamPath, k: ParamPath, *, num_heads: int, head_dim: int, num_kv_heads: int | None = None, axis: int = -1
 ) -> QKClipRule:
   """qk-clip for multi-head / grouped-query attention with kernels W_q [..., X, H·Dh] and W_k [..., X, G·Dh].
 
@@ -90,20 +90,20 @@ def mha_qk_clip(
 
   axis = _check_axis(axis)
   return QKClipRule(
-      num_heads,
-      (ClipTarget(_path(q), (head_dim,), q_factors, axis), ClipTarget(_path(k), (head_dim,), k_factors, axis)),
+    num_heads,
+    (ClipTarget(_path(q), (head_dim,), q_factors, axis), ClipTarget(_path(k), (head_dim,), k_factors, axis)),
   )
 
 
 def mla_qk_clip(
-    q_b: ParamPath,
-    kv_b: ParamPath,
-    *,
-    num_heads: int,
-    qk_nope_head_dim: int,
-    qk_rope_head_dim: int,
-    v_head_dim: int,
-    axis: int = -1,
+  q_b: ParamPath,
+  kv_b: ParamPath,
+  *,
+  num_heads: int,
+  qk_nope_head_dim: int,
+  qk_rope_head_dim: int,
+  v_head_dim: int,
+  axis: int = -1,
 ) -> QKClipRule:
   """qk-clip for Multi-head Latent Attention (DeepSeek-V3 / Kimi K2).
 
@@ -120,11 +120,11 @@ def mla_qk_clip(
 
   axis = _check_axis(axis)
   return QKClipRule(
-      num_heads,
-      (
-          ClipTarget(_path(q_b), (qk_nope_head_dim, qk_rope_head_dim), q_factors, axis),
-          ClipTarget(_path(kv_b), (qk_nope_head_dim, v_head_dim), kv_factors, axis),
-      ),
+    num_heads,
+    (
+      ClipTarget(_path(q_b), (qk_nope_head_dim, qk_rope_head_dim), q_factors, axis),
+      ClipTarget(_path(kv_b), (qk_nope_head_dim, v_head_dim), kv_factors, axis),
+    ),
   )
 
 
@@ -145,8 +145,8 @@ def _kernel(key: str, rule: QKClipRule, target: ClipTarget, kernels: dict[str, j
   heads = jax.eval_shape(target.factors, jax.ShapeDtypeStruct((rule.num_heads,), jnp.float32)).shape[0]
   if kernel.ndim < 2 or kernel.shape[target.axis] != heads * sum(target.segments):
     raise ValueError(
-        f"qk_clip rule '{key}': param '{target.path}' has shape {kernel.shape}, but axis {target.axis} should hold "
-        f"{heads} heads of segments {target.segments} = {heads * sum(target.segments)} entries."
+      f"qk_clip rule '{key}': param '{target.path}' has shape {kernel.shape}, but axis {target.axis} should hold "
+      f"{heads} heads of segments {target.segments} = {heads * sum(target.segments)} entries."
     )
   return kernel
 
@@ -160,7 +160,7 @@ def _column_factors(target: ClipTarget, gamma: jax.Array, kernel: jax.Array) -> 
 
 
 def scale_by_qk_clip(
-    spec: QKClipSpec, tau: float = 100.0, axis_name: str | None = None
+  spec: QKClipSpec, tau: float = 100.0, axis_name: str | None = None
 ) -> optax.GradientTransformationExtraArgs:
   """qk-clip as the last stage of an optimizer: returns updates u' such that params + u' = clip(params + u).
 
@@ -191,8 +191,8 @@ def scale_by_qk_clip(
     tree, keys, rules = _rules(spec, params)
     if max_logits is None:
       raise ValueError(
-          f"this optimizer was built with a qk_clip spec, so update needs max_logits=<pytree like {keys}> holding "
-          "each attention's per-head max logits from this step's forward pass (or build it with qk_clip_tau=None)."
+        f"this optimizer was built with a qk_clip spec, so update needs max_logits=<pytree like {keys}> holding "
+        "each attention's per-head max logits from this step's forward pass (or build it with qk_clip_tau=None)."
       )
     logits = match_spec(tree, max_logits, "max_logits", lambda x: False, tree_name="qk_clip spec")
     if axis_name is not None:
@@ -206,8 +206,8 @@ def scale_by_qk_clip(
         kernel = _kernel(key, rule, target, kernels)
         if s.shape != (*kernel.shape[:-2], rule.num_heads):
           raise ValueError(
-              f"max_logits '{key}' has shape {s.shape}, expected {(*kernel.shape[:-2], rule.num_heads)}: "
-              f"[leading axes of its kernel '{target.path}' {kernel.shape}, num_heads={rule.num_heads}]."
+            f"max_logits '{key}' has shape {s.shape}, expected {(*kernel.shape[:-2], rule.num_heads)}: "
+            f"[leading axes of its kernel '{target.path}' {kernel.shape}, num_heads={rule.num_heads}]."
           )
         gamma = jnp.where(s > tau, tau / s, 1.0)
         f = _column_factors(target, gamma, kernel)

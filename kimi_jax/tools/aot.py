@@ -15,12 +15,12 @@ import math
 import os
 import re
 
-import jax
-import ml_collections
-import optax
 from absl import app, flags
 from flax import nnx
+import jax
+import ml_collections
 from ml_collections import config_flags
+import optax
 
 from kimi_jax import sharding
 from kimi_jax.backend import target_platform
@@ -32,8 +32,21 @@ from kimi_jax.train import TrainState, abstract_train_state, build_optimizer, ma
 from kimi_jax.train_config import model_config
 
 COLLECTIVES = ("all-reduce", "all-gather", "all-to-all", "reduce-scatter", "collective-permute")
-_DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "bf16": 2, "f16": 2, "s16": 2, "u16": 2, "f32": 4, "s32": 4, "u32": 4,
-                "f64": 8, "s64": 8, "u64": 8}
+_DTYPE_BYTES = {
+  "pred": 1,
+  "s8": 1,
+  "u8": 1,
+  "bf16": 2,
+  "f16": 2,
+  "s16": 2,
+  "u16": 2,
+  "f32": 4,
+  "s32": 4,
+  "u32": 4,
+  "f64": 8,
+  "s64": 8,
+  "u64": 8,
+}
 
 
 def collective_bytes(hlo_text: str) -> dict[str, int]:
@@ -61,6 +74,7 @@ def topology_devices(topology: str) -> list:
 @dataclasses.dataclass(frozen=True)
 class AbstractTraining:
   """Run config `c`'s training over a topology's devices, from shapes alone (nothing is allocated)."""
+
   c: ml_collections.ConfigDict
   mesh: jax.sharding.Mesh
   cfg: ModelConfig
@@ -98,9 +112,16 @@ def compile_train_step(c, topology: str, mfu: float = 0.4) -> dict:
   step = training.train_step()
   tokens = c.batch_size * c.seq_len
   model_flops = train_flops_per_step(cfg, c.batch_size, c.seq_len)
-  report = {"topology": topology, "chips": len(devices), "mesh": dict(mesh.shape), "global_batch_tokens": tokens,
-            "microbatches": c.microbatches, "total_params": count_params(cfg)["total_params"],
-            "hbm_bytes_per_chip": hbm, "flops_per_step": model_flops}
+  report = {
+    "topology": topology,
+    "chips": len(devices),
+    "mesh": dict(mesh.shape),
+    "global_batch_tokens": tokens,
+    "microbatches": c.microbatches,
+    "total_params": count_params(cfg)["total_params"],
+    "hbm_bytes_per_chip": hbm,
+    "flops_per_step": model_flops,
+  }
   with target_platform("tpu"), sharding.use_mesh(mesh):
     lowered = step.lower(training.state, training.batch())
     try:
@@ -114,15 +135,20 @@ def compile_train_step(c, topology: str, mfu: float = 0.4) -> dict:
   memory = compiled.memory_analysis()
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-  peak_bytes = (memory.argument_size_in_bytes + memory.output_size_in_bytes - memory.alias_size_in_bytes
-                + memory.temp_size_in_bytes)
+  peak_bytes = (
+    memory.argument_size_in_bytes + memory.output_size_in_bytes - memory.alias_size_in_bytes + memory.temp_size_in_bytes
+  )
   return {
-      **report, "argument_bytes_per_chip": memory.argument_size_in_bytes,
-      "temp_bytes_per_chip": memory.temp_size_in_bytes, "output_bytes_per_chip": memory.output_size_in_bytes,
-      "peak_bytes_per_chip": peak_bytes, "fits": peak_bytes <= hbm,
-      # XLA's count for the compiled program; kernels' own estimates included where they give one.
-      "compiled_flops_per_step": float(cost.get("flops", 0.0)) * len(devices),
-      "mfu_assumed": mfu, "step_seconds_at_mfu": model_flops / (len(devices) * peak_flops * mfu),
+    **report,
+    "argument_bytes_per_chip": memory.argument_size_in_bytes,
+    "temp_bytes_per_chip": memory.temp_size_in_bytes,
+    "output_bytes_per_chip": memory.output_size_in_bytes,
+    "peak_bytes_per_chip": peak_bytes,
+    "fits": peak_bytes <= hbm,
+    # XLA's count for the compiled program; kernels' own estimates included where they give one.
+    "compiled_flops_per_step": float(cost.get("flops", 0.0)) * len(devices),
+    "mfu_assumed": mfu,
+    "step_seconds_at_mfu": model_flops / (len(devices) * peak_flops * mfu),
   }
 
 

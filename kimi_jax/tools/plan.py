@@ -16,7 +16,7 @@ import sys
 
 from absl import app, flags
 
-from kimi_jax.config import ModelConfig, preset, PRESETS
+from kimi_jax.config import PRESETS, ModelConfig, preset
 from kimi_jax.model_stats import count_params, train_flops_per_token
 
 
@@ -24,9 +24,15 @@ def rope_report(cfg: ModelConfig) -> dict | None:
   """The YaRN fields this run applies (HF rope_scaling names), or None for plain RoPE."""
   if not cfg.yarn_active:
     return None
-  return {"type": "yarn", "factor": cfg.rope_factor, "beta_fast": cfg.rope_beta_fast, "beta_slow": cfg.rope_beta_slow,
-          "mscale": cfg.rope_mscale, "mscale_all_dim": cfg.rope_mscale_all_dim,
-          "original_max_position_embeddings": cfg.rope_original_max_position_embeddings}
+  return {
+    "type": "yarn",
+    "factor": cfg.rope_factor,
+    "beta_fast": cfg.rope_beta_fast,
+    "beta_slow": cfg.rope_beta_slow,
+    "mscale": cfg.rope_mscale,
+    "mscale_all_dim": cfg.rope_mscale_all_dim,
+    "original_max_position_embeddings": cfg.rope_original_max_position_embeddings,
+  }
 
 
 def run_report(c) -> dict:
@@ -37,14 +43,29 @@ def run_report(c) -> dict:
   cfg = model_config(c)
   batch_tokens = c.batch_size * c.seq_len
   schedule = learning_rate_schedule(c)
-  phases = [{"phase": name, "steps": [start, end], "tokens": [start * batch_tokens, end * batch_tokens],
-             "learning_rate": [float(schedule(start)), float(schedule(end))]}
-            for name, start, end in schedule_phases(c)]
-  return {**count_params(cfg), "train_flops_per_token": train_flops_per_token(cfg, c.seq_len),
-          "seq_len": c.seq_len, "rope_scaling": rope_report(cfg), "softmax_scale": cfg.softmax_scale,
-          "global_batch_sequences": c.batch_size, "global_batch_tokens": batch_tokens,
-          "microbatches": c.microbatches, "steps": c.steps, "total_tokens": c.steps * batch_tokens,
-          "optimizer": c.optimizer, "schedule": phases}
+  phases = [
+    {
+      "phase": name,
+      "steps": [start, end],
+      "tokens": [start * batch_tokens, end * batch_tokens],
+      "learning_rate": [float(schedule(start)), float(schedule(end))],
+    }
+    for name, start, end in schedule_phases(c)
+  ]
+  return {
+    **count_params(cfg),
+    "train_flops_per_token": train_flops_per_token(cfg, c.seq_len),
+    "seq_len": c.seq_len,
+    "rope_scaling": rope_report(cfg),
+    "softmax_scale": cfg.softmax_scale,
+    "global_batch_sequences": c.batch_size,
+    "global_batch_tokens": batch_tokens,
+    "microbatches": c.microbatches,
+    "steps": c.steps,
+    "total_tokens": c.steps * batch_tokens,
+    "optimizer": c.optimizer,
+    "schedule": phases,
+  }
 
 
 def main(argv):

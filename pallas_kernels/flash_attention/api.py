@@ -20,11 +20,19 @@ from pallas_kernels.flash_attention.reference import attention_reference
 _KERNELS = {"tpu": tpu, "gpu": gpu}
 
 
-def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, segment_ids=None,
-                    causal: bool = True, softmax_scale: float | None = None,
-                    impl: str = "auto", interpret: bool = False,
-                    return_max_logits: bool = False,
-                    block_sizes: tuple[int, int] | None = None):
+def flash_attention(
+  q: jax.Array,
+  k: jax.Array,
+  v: jax.Array,
+  *,
+  segment_ids=None,
+  causal: bool = True,
+  softmax_scale: float | None = None,
+  impl: str = "auto",
+  interpret: bool = False,
+  return_max_logits: bool = False,
+  block_sizes: tuple[int, int] | None = None,
+):
   """Softmax attention, computed blockwise with an online softmax.
 
   Args:
@@ -45,19 +53,18 @@ def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, segment_ids=Non
     max_logits carrying no gradient.
   """
   if q.ndim != 4 or k.shape != q.shape or v.shape[:3] != q.shape[:3]:
-    raise ValueError(f"expected q, k [B, S, H, Dqk] and v [B, S, H, Dv]; got q {q.shape}, "
-                     f"k {k.shape}, v {v.shape}")
+    raise ValueError(f"expected q, k [B, S, H, Dqk] and v [B, S, H, Dv]; got q {q.shape}, k {k.shape}, v {v.shape}")
   if segment_ids is not None and segment_ids.shape != q.shape[:2]:
-    raise ValueError(f"segment_ids must be [B, S] = {list(q.shape[:2])}, got "
-                     f"{list(segment_ids.shape)}")
+    raise ValueError(f"segment_ids must be [B, S] = {list(q.shape[:2])}, got {list(segment_ids.shape)}")
   check_float(q=q, k=k, v=v)
   if segment_ids is not None:
     check_int("segment_ids", segment_ids)
   scale = float(q.shape[-1] ** -0.5 if softmax_scale is None else softmax_scale)
   impl = resolve_impl(impl)
   if impl == "xla":
-    return attention_reference(q, k, v, segment_ids=segment_ids, causal=causal,
-                               softmax_scale=scale, return_max_logits=return_max_logits)
+    return attention_reference(
+      q, k, v, segment_ids=segment_ids, causal=causal, softmax_scale=scale, return_max_logits=return_max_logits
+    )
   seg = None if segment_ids is None else segment_ids.astype(jnp.int32)
   blocks = None if block_sizes is None else tuple(block_sizes)
   out, max_logits = _flash(q, k, v, seg, impl, causal, scale, interpret, blocks)
@@ -90,8 +97,9 @@ def _flash_fwd(q, k, v, seg, impl, causal, scale, interpret, blocks):
   kernels, blocks, sp = _setup(impl, s, blocks)
   qh, kh, vh = (_to_kernel_layout(x, sp) for x in (q, k, v))
   segp = None if seg is None else jnp.pad(seg, ((0, 0), (0, sp - s)), constant_values=-1)
-  o, lse, max_logits = kernels.flash_fwd(qh, kh, vh, segp, scale=scale, causal=causal,
-                                         seq_len=s, blocks=blocks, interpret=interpret)
+  o, lse, max_logits = kernels.flash_fwd(
+    qh, kh, vh, segp, scale=scale, causal=causal, seq_len=s, blocks=blocks, interpret=interpret
+  )
   out = (_from_kernel_layout(o, s), jax.lax.stop_gradient(max_logits))
   return out, (qh, kh, vh, segp, o, lse)
 
@@ -103,10 +111,10 @@ def _flash_bwd(impl, causal, scale, interpret, blocks, res, cotangents):
   kernels, blocks, sp = _setup(impl, s, blocks)
   do = _to_kernel_layout(dout.astype(o.dtype), sp)
   di = jnp.sum(o.astype(jnp.float32) * do.astype(jnp.float32), axis=-1)
-  dq, dk, dv = kernels.flash_bwd(qh, kh, vh, segp, lse, di, do, scale=scale, causal=causal,
-                                 seq_len=s, blocks=blocks, interpret=interpret)
-  return (_from_kernel_layout(dq, s), _from_kernel_layout(dk, s), _from_kernel_layout(dv, s),
-          None)
+  dq, dk, dv = kernels.flash_bwd(
+    qh, kh, vh, segp, lse, di, do, scale=scale, causal=causal, seq_len=s, blocks=blocks, interpret=interpret
+  )
+  return (_from_kernel_layout(dq, s), _from_kernel_layout(dk, s), _from_kernel_layout(dv, s), None)
 
 
 _flash.defvjp(_flash_fwd, _flash_bwd)

@@ -19,11 +19,11 @@ from __future__ import annotations
 import functools
 
 import jax
-import jax.numpy as jnp
-import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
+import jax.numpy as jnp
+import numpy as np
 
 from pallas_kernels._common import cdiv
 
@@ -66,7 +66,7 @@ def _split(x) -> list[jax.Array]:
   """[..., D] -> chunks of `_chunks(D)` sizes along the last axis (the last one zero-padded)."""
   out, start = [], 0
   for size in _chunks(x.shape[-1]):
-    out.append(_pad_dim(x[..., start:start + size], size))
+    out.append(_pad_dim(x[..., start : start + size], size))
     start += size
   return out
 
@@ -111,27 +111,46 @@ def flash_fwd(q, k, v, seg, *, scale, causal, seq_len, blocks=None, interpret=Fa
   dv_p = v.shape[-1]
   has_seg = seg is not None
   seg_args = [seg, seg] if has_seg else []
-  seg_specs = ([pl.BlockSpec((None, tq), lambda qi, bi, hi: (bi, qi)),
-                pl.BlockSpec((None, s), lambda qi, bi, hi: (bi, 0))] if has_seg else [])
-  kernel = functools.partial(_fwd_kernel, scale=scale, causal=causal, seq_len=seq_len,
-                             tq=tq, tk=tk, nk=s // tk, has_seg=has_seg, num_chunks=len(qs),
-                             precision=_precision(q.dtype))
+  seg_specs = (
+    [pl.BlockSpec((None, tq), lambda qi, bi, hi: (bi, qi)), pl.BlockSpec((None, s), lambda qi, bi, hi: (bi, 0))]
+    if has_seg
+    else []
+  )
+  kernel = functools.partial(
+    _fwd_kernel,
+    scale=scale,
+    causal=causal,
+    seq_len=seq_len,
+    tq=tq,
+    tk=tk,
+    nk=s // tk,
+    has_seg=has_seg,
+    num_chunks=len(qs),
+    precision=_precision(q.dtype),
+  )
   row = lambda qi, bi, hi: (bi, hi, qi)
   o, lse, m = pl.pallas_call(
-      kernel,
-      grid=(s // tq, b, h),
-      in_specs=[*(pl.BlockSpec((None, None, tq, x.shape[-1]), lambda qi, bi, hi: (bi, hi, qi, 0)) for x in qs),
-                *(pl.BlockSpec((None, None, s, x.shape[-1]), lambda qi, bi, hi: (bi, hi, 0, 0)) for x in ks),
-                pl.BlockSpec((None, None, s, dv_p), lambda qi, bi, hi: (bi, hi, 0, 0)),
-                *seg_specs],
-      out_specs=[pl.BlockSpec((None, None, tq, dv_p), lambda qi, bi, hi: (bi, hi, qi, 0)),
-                 pl.BlockSpec((None, None, tq), row), pl.BlockSpec((None, None, tq), row)],
-      out_shape=[jax.ShapeDtypeStruct((b, h, s, dv_p), q.dtype),
-                 jax.ShapeDtypeStruct((b, h, s), jnp.float32),
-                 jax.ShapeDtypeStruct((b, h, s), jnp.float32)],
-      compiler_params=_params(),
-      interpret=interpret,
-      name="flash_fwd_gpu",
+    kernel,
+    grid=(s // tq, b, h),
+    in_specs=[
+      *(pl.BlockSpec((None, None, tq, x.shape[-1]), lambda qi, bi, hi: (bi, hi, qi, 0)) for x in qs),
+      *(pl.BlockSpec((None, None, s, x.shape[-1]), lambda qi, bi, hi: (bi, hi, 0, 0)) for x in ks),
+      pl.BlockSpec((None, None, s, dv_p), lambda qi, bi, hi: (bi, hi, 0, 0)),
+      *seg_specs,
+    ],
+    out_specs=[
+      pl.BlockSpec((None, None, tq, dv_p), lambda qi, bi, hi: (bi, hi, qi, 0)),
+      pl.BlockSpec((None, None, tq), row),
+      pl.BlockSpec((None, None, tq), row),
+    ],
+    out_shape=[
+      jax.ShapeDtypeStruct((b, h, s, dv_p), q.dtype),
+      jax.ShapeDtypeStruct((b, h, s), jnp.float32),
+      jax.ShapeDtypeStruct((b, h, s), jnp.float32),
+    ],
+    compiler_params=_params(),
+    interpret=interpret,
+    name="flash_fwd_gpu",
   )(*qs, *ks, v, *seg_args)
   # Padding queries (segment 0) attend to each other; their logits must not reach qk-clip.
   m = m[:, :, :seq_len]
@@ -157,21 +176,22 @@ def _fwd_kernel(*refs, scale, causal, seq_len, tq, tk, nk, has_seg, num_chunks, 
     m_new = jnp.maximum(m_prev, jnp.max(s, axis=1))
     alpha = jnp.exp(m_prev - m_new)
     p = jnp.exp(s - m_new[:, None])
-    acc = acc * alpha[:, None] + _dot(p.astype(v_ref.dtype), v_ref[pl.ds(k0, tk), :], NN,
-                                      precision)
+    acc = acc * alpha[:, None] + _dot(p.astype(v_ref.dtype), v_ref[pl.ds(k0, tk), :], NN, precision)
     return m_new, alpha * l_prev + jnp.sum(p, axis=1), acc
 
   num_kb = jnp.minimum(cdiv(qi * tq + tq, tk), nk) if causal else nk
-  init = (jnp.full((tq,), NEG, jnp.float32), jnp.zeros((tq,), jnp.float32),
-          jnp.zeros((tq, o_ref.shape[-1]), jnp.float32))
+  init = (
+    jnp.full((tq,), NEG, jnp.float32),
+    jnp.zeros((tq,), jnp.float32),
+    jnp.zeros((tq, o_ref.shape[-1]), jnp.float32),
+  )
   m, l, acc = lax.fori_loop(0, num_kb, body, init)
   o_ref[...] = (acc / l[:, None]).astype(o_ref.dtype)
   lse_ref[...] = m + jnp.log(l)
   m_ref[...] = m
 
 
-def flash_bwd(q, k, v, seg, lse, di, do, *, scale, causal, seq_len, blocks=None,
-              interpret=False):
+def flash_bwd(q, k, v, seg, lse, di, do, *, scale, causal, seq_len, blocks=None, interpret=False):
   """q, k [B, H, S, Dqk]; v, do [B, H, S, Dv]; lse, di [B, H, S] f32 -> dq, dk, dv."""
   b, h, s, dqk = q.shape
   dv = v.shape[-1]
@@ -179,8 +199,16 @@ def flash_bwd(q, k, v, seg, lse, di, do, *, scale, causal, seq_len, blocks=None,
   qs, ks, v, do = _split(q), _split(k), _pad_dim(v), _pad_dim(do)
   chunks, dv_p, nc = _chunks(dqk), v.shape[-1], len(qs)
   has_seg = seg is not None
-  common = dict(scale=scale, causal=causal, seq_len=seq_len, tq=tq, tk=tk, has_seg=has_seg, num_chunks=nc,
-                precision=_precision(q.dtype))
+  common = dict(
+    scale=scale,
+    causal=causal,
+    seq_len=seq_len,
+    tq=tq,
+    tk=tk,
+    has_seg=has_seg,
+    num_chunks=nc,
+    precision=_precision(q.dtype),
+  )
   blk = lambda n, d: pl.BlockSpec((None, None, n, d), lambda i, bi, hi: (bi, hi, i, 0))
   full = lambda d: pl.BlockSpec((None, None, s, d), lambda i, bi, hi: (bi, hi, 0, 0))
   full_row = pl.BlockSpec((None, None, s), lambda i, bi, hi: (bi, hi, 0))
@@ -188,35 +216,48 @@ def flash_bwd(q, k, v, seg, lse, di, do, *, scale, causal, seq_len, blocks=None,
 
   seg_specs = [seg_full, pl.BlockSpec((None, tk), lambda i, bi, hi: (bi, i))] if has_seg else []
   *dks, dv_out = pl.pallas_call(
-      functools.partial(_dkv_kernel, nq=s // tq, **common),
-      grid=(s // tk, b, h),
-      in_specs=[*(full(c) for c in chunks), *(blk(tk, c) for c in chunks), blk(tk, dv_p), full(dv_p), full_row,
-                full_row, *seg_specs],
-      out_specs=[*(blk(tk, c) for c in chunks), blk(tk, dv_p)],
-      out_shape=[*(jax.ShapeDtypeStruct(x.shape, k.dtype) for x in ks), jax.ShapeDtypeStruct(v.shape, v.dtype)],
-      compiler_params=_params(),
-      interpret=interpret,
-      name="flash_dkv_gpu",
+    functools.partial(_dkv_kernel, nq=s // tq, **common),
+    grid=(s // tk, b, h),
+    in_specs=[
+      *(full(c) for c in chunks),
+      *(blk(tk, c) for c in chunks),
+      blk(tk, dv_p),
+      full(dv_p),
+      full_row,
+      full_row,
+      *seg_specs,
+    ],
+    out_specs=[*(blk(tk, c) for c in chunks), blk(tk, dv_p)],
+    out_shape=[*(jax.ShapeDtypeStruct(x.shape, k.dtype) for x in ks), jax.ShapeDtypeStruct(v.shape, v.dtype)],
+    compiler_params=_params(),
+    interpret=interpret,
+    name="flash_dkv_gpu",
   )(*qs, *ks, v, do, lse, di, *([seg, seg] if has_seg else []))
 
   row = pl.BlockSpec((None, None, tq), lambda i, bi, hi: (bi, hi, i))
   seg_specs = [pl.BlockSpec((None, tq), lambda i, bi, hi: (bi, i)), seg_full] if has_seg else []
   dqs = pl.pallas_call(
-      functools.partial(_dq_kernel, nk=s // tk, **common),
-      grid=(s // tq, b, h),
-      in_specs=[*(blk(tq, c) for c in chunks), *(full(c) for c in chunks), full(dv_p), blk(tq, dv_p), row, row,
-                *seg_specs],
-      out_specs=[blk(tq, c) for c in chunks],
-      out_shape=[jax.ShapeDtypeStruct(x.shape, q.dtype) for x in qs],
-      compiler_params=_params(),
-      interpret=interpret,
-      name="flash_dq_gpu",
+    functools.partial(_dq_kernel, nk=s // tk, **common),
+    grid=(s // tq, b, h),
+    in_specs=[
+      *(blk(tq, c) for c in chunks),
+      *(full(c) for c in chunks),
+      full(dv_p),
+      blk(tq, dv_p),
+      row,
+      row,
+      *seg_specs,
+    ],
+    out_specs=[blk(tq, c) for c in chunks],
+    out_shape=[jax.ShapeDtypeStruct(x.shape, q.dtype) for x in qs],
+    compiler_params=_params(),
+    interpret=interpret,
+    name="flash_dq_gpu",
   )(*qs, *ks, v, do, lse, di, *([seg, seg] if has_seg else []))
   return _join(dqs, dqk), _join(dks, dqk), dv_out[..., :dv]
 
 
-def _probs_and_dlogits(q, k, v, do, lse, di, q0, k0, qseg, kseg, *, scale, causal, seq_len,
-                       tq, tk, precision):
+def _probs_and_dlogits(q, k, v, do, lse, di, q0, k0, qseg, kseg, *, scale, causal, seq_len, tq, tk, precision):
   """p [tq, tk] (0 where masked) and ds = dL/dlogits (before the scale); q, k: lists of head-dim chunks."""
   s = _logits(q, k, precision) * scale
   valid = _valid(q0, k0, tq, tk, causal, seq_len, qseg, kseg)
@@ -227,7 +268,7 @@ def _probs_and_dlogits(q, k, v, do, lse, di, q0, k0, qseg, kseg, *, scale, causa
 
 def _split_refs(refs, num_chunks):
   """(q chunk refs, k chunk refs, the remaining refs)."""
-  return refs[:num_chunks], refs[num_chunks:2 * num_chunks], refs[2 * num_chunks:]
+  return refs[:num_chunks], refs[num_chunks : 2 * num_chunks], refs[2 * num_chunks :]
 
 
 def _dkv_kernel(*refs, scale, causal, seq_len, tq, tk, nq, has_seg, num_chunks, precision):
@@ -244,9 +285,24 @@ def _dkv_kernel(*refs, scale, causal, seq_len, tq, tk, nq, has_seg, num_chunks, 
     q = [r[pl.ds(q0, tq), :] for r in q_refs]
     do = do_ref[pl.ds(q0, tq), :]
     qseg = qseg_ref[pl.ds(q0, tq)] if has_seg else None
-    p, ds = _probs_and_dlogits(q, k, v, do, lse_ref[pl.ds(q0, tq)], di_ref[pl.ds(q0, tq)],
-                               q0, kb * tk, qseg, kseg, scale=scale, causal=causal,
-                               seq_len=seq_len, tq=tq, tk=tk, precision=precision)
+    p, ds = _probs_and_dlogits(
+      q,
+      k,
+      v,
+      do,
+      lse_ref[pl.ds(q0, tq)],
+      di_ref[pl.ds(q0, tq)],
+      q0,
+      kb * tk,
+      qseg,
+      kseg,
+      scale=scale,
+      causal=causal,
+      seq_len=seq_len,
+      tq=tq,
+      tk=tk,
+      precision=precision,
+    )
     dv = dv + _dot(p.astype(do.dtype), do, TN, precision)
     dk = [acc + _dot(ds.astype(qc.dtype), qc, TN, precision) for acc, qc in zip(dk, q)]
     return (*dk, dv)
@@ -270,9 +326,24 @@ def _dq_kernel(*refs, scale, causal, seq_len, tq, tk, nk, has_seg, num_chunks, p
     k0 = kb * tk
     k = [r[pl.ds(k0, tk), :] for r in k_refs]
     kseg = kseg_ref[pl.ds(k0, tk)] if has_seg else None
-    _, ds = _probs_and_dlogits(q, k, v_ref[pl.ds(k0, tk), :], do, lse, di, qi * tq, k0, qseg,
-                               kseg, scale=scale, causal=causal, seq_len=seq_len, tq=tq, tk=tk,
-                               precision=precision)
+    _, ds = _probs_and_dlogits(
+      q,
+      k,
+      v_ref[pl.ds(k0, tk), :],
+      do,
+      lse,
+      di,
+      qi * tq,
+      k0,
+      qseg,
+      kseg,
+      scale=scale,
+      causal=causal,
+      seq_len=seq_len,
+      tq=tq,
+      tk=tk,
+      precision=precision,
+    )
     return tuple(acc + _dot(ds.astype(kc.dtype), kc, NN, precision) for acc, kc in zip(dq, k))
 
   num_kb = jnp.minimum(cdiv(qi * tq + tq, tk), nk) if causal else nk

@@ -22,11 +22,11 @@ from __future__ import annotations
 import functools
 
 import jax
-import jax.numpy as jnp
-import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
+import jax.numpy as jnp
+import numpy as np
 
 from pallas_kernels._common import round_up
 
@@ -75,8 +75,7 @@ def _seg_inputs(seg, tq, tk, q_map, k_map):
   b, s = seg.shape
   qseg = jnp.broadcast_to(seg[:, :, None], (b, s, LANES))
   kseg = jnp.broadcast_to(seg[:, None, :], (b, SUBLANES, s))
-  return [qseg, kseg], [pl.BlockSpec((None, tq, LANES), q_map),
-                        pl.BlockSpec((None, SUBLANES, tk), k_map)]
+  return [qseg, kseg], [pl.BlockSpec((None, tq, LANES), q_map), pl.BlockSpec((None, SUBLANES, tk), k_map)]
 
 
 def _lanes(x):
@@ -88,6 +87,7 @@ def _params(*sem):
 
 
 # ----------------------------------------------------------------------------- forward
+
 
 def flash_fwd(q, k, v, seg, *, scale, causal, seq_len, blocks=None, interpret=False):
   """q, k: [B, H, S, Dqk]; v: [B, H, S, Dv]; seg: [B, S] int32 or None.
@@ -102,37 +102,52 @@ def flash_fwd(q, k, v, seg, *, scale, causal, seq_len, blocks=None, interpret=Fa
   def kv_block(qi, kb):  # skipped causal blocks re-use the last needed block
     return jnp.minimum(kb, (qi * tq + tq - 1) // tk) if causal else kb
 
-  seg_args, seg_specs = _seg_inputs(seg, tq, tk, lambda bi, hi, qi, kb: (bi, qi, 0),
-                                    lambda bi, hi, qi, kb: (bi, 0, kv_block(qi, kb)))
-  kernel = functools.partial(_fwd_kernel, scale=scale, causal=causal, seq_len=seq_len,
-                             tq=tq, tk=tk, nk=nk, has_seg=seg is not None,
-                             precision=_precision(q.dtype))
+  seg_args, seg_specs = _seg_inputs(
+    seg, tq, tk, lambda bi, hi, qi, kb: (bi, qi, 0), lambda bi, hi, qi, kb: (bi, 0, kv_block(qi, kb))
+  )
+  kernel = functools.partial(
+    _fwd_kernel,
+    scale=scale,
+    causal=causal,
+    seq_len=seq_len,
+    tq=tq,
+    tk=tk,
+    nk=nk,
+    has_seg=seg is not None,
+    precision=_precision(q.dtype),
+  )
   o, lse, mx = pl.pallas_call(
-      kernel,
-      grid=(b, h, nq, nk),
-      in_specs=[
-          pl.BlockSpec((None, None, tq, dqk), lambda bi, hi, qi, kb: (bi, hi, qi, 0)),
-          pl.BlockSpec((None, None, tk, dqk), lambda bi, hi, qi, kb: (bi, hi, kv_block(qi, kb), 0)),
-          pl.BlockSpec((None, None, tk, dv), lambda bi, hi, qi, kb: (bi, hi, kv_block(qi, kb), 0)),
-          *seg_specs],
-      out_specs=[
-          pl.BlockSpec((None, None, tq, dv), lambda bi, hi, qi, kb: (bi, hi, qi, 0)),
-          pl.BlockSpec((None, None, tq, LANES), lambda bi, hi, qi, kb: (bi, hi, qi, 0)),
-          pl.BlockSpec((None, None, SUBLANES, LANES), lambda bi, hi, qi, kb: (bi, hi, qi, 0))],
-      out_shape=[jax.ShapeDtypeStruct((b, h, s, dv), q.dtype),
-                 jax.ShapeDtypeStruct((b, h, s, LANES), jnp.float32),
-                 jax.ShapeDtypeStruct((b, h, nq * SUBLANES, LANES), jnp.float32)],
-      scratch_shapes=[pltpu.VMEM((tq, LANES), jnp.float32), pltpu.VMEM((tq, LANES), jnp.float32),
-                      pltpu.VMEM((tq, dv), jnp.float32)],
-      compiler_params=_params("parallel", "parallel", "parallel", "arbitrary"),
-      interpret=interpret,
-      name="flash_fwd_tpu",
+    kernel,
+    grid=(b, h, nq, nk),
+    in_specs=[
+      pl.BlockSpec((None, None, tq, dqk), lambda bi, hi, qi, kb: (bi, hi, qi, 0)),
+      pl.BlockSpec((None, None, tk, dqk), lambda bi, hi, qi, kb: (bi, hi, kv_block(qi, kb), 0)),
+      pl.BlockSpec((None, None, tk, dv), lambda bi, hi, qi, kb: (bi, hi, kv_block(qi, kb), 0)),
+      *seg_specs,
+    ],
+    out_specs=[
+      pl.BlockSpec((None, None, tq, dv), lambda bi, hi, qi, kb: (bi, hi, qi, 0)),
+      pl.BlockSpec((None, None, tq, LANES), lambda bi, hi, qi, kb: (bi, hi, qi, 0)),
+      pl.BlockSpec((None, None, SUBLANES, LANES), lambda bi, hi, qi, kb: (bi, hi, qi, 0)),
+    ],
+    out_shape=[
+      jax.ShapeDtypeStruct((b, h, s, dv), q.dtype),
+      jax.ShapeDtypeStruct((b, h, s, LANES), jnp.float32),
+      jax.ShapeDtypeStruct((b, h, nq * SUBLANES, LANES), jnp.float32),
+    ],
+    scratch_shapes=[
+      pltpu.VMEM((tq, LANES), jnp.float32),
+      pltpu.VMEM((tq, LANES), jnp.float32),
+      pltpu.VMEM((tq, dv), jnp.float32),
+    ],
+    compiler_params=_params("parallel", "parallel", "parallel", "arbitrary"),
+    interpret=interpret,
+    name="flash_fwd_tpu",
   )(q, k, v, *seg_args)
   return o, lse[..., 0], jnp.max(mx, axis=(0, 2, 3))
 
 
-def _fwd_kernel(q_ref, k_ref, v_ref, *refs, scale, causal, seq_len, tq, tk, nk, has_seg,
-                precision):
+def _fwd_kernel(q_ref, k_ref, v_ref, *refs, scale, causal, seq_len, tq, tk, nk, has_seg, precision):
   qseg_ref, kseg_ref = refs[:2] if has_seg else (None, None)
   o_ref, lse_ref, mx_ref, m_scr, l_scr, acc_scr = refs[2:] if has_seg else refs
   qi, kb = pl.program_id(2), pl.program_id(3)
@@ -146,15 +161,15 @@ def _fwd_kernel(q_ref, k_ref, v_ref, *refs, scale, causal, seq_len, tq, tk, nk, 
   @pl.when(_block_needed(qi, kb, tq, tk, causal))
   def _step():
     s = _dot(q_ref[...], k_ref[...], NT, precision) * scale
-    s = jnp.where(_valid(qi, kb, tq=tq, tk=tk, causal=causal, seq_len=seq_len,
-                         qseg_ref=qseg_ref, kseg_ref=kseg_ref), s, NEG)
+    s = jnp.where(
+      _valid(qi, kb, tq=tq, tk=tk, causal=causal, seq_len=seq_len, qseg_ref=qseg_ref, kseg_ref=kseg_ref), s, NEG
+    )
     m_prev = m_scr[...]
     m_new = jnp.maximum(m_prev, jnp.max(s, axis=1, keepdims=True))
     alpha = jnp.exp(m_prev - m_new)
     p = jnp.exp(s - m_new[:, :1])
     l_scr[...] = alpha * l_scr[...] + jnp.sum(p, axis=1, keepdims=True)
-    acc_scr[...] = acc_scr[...] * alpha[:, :1] + _dot(p.astype(v_ref.dtype), v_ref[...], NN,
-                                                      precision)
+    acc_scr[...] = acc_scr[...] * alpha[:, :1] + _dot(p.astype(v_ref.dtype), v_ref[...], NN, precision)
     m_scr[...] = m_new
 
   @pl.when(kb == nk - 1)
@@ -174,8 +189,8 @@ def _fwd_kernel(q_ref, k_ref, v_ref, *refs, scale, causal, seq_len, tq, tk, nk, 
 
 # ---------------------------------------------------------------------------- backward
 
-def flash_bwd(q, k, v, seg, lse, di, do, *, scale, causal, seq_len, blocks=None,
-              interpret=False):
+
+def flash_bwd(q, k, v, seg, lse, di, do, *, scale, causal, seq_len, blocks=None, interpret=False):
   """Gradients: q, k [B, H, S, Dqk]; v, do [B, H, S, Dv]; lse, di [B, H, S] f32.
 
   Returns dq, dk, dv (dtypes of q, k, v).
@@ -186,8 +201,7 @@ def flash_bwd(q, k, v, seg, lse, di, do, *, scale, causal, seq_len, blocks=None,
   nq, nk = s // tq, s // tk
   lse, di = _lanes(lse), _lanes(di)
   prec = _precision(q.dtype)
-  common = dict(scale=scale, causal=causal, seq_len=seq_len, tq=tq, tk=tk,
-                has_seg=seg is not None, precision=prec)
+  common = dict(scale=scale, causal=causal, seq_len=seq_len, tq=tq, tk=tk, has_seg=seg is not None, precision=prec)
 
   # dk, dv: grid (B, H, nk, nq); skipped causal q blocks re-use the first needed block.
   def q_block(kb, qi):
@@ -195,19 +209,19 @@ def flash_bwd(q, k, v, seg, lse, di, do, *, scale, causal, seq_len, blocks=None,
 
   qmap = lambda bi, hi, kb, qi: (bi, hi, q_block(kb, qi), 0)
   kmap = lambda bi, hi, kb, qi: (bi, hi, kb, 0)
-  seg_args, seg_specs = _seg_inputs(seg, tq, tk, lambda bi, hi, kb, qi: (bi, q_block(kb, qi), 0),
-                                    lambda bi, hi, kb, qi: (bi, 0, kb))
+  seg_args, seg_specs = _seg_inputs(
+    seg, tq, tk, lambda bi, hi, kb, qi: (bi, q_block(kb, qi), 0), lambda bi, hi, kb, qi: (bi, 0, kb)
+  )
   dk, dv = pl.pallas_call(
-      functools.partial(_dkv_kernel, nq=nq, **common),
-      grid=(b, h, nk, nq),
-      in_specs=[*_bwd_in_specs(qmap, kmap, tq, tk, dqk, dv_dim), *seg_specs],
-      out_specs=[pl.BlockSpec((None, None, tk, dqk), kmap),
-                 pl.BlockSpec((None, None, tk, dv_dim), kmap)],
-      out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
-      scratch_shapes=[pltpu.VMEM((tk, dqk), jnp.float32), pltpu.VMEM((tk, dv_dim), jnp.float32)],
-      compiler_params=_params("parallel", "parallel", "parallel", "arbitrary"),
-      interpret=interpret,
-      name="flash_dkv_tpu",
+    functools.partial(_dkv_kernel, nq=nq, **common),
+    grid=(b, h, nk, nq),
+    in_specs=[*_bwd_in_specs(qmap, kmap, tq, tk, dqk, dv_dim), *seg_specs],
+    out_specs=[pl.BlockSpec((None, None, tk, dqk), kmap), pl.BlockSpec((None, None, tk, dv_dim), kmap)],
+    out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
+    scratch_shapes=[pltpu.VMEM((tk, dqk), jnp.float32), pltpu.VMEM((tk, dv_dim), jnp.float32)],
+    compiler_params=_params("parallel", "parallel", "parallel", "arbitrary"),
+    interpret=interpret,
+    name="flash_dkv_tpu",
   )(q, k, v, do, lse, di, *seg_args)
 
   # dq: grid (B, H, nq, nk); skipped causal k blocks re-use the last needed block.
@@ -216,43 +230,50 @@ def flash_bwd(q, k, v, seg, lse, di, do, *, scale, causal, seq_len, blocks=None,
 
   qmap = lambda bi, hi, qi, kb: (bi, hi, qi, 0)
   kmap = lambda bi, hi, qi, kb: (bi, hi, kv_block(qi, kb), 0)
-  seg_args, seg_specs = _seg_inputs(seg, tq, tk, lambda bi, hi, qi, kb: (bi, qi, 0),
-                                    lambda bi, hi, qi, kb: (bi, 0, kv_block(qi, kb)))
+  seg_args, seg_specs = _seg_inputs(
+    seg, tq, tk, lambda bi, hi, qi, kb: (bi, qi, 0), lambda bi, hi, qi, kb: (bi, 0, kv_block(qi, kb))
+  )
   dq = pl.pallas_call(
-      functools.partial(_dq_kernel, nk=nk, **common),
-      grid=(b, h, nq, nk),
-      in_specs=[*_bwd_in_specs(qmap, kmap, tq, tk, dqk, dv_dim), *seg_specs],
-      out_specs=pl.BlockSpec((None, None, tq, dqk), qmap),
-      out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
-      scratch_shapes=[pltpu.VMEM((tq, dqk), jnp.float32)],
-      compiler_params=_params("parallel", "parallel", "parallel", "arbitrary"),
-      interpret=interpret,
-      name="flash_dq_tpu",
+    functools.partial(_dq_kernel, nk=nk, **common),
+    grid=(b, h, nq, nk),
+    in_specs=[*_bwd_in_specs(qmap, kmap, tq, tk, dqk, dv_dim), *seg_specs],
+    out_specs=pl.BlockSpec((None, None, tq, dqk), qmap),
+    out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
+    scratch_shapes=[pltpu.VMEM((tq, dqk), jnp.float32)],
+    compiler_params=_params("parallel", "parallel", "parallel", "arbitrary"),
+    interpret=interpret,
+    name="flash_dq_tpu",
   )(q, k, v, do, lse, di, *seg_args)
   return dq, dk, dv
 
 
 def _bwd_in_specs(qmap, kmap, tq, tk, dqk, dv):
   """BlockSpecs of q, k, v, do, lse, di for both backward kernels (their grids differ only in the index maps)."""
-  return [pl.BlockSpec((None, None, tq, dqk), qmap), pl.BlockSpec((None, None, tk, dqk), kmap),
-          pl.BlockSpec((None, None, tk, dv), kmap), pl.BlockSpec((None, None, tq, dv), qmap),
-          pl.BlockSpec((None, None, tq, LANES), qmap), pl.BlockSpec((None, None, tq, LANES), qmap)]
+  return [
+    pl.BlockSpec((None, None, tq, dqk), qmap),
+    pl.BlockSpec((None, None, tk, dqk), kmap),
+    pl.BlockSpec((None, None, tk, dv), kmap),
+    pl.BlockSpec((None, None, tq, dv), qmap),
+    pl.BlockSpec((None, None, tq, LANES), qmap),
+    pl.BlockSpec((None, None, tq, LANES), qmap),
+  ]
 
 
-def _probs_and_dlogits(q_ref, k_ref, v_ref, do_ref, lse_ref, di_ref, qseg_ref, kseg_ref, qi, kb,
-                       *, scale, causal, seq_len, tq, tk, precision):
+def _probs_and_dlogits(
+  q_ref, k_ref, v_ref, do_ref, lse_ref, di_ref, qseg_ref, kseg_ref, qi, kb, *, scale, causal, seq_len, tq, tk, precision
+):
   """p = softmax probs [tq, tk] (0 where masked) and ds = dL/dlogits (before the scale)."""
   s = _dot(q_ref[...], k_ref[...], NT, precision) * scale
-  valid = _valid(qi, kb, tq=tq, tk=tk, causal=causal, seq_len=seq_len,
-                 qseg_ref=qseg_ref, kseg_ref=kseg_ref)
+  valid = _valid(qi, kb, tq=tq, tk=tk, causal=causal, seq_len=seq_len, qseg_ref=qseg_ref, kseg_ref=kseg_ref)
   p = jnp.where(valid, jnp.exp(s - lse_ref[...][:, :1]), 0.0)
   dp = _dot(do_ref[...], v_ref[...], NT, precision)
   ds = p * (dp - di_ref[...][:, :1])
   return p, ds
 
 
-def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, di_ref, *refs, scale, causal, seq_len,
-                tq, tk, nq, has_seg, precision):
+def _dkv_kernel(
+  q_ref, k_ref, v_ref, do_ref, lse_ref, di_ref, *refs, scale, causal, seq_len, tq, tk, nq, has_seg, precision
+):
   qseg_ref, kseg_ref = refs[:2] if has_seg else (None, None)
   dk_ref, dv_ref, dk_scr, dv_scr = refs[2:] if has_seg else refs
   kb, qi = pl.program_id(2), pl.program_id(3)
@@ -264,9 +285,24 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, di_ref, *refs, scale, caus
 
   @pl.when(_block_needed(qi, kb, tq, tk, causal))
   def _step():
-    p, ds = _probs_and_dlogits(q_ref, k_ref, v_ref, do_ref, lse_ref, di_ref, qseg_ref, kseg_ref,
-                               qi, kb, scale=scale, causal=causal, seq_len=seq_len, tq=tq, tk=tk,
-                               precision=precision)
+    p, ds = _probs_and_dlogits(
+      q_ref,
+      k_ref,
+      v_ref,
+      do_ref,
+      lse_ref,
+      di_ref,
+      qseg_ref,
+      kseg_ref,
+      qi,
+      kb,
+      scale=scale,
+      causal=causal,
+      seq_len=seq_len,
+      tq=tq,
+      tk=tk,
+      precision=precision,
+    )
     dv_scr[...] += _dot(p.astype(do_ref.dtype), do_ref[...], TN, precision)
     dk_scr[...] += _dot(ds.astype(q_ref.dtype), q_ref[...], TN, precision) * scale
 
@@ -276,8 +312,9 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, di_ref, *refs, scale, caus
     dv_ref[...] = dv_scr[...].astype(dv_ref.dtype)
 
 
-def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, di_ref, *refs, scale, causal, seq_len,
-               tq, tk, nk, has_seg, precision):
+def _dq_kernel(
+  q_ref, k_ref, v_ref, do_ref, lse_ref, di_ref, *refs, scale, causal, seq_len, tq, tk, nk, has_seg, precision
+):
   qseg_ref, kseg_ref = refs[:2] if has_seg else (None, None)
   dq_ref, dq_scr = refs[2:] if has_seg else refs
   qi, kb = pl.program_id(2), pl.program_id(3)
@@ -288,9 +325,24 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, di_ref, *refs, scale, causa
 
   @pl.when(_block_needed(qi, kb, tq, tk, causal))
   def _step():
-    _, ds = _probs_and_dlogits(q_ref, k_ref, v_ref, do_ref, lse_ref, di_ref, qseg_ref, kseg_ref,
-                               qi, kb, scale=scale, causal=causal, seq_len=seq_len, tq=tq, tk=tk,
-                               precision=precision)
+    _, ds = _probs_and_dlogits(
+      q_ref,
+      k_ref,
+      v_ref,
+      do_ref,
+      lse_ref,
+      di_ref,
+      qseg_ref,
+      kseg_ref,
+      qi,
+      kb,
+      scale=scale,
+      causal=causal,
+      seq_len=seq_len,
+      tq=tq,
+      tk=tk,
+      precision=precision,
+    )
     dq_scr[...] += _dot(ds.astype(k_ref.dtype), k_ref[...], NN, precision) * scale
 
   @pl.when(kb == nk - 1)

@@ -25,21 +25,28 @@ def _check(lhs, rhs, group_sizes, group_offset, rhs_name="rhs"):
   if lhs.ndim != 2:
     raise ValueError(f"lhs must be [M, K], got shape {lhs.shape}")
   if group_sizes.ndim != 1 or group_sizes.dtype != jnp.int32:
-    raise ValueError(f"group_sizes must be a 1-D int32 array, got {group_sizes.dtype}"
-                     f"{list(group_sizes.shape)}")
+    raise ValueError(f"group_sizes must be a 1-D int32 array, got {group_sizes.dtype}{list(group_sizes.shape)}")
   if group_offset is not None:
     check_int("group_offset", group_offset, ndim=0)
   if rhs is not None and rhs.shape[0] > group_sizes.shape[0]:
-    raise ValueError(f"{rhs_name} has {rhs.shape[0]} groups but group_sizes only "
-                     f"{group_sizes.shape[0]}")
+    raise ValueError(f"{rhs_name} has {rhs.shape[0]} groups but group_sizes only {group_sizes.shape[0]}")
   if group_offset is None and rhs is not None and rhs.shape[0] != group_sizes.shape[0]:
-    raise ValueError(f"{rhs_name} holds {rhs.shape[0]} of {group_sizes.shape[0]} groups: "
-                     "pass group_offset (the first local group)")
+    raise ValueError(
+      f"{rhs_name} holds {rhs.shape[0]} of {group_sizes.shape[0]} groups: pass group_offset (the first local group)"
+    )
 
 
-def gmm(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, *, impl: str = "auto",
-        interpret: bool = False, preferred_element_type=None, group_offset=None,
-        tiling: tuple[int, int, int] | None = None) -> jax.Array:
+def gmm(
+  lhs: jax.Array,
+  rhs: jax.Array,
+  group_sizes: jax.Array,
+  *,
+  impl: str = "auto",
+  interpret: bool = False,
+  preferred_element_type=None,
+  group_offset=None,
+  tiling: tuple[int, int, int] | None = None,
+) -> jax.Array:
   """Grouped matmul: rows of lhs grouped contiguously by group_sizes.
 
   Args:
@@ -67,19 +74,25 @@ def gmm(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, *, impl: str = "
   impl = resolve_impl(impl)
   out_dtype = jnp.dtype(preferred_element_type or jnp.result_type(lhs.dtype, rhs.dtype))
   if impl == "xla":
-    return reference.gmm_reference(lhs, rhs, group_sizes, group_offset=group_offset,
-                                   preferred_element_type=out_dtype)
+    return reference.gmm_reference(lhs, rhs, group_sizes, group_offset=group_offset, preferred_element_type=out_dtype)
   if lhs.shape[0] == 0:
     return jnp.zeros((0, rhs.shape[2]), out_dtype)
   offset = jnp.asarray(0 if group_offset is None else group_offset, jnp.int32)
-  return _gmm(lhs, rhs, group_sizes, offset, impl, interpret, out_dtype,
-              None if tiling is None else tuple(tiling))
+  return _gmm(lhs, rhs, group_sizes, offset, impl, interpret, out_dtype, None if tiling is None else tuple(tiling))
 
 
-def tgmm(lhs: jax.Array, dout: jax.Array, group_sizes: jax.Array, *,
-         num_groups: int | None = None, impl: str = "auto", interpret: bool = False,
-         preferred_element_type=None, group_offset=None,
-         tiling: tuple[int, int, int] | None = None) -> jax.Array:
+def tgmm(
+  lhs: jax.Array,
+  dout: jax.Array,
+  group_sizes: jax.Array,
+  *,
+  num_groups: int | None = None,
+  impl: str = "auto",
+  interpret: bool = False,
+  preferred_element_type=None,
+  group_offset=None,
+  tiling: tuple[int, int, int] | None = None,
+) -> jax.Array:
   """Transposed grouped matmul: out[g] = lhs[rows of g]^T @ dout[rows of g].
 
   lhs: [M, K]; dout: [M, N]; group_sizes: [GT] int32; num_groups: G local groups
@@ -94,19 +107,27 @@ def tgmm(lhs: jax.Array, dout: jax.Array, group_sizes: jax.Array, *,
   impl = resolve_impl(impl)
   out_dtype = jnp.dtype(preferred_element_type or jnp.result_type(lhs.dtype, dout.dtype))
   if impl == "xla":
-    return reference.tgmm_reference(lhs, dout, group_sizes, num_groups=num_groups,
-                                    group_offset=group_offset,
-                                    preferred_element_type=out_dtype)
+    return reference.tgmm_reference(
+      lhs, dout, group_sizes, num_groups=num_groups, group_offset=group_offset, preferred_element_type=out_dtype
+    )
   offset = jnp.asarray(0 if group_offset is None else group_offset, jnp.int32)
-  return _KERNELS[impl].tgmm(lhs, dout, group_sizes, num_groups=num_groups,
-                             group_offset=offset, out_dtype=out_dtype, tiling=tiling,
-                             interpret=interpret)
+  return _KERNELS[impl].tgmm(
+    lhs,
+    dout,
+    group_sizes,
+    num_groups=num_groups,
+    group_offset=offset,
+    out_dtype=out_dtype,
+    tiling=tiling,
+    interpret=interpret,
+  )
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7))
 def _gmm(lhs, rhs, group_sizes, offset, impl, interpret, out_dtype, tiling):
-  return _KERNELS[impl].gmm(lhs, rhs, group_sizes, group_offset=offset, out_dtype=out_dtype,
-                            tiling=tiling, interpret=interpret)
+  return _KERNELS[impl].gmm(
+    lhs, rhs, group_sizes, group_offset=offset, out_dtype=out_dtype, tiling=tiling, interpret=interpret
+  )
 
 
 def _gmm_fwd(lhs, rhs, group_sizes, offset, impl, interpret, out_dtype, tiling):
@@ -119,10 +140,26 @@ def _gmm_bwd(impl, interpret, out_dtype, tiling, res, dout):
   kernels = _KERNELS[impl]
   # dlhs[M, K] contracts over N: forward (tm, tk, tn) becomes (tm, tn, tk).
   dlhs_tiling = None if tiling is None else (tiling[0], tiling[2], tiling[1])
-  dlhs = kernels.gmm(dout, rhs, group_sizes, group_offset=offset, out_dtype=lhs.dtype,
-                     tiling=dlhs_tiling, transpose_rhs=True, interpret=interpret)
-  drhs = kernels.tgmm(lhs, dout, group_sizes, num_groups=rhs.shape[0], group_offset=offset,
-                      out_dtype=rhs.dtype, tiling=tiling, interpret=interpret)
+  dlhs = kernels.gmm(
+    dout,
+    rhs,
+    group_sizes,
+    group_offset=offset,
+    out_dtype=lhs.dtype,
+    tiling=dlhs_tiling,
+    transpose_rhs=True,
+    interpret=interpret,
+  )
+  drhs = kernels.tgmm(
+    lhs,
+    dout,
+    group_sizes,
+    num_groups=rhs.shape[0],
+    group_offset=offset,
+    out_dtype=rhs.dtype,
+    tiling=tiling,
+    interpret=interpret,
+  )
   return dlhs, drhs, None, None
 
 

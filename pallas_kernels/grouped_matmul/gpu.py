@@ -19,10 +19,10 @@ from __future__ import annotations
 import functools
 
 import jax
-import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
+import jax.numpy as jnp
 
 from pallas_kernels.grouped_matmul import metadata
 from pallas_kernels.grouped_matmul.operands import gmm_operands, precision, tgmm_operands
@@ -36,41 +36,57 @@ def default_tiling(m: int, k: int, n: int, dtype) -> tuple[int, int, int]:
   return tm, tk, 128
 
 
-
-
 def _params(num_warps=4, num_stages=3):
   return plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages)
 
 
-def gmm(lhs, rhs, group_sizes, *, group_offset=0, out_dtype=None, tiling=None,
-        transpose_rhs=False, interpret=False):
+def gmm(lhs, rhs, group_sizes, *, group_offset=0, out_dtype=None, tiling=None, transpose_rhs=False, interpret=False):
   """out[M, N] = per-group lhs @ rhs[g]; rows outside local groups are zero.
 
   lhs: [M, K]; rhs: [G, K, N] ([G, N, K] if transpose_rhs); group_sizes: [GT] int32.
   """
   num_local = rhs.shape[0]
-  ops = gmm_operands(lhs, rhs, transpose_rhs=transpose_rhs, tiling=tiling, default_tiling=default_tiling,
-                     out_dtype=out_dtype)
+  ops = gmm_operands(
+    lhs, rhs, transpose_rhs=transpose_rhs, tiling=tiling, default_tiling=default_tiling, out_dtype=out_dtype
+  )
   lhs, rhs, (tm, tk, tn), (m, k, n), (mp, kp, np_), out_dtype = ops
 
   bounds = metadata.local_group_bounds(group_sizes, group_offset, num_local, m)
   items = metadata.gmm_work_items(bounds, tm=tm, tiles_m=mp // tm)
   meta = (items.kind, items.group, items.tile, items.lo, items.hi, items.glo, items.ghi)
-  kernel = functools.partial(_gmm_kernel, tm=tm, tk=tk, tn=tn, nk=kp // tk,
-                             transpose_rhs=transpose_rhs, precision=precision(lhs.dtype))
+  kernel = functools.partial(
+    _gmm_kernel, tm=tm, tk=tk, tn=tn, nk=kp // tk, transpose_rhs=transpose_rhs, precision=precision(lhs.dtype)
+  )
   out = pl.pallas_call(
-      kernel,
-      out_shape=jax.ShapeDtypeStruct((mp, np_), out_dtype),
-      grid=(items.kind.shape[0], np_ // tn),
-      compiler_params=_params(),
-      interpret=interpret,
-      name="gmm_gpu",
+    kernel,
+    out_shape=jax.ShapeDtypeStruct((mp, np_), out_dtype),
+    grid=(items.kind.shape[0], np_ // tn),
+    compiler_params=_params(),
+    interpret=interpret,
+    name="gmm_gpu",
   )(*meta, lhs, rhs)
   return out[:m, :n]
 
 
-def _gmm_kernel(kind_ref, group_ref, tile_ref, lo_ref, hi_ref, glo_ref, ghi_ref,
-                lhs_ref, rhs_ref, out_ref, *, tm, tk, tn, nk, transpose_rhs, precision):
+def _gmm_kernel(
+  kind_ref,
+  group_ref,
+  tile_ref,
+  lo_ref,
+  hi_ref,
+  glo_ref,
+  ghi_ref,
+  lhs_ref,
+  rhs_ref,
+  out_ref,
+  *,
+  tm,
+  tk,
+  tn,
+  nk,
+  transpose_rhs,
+  precision,
+):
   i, j = pl.program_id(0), pl.program_id(1)
   kind = kind_ref[i]
 
@@ -88,12 +104,10 @@ def _gmm_kernel(kind_ref, group_ref, tile_ref, lo_ref, hi_ref, glo_ref, ghi_ref,
       else:
         w = rhs_ref[g, pl.ds(kk * tk, tk), pl.ds(col0, tn)]
         dims = (((1,), (0,)), ((), ()))
-      return acc + lax.dot_general(x, w, dims, preferred_element_type=jnp.float32,
-                                   precision=precision)
+      return acc + lax.dot_general(x, w, dims, preferred_element_type=jnp.float32, precision=precision)
 
     # Zero-fill items run no K steps.
-    acc = lax.fori_loop(0, jnp.where(kind == 2, nk, 0), body,
-                        jnp.zeros((tm, tn), jnp.float32))
+    acc = lax.fori_loop(0, jnp.where(kind == 2, nk, 0), body, jnp.zeros((tm, tn), jnp.float32))
     rows = row0 + lax.broadcasted_iota(jnp.int32, (tm, tn), 0)
     in_group = (rows >= glo_ref[i]) & (rows < ghi_ref[i])
     in_store = (rows >= lo_ref[i]) & (rows < hi_ref[i])
@@ -101,8 +115,7 @@ def _gmm_kernel(kind_ref, group_ref, tile_ref, lo_ref, hi_ref, glo_ref, ghi_ref,
     plgpu.store(out_ref.at[pl.ds(row0, tm), pl.ds(col0, tn)], value, mask=in_store)
 
 
-def tgmm(lhs, dout, group_sizes, *, num_groups, group_offset=0, out_dtype=None,
-         tiling=None, interpret=False):
+def tgmm(lhs, dout, group_sizes, *, num_groups, group_offset=0, out_dtype=None, tiling=None, interpret=False):
   """out[G, K, N] = per-group lhs[rows of g]^T @ dout[rows of g]; empty groups give 0.
 
   lhs: [M, K]; dout: [M, N]; group_sizes: [GT] int32; num_groups = G.
@@ -113,14 +126,14 @@ def tgmm(lhs, dout, group_sizes, *, num_groups, group_offset=0, out_dtype=None,
 
   kernel = functools.partial(_tgmm_kernel, tm=tm, tk=tk, tn=tn, precision=precision(lhs.dtype))
   out = pl.pallas_call(
-      kernel,
-      out_shape=jax.ShapeDtypeStruct((num_groups, kp, np_), out_dtype),
-      grid=(kp // tk, np_ // tn, num_groups),
-      in_specs=[pl.no_block_spec] * 4,
-      out_specs=pl.BlockSpec((None, tk, tn), lambda kb, nb, g: (g, kb, nb)),
-      compiler_params=_params(),
-      interpret=interpret,
-      name="tgmm_gpu",
+    kernel,
+    out_shape=jax.ShapeDtypeStruct((num_groups, kp, np_), out_dtype),
+    grid=(kp // tk, np_ // tn, num_groups),
+    in_specs=[pl.no_block_spec] * 4,
+    out_specs=pl.BlockSpec((None, tk, tn), lambda kb, nb, g: (g, kb, nb)),
+    compiler_params=_params(),
+    interpret=interpret,
+    name="tgmm_gpu",
   )(gs, ge, lhs, dout)
   return out[:, :k, :n]
 
@@ -140,8 +153,9 @@ def _tgmm_kernel(gs_ref, ge_ref, lhs_ref, dout_ref, out_ref, *, tm, tk, tn, prec
     # Mask both sides: rows of other groups must not leak (and 0 * inf would be nan).
     x = jnp.where((rx >= lo) & (rx < hi), x, jnp.zeros((), x.dtype))
     dy = jnp.where((ry >= lo) & (ry < hi), dy, jnp.zeros((), dy.dtype))
-    return acc + lax.dot_general(x, dy, (((0,), (0,)), ((), ())),
-                                 preferred_element_type=jnp.float32, precision=precision)
+    return acc + lax.dot_general(
+      x, dy, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32, precision=precision
+    )
 
   acc = lax.fori_loop(0, num_tiles, body, jnp.zeros((tk, tn), jnp.float32))
   out_ref[...] = acc.astype(out_ref.dtype)

@@ -23,31 +23,32 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import jax
-import jax.numpy as jnp
 from jax import lax
+import jax.numpy as jnp
 
 
 class GroupBounds(NamedTuple):
   """Row ranges of the local groups: starts, ends: [G] int32."""
+
   starts: jax.Array
   ends: jax.Array
 
 
 class WorkItems(NamedTuple):
   """Per-item int32 arrays, each [W]."""
-  kind: jax.Array   # 0 padding, 1 zero-fill, 2 compute
+
+  kind: jax.Array  # 0 padding, 1 zero-fill, 2 compute
   group: jax.Array  # local group index (rhs block / tgmm output block)
-  tile: jax.Array   # m-tile index
-  lo: jax.Array     # store rows [lo, hi) (gmm)
+  tile: jax.Array  # m-tile index
+  lo: jax.Array  # store rows [lo, hi) (gmm)
   hi: jax.Array
-  glo: jax.Array    # group rows [glo, ghi) (rows that get a matmul result)
+  glo: jax.Array  # group rows [glo, ghi) (rows that get a matmul result)
   ghi: jax.Array
   first: jax.Array  # 1 on the first item of a group (tgmm: reset the accumulator)
-  last: jax.Array   # 1 on the last item of a group (tgmm: store the accumulator)
+  last: jax.Array  # 1 on the last item of a group (tgmm: store the accumulator)
 
 
-def local_group_bounds(group_sizes: jax.Array, group_offset: jax.Array | int,
-                       num_local: int, m: int) -> GroupBounds:
+def local_group_bounds(group_sizes: jax.Array, group_offset: jax.Array | int, num_local: int, m: int) -> GroupBounds:
   """Row range of each local group; ends are clamped to `m` (the real row count).
 
   group_sizes: [GT] int32; group_offset: scalar; requires offset + num_local <= GT.
@@ -55,8 +56,9 @@ def local_group_bounds(group_sizes: jax.Array, group_offset: jax.Array | int,
   ends = jnp.minimum(jnp.cumsum(group_sizes.astype(jnp.int32)), m).astype(jnp.int32)
   starts = jnp.concatenate([jnp.zeros((1,), jnp.int32), ends[:-1]])
   offset = jnp.asarray(group_offset, jnp.int32).reshape(())
-  return GroupBounds(lax.dynamic_slice_in_dim(starts, offset, num_local),
-                     lax.dynamic_slice_in_dim(ends, offset, num_local))
+  return GroupBounds(
+    lax.dynamic_slice_in_dim(starts, offset, num_local), lax.dynamic_slice_in_dim(ends, offset, num_local)
+  )
 
 
 def _expand(seg_first, seg_count, num_items):
@@ -86,11 +88,10 @@ def gmm_work_items(bounds: GroupBounds, *, tm: int, tiles_m: int) -> WorkItems:
   ft = gs // tm
   nt = jnp.where(nonempty, (ge - 1) // tm - ft + 1, 0)
   any_rows = e > s
-  a = jnp.where(any_rows, s // tm, tiles_m)          # zero tiles [0, a)
+  a = jnp.where(any_rows, s // tm, tiles_m)  # zero tiles [0, a)
   b = jnp.where(any_rows, (e - 1) // tm + 1, tiles_m)  # zero tiles [b, tiles_m)
   zero = jnp.zeros((1,), jnp.int32)
-  cat = lambda x, y, z: jnp.concatenate([jnp.reshape(x, (1,)), y, jnp.reshape(z, (1,))]
-                                        ).astype(jnp.int32)
+  cat = lambda x, y, z: jnp.concatenate([jnp.reshape(x, (1,)), y, jnp.reshape(z, (1,))]).astype(jnp.int32)
   seg_first = cat(zero, ft, b)
   seg_count = cat(a, nt, tiles_m - b)
   seg_group = cat(zero, jnp.arange(num_local), num_local - 1)
@@ -118,9 +119,7 @@ def tgmm_work_items(bounds: GroupBounds, *, tm: int, tiles_m: int) -> WorkItems:
   nonempty = ge > gs
   ft = jnp.minimum(gs // tm, tiles_m - 1)
   nt = jnp.where(nonempty, (ge - 1) // tm - ft + 1, 1)
-  seg, tile, pad, first, last = _expand(ft.astype(jnp.int32), nt.astype(jnp.int32),
-                                        tiles_m + num_local - 1)
+  seg, tile, pad, first, last = _expand(ft.astype(jnp.int32), nt.astype(jnp.int32), tiles_m + num_local - 1)
   kind = jnp.where(pad, 0, jnp.where(nonempty[seg], 2, 1)).astype(jnp.int32)
   glo, ghi = gs[seg], ge[seg]
-  return WorkItems(kind, seg, tile, glo, ghi, glo, ghi,
-                   first.astype(jnp.int32), last.astype(jnp.int32))
+  return WorkItems(kind, seg, tile, glo, ghi, glo, ghi, first.astype(jnp.int32), last.astype(jnp.int32))

@@ -5,11 +5,12 @@ Dimensions: M rows, K contraction, N output columns; tm/tk/tn tiles; mp/kp/np th
 
 from __future__ import annotations
 
-from typing import Callable, NamedTuple
+from collections.abc import Callable
+from typing import NamedTuple
 
 import jax
-import jax.numpy as jnp
 from jax import lax
+import jax.numpy as jnp
 
 from pallas_kernels._common import round_up
 
@@ -45,8 +46,9 @@ def _resolve(m, k, n, dtype, tiling, default_tiling, out_dtype):
   return tiles, padded, jnp.dtype(out_dtype or dtype)
 
 
-def gmm_operands(lhs, rhs, *, transpose_rhs: bool, tiling: Tiling | None,
-                 default_tiling: Callable[..., Tiling], out_dtype) -> Operands:
+def gmm_operands(
+  lhs, rhs, *, transpose_rhs: bool, tiling: Tiling | None, default_tiling: Callable[..., Tiling], out_dtype
+) -> Operands:
   """lhs [M, K], rhs [G, K, N] (or [G, N, K]) cast to their common dtype and padded to whole tiles."""
   m, k = lhs.shape
   n = rhs.shape[1] if transpose_rhs else rhs.shape[2]
@@ -57,8 +59,7 @@ def gmm_operands(lhs, rhs, *, transpose_rhs: bool, tiling: Tiling | None,
   return Operands(lhs, rhs, tiles, (m, k, n), (mp, kp, np_), out_dtype)
 
 
-def tgmm_operands(lhs, dout, *, tiling: Tiling | None, default_tiling: Callable[..., Tiling],
-                  out_dtype) -> Operands:
+def tgmm_operands(lhs, dout, *, tiling: Tiling | None, default_tiling: Callable[..., Tiling], out_dtype) -> Operands:
   """lhs [M, K] and dout [M, N] cast to their common dtype and padded to whole tiles."""
   (m, k), n = lhs.shape, dout.shape[1]
   dtype = jnp.result_type(lhs.dtype, dout.dtype)

@@ -27,8 +27,9 @@ def _local_view(lhs, group_sizes, group_offset, num_local):
   return lhs, sizes
 
 
-def gmm_reference(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, *,
-                  preferred_element_type=None, group_offset=None) -> jax.Array:
+def gmm_reference(
+  lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, *, preferred_element_type=None, group_offset=None
+) -> jax.Array:
   """out[M, N] = lhs[rows of g] @ rhs[g] per local group; other rows are zero.
 
   lhs: [M, K], rhs: [G, K, N], group_sizes: [GT] int32, group_offset: scalar int32
@@ -36,16 +37,20 @@ def gmm_reference(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, *,
   """
   num_local = rhs.shape[0]
   if group_offset is None and num_local == group_sizes.shape[0]:
-    return jax.lax.ragged_dot(lhs, rhs, group_sizes,
-                              preferred_element_type=preferred_element_type)
-  lhs, sizes = _local_view(lhs, group_sizes, 0 if group_offset is None else group_offset,
-                           num_local)
+    return jax.lax.ragged_dot(lhs, rhs, group_sizes, preferred_element_type=preferred_element_type)
+  lhs, sizes = _local_view(lhs, group_sizes, 0 if group_offset is None else group_offset, num_local)
   return jax.lax.ragged_dot(lhs, rhs, sizes, preferred_element_type=preferred_element_type)
 
 
-def tgmm_reference(lhs: jax.Array, dout: jax.Array, group_sizes: jax.Array, *,
-                   num_groups: int, preferred_element_type=None,
-                   group_offset=None) -> jax.Array:
+def tgmm_reference(
+  lhs: jax.Array,
+  dout: jax.Array,
+  group_sizes: jax.Array,
+  *,
+  num_groups: int,
+  preferred_element_type=None,
+  group_offset=None,
+) -> jax.Array:
   """out[G, K, N] = lhs[rows of g]^T @ dout[rows of g] per local group (zero if empty).
 
   lhs: [M, K], dout: [M, N], group_sizes: [GT] int32. This is the transpose of
@@ -55,7 +60,8 @@ def tgmm_reference(lhs: jax.Array, dout: jax.Array, group_sizes: jax.Array, *,
   out_dtype = preferred_element_type or jnp.result_type(lhs, dout)
   # f32 throughout, like the kernels' accumulators.
   rhs_aval = jax.ShapeDtypeStruct((num_groups, k, n), jnp.float32)
-  f = lambda r: gmm_reference(lhs.astype(jnp.float32), r, group_sizes,
-                              preferred_element_type=jnp.float32, group_offset=group_offset)
+  f = lambda r: gmm_reference(
+    lhs.astype(jnp.float32), r, group_sizes, preferred_element_type=jnp.float32, group_offset=group_offset
+  )
   (out,) = jax.linear_transpose(f, rhs_aval)(dout.astype(jnp.float32))
   return out.astype(out_dtype)

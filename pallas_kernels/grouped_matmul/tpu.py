@@ -19,10 +19,10 @@ from __future__ import annotations
 import functools
 
 import jax
-import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
+import jax.numpy as jnp
 
 from pallas_kernels._common import pick_tile, round_up
 from pallas_kernels.grouped_matmul import metadata
@@ -38,7 +38,6 @@ def default_tiling(m: int, k: int, n: int, dtype) -> tuple[int, int, int]:
   return tm, tk, tn
 
 
-
 def _fetch_indices(items: metadata.WorkItems):
   """Tile/group to fetch per item: the item's own for compute items, else the last
   compute item's (tiles and groups are nondecreasing over compute items)."""
@@ -48,17 +47,16 @@ def _fetch_indices(items: metadata.WorkItems):
   return ftile, fgroup
 
 
-
-def gmm(lhs, rhs, group_sizes, *, group_offset=0, out_dtype=None, tiling=None,
-        transpose_rhs=False, interpret=False):
+def gmm(lhs, rhs, group_sizes, *, group_offset=0, out_dtype=None, tiling=None, transpose_rhs=False, interpret=False):
   """out[M, N] = per-group lhs @ rhs[g]; rows outside local groups are zero.
 
   lhs: [M, K]; rhs: [G, K, N] ([G, N, K] if transpose_rhs); group_sizes: [GT] int32;
   group_offset: scalar (first local group). Accumulates in f32.
   """
   num_local = rhs.shape[0]
-  ops = gmm_operands(lhs, rhs, transpose_rhs=transpose_rhs, tiling=tiling, default_tiling=default_tiling,
-                     out_dtype=out_dtype)
+  ops = gmm_operands(
+    lhs, rhs, transpose_rhs=transpose_rhs, tiling=tiling, default_tiling=default_tiling, out_dtype=out_dtype
+  )
   lhs, rhs, (tm, tk, tn), (m, k, n), (mp, kp, np_), out_dtype = ops
   tiles_m, nk = mp // tm, kp // tk
 
@@ -83,32 +81,52 @@ def gmm(lhs, rhs, group_sizes, *, group_offset=0, out_dtype=None, tiling=None,
     return tile[i], j
 
   rhs_block = (None, tn, tk) if transpose_rhs else (None, tk, tn)
-  kernel = functools.partial(_gmm_kernel, tm=tm, nk=nk, rhs_contract=1 if transpose_rhs else 0,
-                             precision=precision(lhs.dtype))
+  kernel = functools.partial(
+    _gmm_kernel, tm=tm, nk=nk, rhs_contract=1 if transpose_rhs else 0, precision=precision(lhs.dtype)
+  )
   out = pl.pallas_call(
-      kernel,
-      out_shape=jax.ShapeDtypeStruct((mp, np_), out_dtype),
-      grid_spec=pltpu.PrefetchScalarGridSpec(
-          num_scalar_prefetch=len(prefetch),
-          grid=(np_ // tn, items.kind.shape[0], nk),
-          in_specs=[pl.BlockSpec((tm, tk), lhs_map), pl.BlockSpec(rhs_block, rhs_map)],
-          out_specs=pl.BlockSpec((tm, tn), out_map),
-          scratch_shapes=[pltpu.VMEM((tm, tn), jnp.float32)],
-      ),
-      compiler_params=pltpu.CompilerParams(
-          dimension_semantics=("parallel", "arbitrary", "arbitrary")),
-      cost_estimate=pl.CostEstimate(
-          flops=2 * m * k * n, transcendentals=0,
-          bytes_accessed=lhs.size * lhs.itemsize * (np_ // tn) + rhs.size * rhs.itemsize
-          + mp * np_ * jnp.dtype(out_dtype).itemsize),
-      interpret=interpret,
-      name="gmm_tpu",
+    kernel,
+    out_shape=jax.ShapeDtypeStruct((mp, np_), out_dtype),
+    grid_spec=pltpu.PrefetchScalarGridSpec(
+      num_scalar_prefetch=len(prefetch),
+      grid=(np_ // tn, items.kind.shape[0], nk),
+      in_specs=[pl.BlockSpec((tm, tk), lhs_map), pl.BlockSpec(rhs_block, rhs_map)],
+      out_specs=pl.BlockSpec((tm, tn), out_map),
+      scratch_shapes=[pltpu.VMEM((tm, tn), jnp.float32)],
+    ),
+    compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "arbitrary", "arbitrary")),
+    cost_estimate=pl.CostEstimate(
+      flops=2 * m * k * n,
+      transcendentals=0,
+      bytes_accessed=lhs.size * lhs.itemsize * (np_ // tn)
+      + rhs.size * rhs.itemsize
+      + mp * np_ * jnp.dtype(out_dtype).itemsize,
+    ),
+    interpret=interpret,
+    name="gmm_tpu",
   )(*prefetch, lhs, rhs)
   return out[:m, :n]
 
 
-def _gmm_kernel(kind_ref, tile_ref, ftile_ref, fgroup_ref, lo_ref, hi_ref, glo_ref, ghi_ref,
-                lhs_ref, rhs_ref, out_ref, acc_ref, *, tm, nk, rhs_contract, precision):
+def _gmm_kernel(
+  kind_ref,
+  tile_ref,
+  ftile_ref,
+  fgroup_ref,
+  lo_ref,
+  hi_ref,
+  glo_ref,
+  ghi_ref,
+  lhs_ref,
+  rhs_ref,
+  out_ref,
+  acc_ref,
+  *,
+  tm,
+  nk,
+  rhs_contract,
+  precision,
+):
   del ftile_ref, fgroup_ref
   i, kk = pl.program_id(1), pl.program_id(2)
   kind = kind_ref[i]
@@ -120,8 +138,12 @@ def _gmm_kernel(kind_ref, tile_ref, ftile_ref, fgroup_ref, lo_ref, hi_ref, glo_r
   @pl.when(kind == 2)
   def _accumulate():
     acc_ref[...] += lax.dot_general(
-        lhs_ref[...], rhs_ref[...], (((1,), (rhs_contract,)), ((), ())),
-        preferred_element_type=jnp.float32, precision=precision)
+      lhs_ref[...],
+      rhs_ref[...],
+      (((1,), (rhs_contract,)), ((), ())),
+      preferred_element_type=jnp.float32,
+      precision=precision,
+    )
 
   @pl.when((kk == nk - 1) & (kind != 0))
   def _store():
@@ -130,12 +152,10 @@ def _gmm_kernel(kind_ref, tile_ref, ftile_ref, fgroup_ref, lo_ref, hi_ref, glo_r
     in_store = (rows >= lo_ref[i]) & (rows < hi_ref[i])
     value = jnp.where(in_group, acc_ref[...], 0.0)
     # Rows outside [lo, hi) belong to another item of this tile: keep what is there.
-    out_ref[...] = jnp.where(in_store, value, out_ref[...].astype(jnp.float32)
-                             ).astype(out_ref.dtype)
+    out_ref[...] = jnp.where(in_store, value, out_ref[...].astype(jnp.float32)).astype(out_ref.dtype)
 
 
-def tgmm(lhs, dout, group_sizes, *, num_groups, group_offset=0, out_dtype=None,
-         tiling=None, interpret=False):
+def tgmm(lhs, dout, group_sizes, *, num_groups, group_offset=0, out_dtype=None, tiling=None, interpret=False):
   """out[G, K, N] = per-group lhs[rows of g]^T @ dout[rows of g]; empty groups give 0.
 
   lhs: [M, K]; dout: [M, N]; group_sizes: [GT] int32; num_groups = G (local groups).
@@ -159,30 +179,45 @@ def tgmm(lhs, dout, group_sizes, *, num_groups, group_offset=0, out_dtype=None,
 
   kernel = functools.partial(_tgmm_kernel, tm=tm, precision=precision(lhs.dtype))
   out = pl.pallas_call(
-      kernel,
-      out_shape=jax.ShapeDtypeStruct((num_groups, kp, np_), out_dtype),
-      grid_spec=pltpu.PrefetchScalarGridSpec(
-          num_scalar_prefetch=len(prefetch),
-          grid=(kp // tk, np_ // tn, items.kind.shape[0]),
-          in_specs=[pl.BlockSpec((tm, tk), lhs_map), pl.BlockSpec((tm, tn), dout_map)],
-          out_specs=pl.BlockSpec((None, tk, tn), out_map),
-          scratch_shapes=[pltpu.VMEM((tk, tn), jnp.float32)],
-      ),
-      compiler_params=pltpu.CompilerParams(
-          dimension_semantics=("parallel", "parallel", "arbitrary")),
-      cost_estimate=pl.CostEstimate(
-          flops=2 * m * k * n, transcendentals=0,
-          bytes_accessed=lhs.size * lhs.itemsize * (np_ // tn)
-          + dout.size * dout.itemsize * (kp // tk)
-          + num_groups * kp * np_ * jnp.dtype(out_dtype).itemsize),
-      interpret=interpret,
-      name="tgmm_tpu",
+    kernel,
+    out_shape=jax.ShapeDtypeStruct((num_groups, kp, np_), out_dtype),
+    grid_spec=pltpu.PrefetchScalarGridSpec(
+      num_scalar_prefetch=len(prefetch),
+      grid=(kp // tk, np_ // tn, items.kind.shape[0]),
+      in_specs=[pl.BlockSpec((tm, tk), lhs_map), pl.BlockSpec((tm, tn), dout_map)],
+      out_specs=pl.BlockSpec((None, tk, tn), out_map),
+      scratch_shapes=[pltpu.VMEM((tk, tn), jnp.float32)],
+    ),
+    compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "arbitrary")),
+    cost_estimate=pl.CostEstimate(
+      flops=2 * m * k * n,
+      transcendentals=0,
+      bytes_accessed=lhs.size * lhs.itemsize * (np_ // tn)
+      + dout.size * dout.itemsize * (kp // tk)
+      + num_groups * kp * np_ * jnp.dtype(out_dtype).itemsize,
+    ),
+    interpret=interpret,
+    name="tgmm_tpu",
   )(*prefetch, lhs, dout)
   return out[:, :k, :n]
 
 
-def _tgmm_kernel(kind_ref, group_ref, ftile_ref, glo_ref, ghi_ref, first_ref, last_ref,
-                 lhs_ref, dout_ref, out_ref, acc_ref, *, tm, precision):
+def _tgmm_kernel(
+  kind_ref,
+  group_ref,
+  ftile_ref,
+  glo_ref,
+  ghi_ref,
+  first_ref,
+  last_ref,
+  lhs_ref,
+  dout_ref,
+  out_ref,
+  acc_ref,
+  *,
+  tm,
+  precision,
+):
   del group_ref
   i = pl.program_id(2)
   kind = kind_ref[i]
@@ -201,10 +236,10 @@ def _tgmm_kernel(kind_ref, group_ref, ftile_ref, glo_ref, ghi_ref, first_ref, la
     # Mask both sides: rows of other groups must not leak (and 0 * inf would be nan).
     x = jnp.where((rows_x >= lo) & (rows_x < hi), x, jnp.zeros((), x.dtype))
     dy = jnp.where((rows_dy >= lo) & (rows_dy < hi), dy, jnp.zeros((), dy.dtype))
-    acc_ref[...] += lax.dot_general(x, dy, (((0,), (0,)), ((), ())),
-                                    preferred_element_type=jnp.float32, precision=precision)
+    acc_ref[...] += lax.dot_general(
+      x, dy, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32, precision=precision
+    )
 
   @pl.when((kind != 0) & (last_ref[i] == 1))
   def _store():
     out_ref[...] = acc_ref[...].astype(out_ref.dtype)
-

@@ -30,9 +30,16 @@ def vmem_bytes(m: int, n: int, dtype) -> int:
   return 4 * m * n * item + m * n * (item + 8) + m * m * (2 * item + 8)
 
 
-def matrix_iteration(x: jax.Array, step: Callable[[jax.Array], jax.Array], num_steps: int, *,
-                     flops_per_step: int = 0, impl: str = "auto", interpret: bool = False,
-                     vmem_limit_bytes: int = VMEM_LIMIT_BYTES) -> jax.Array:
+def matrix_iteration(
+  x: jax.Array,
+  step: Callable[[jax.Array], jax.Array],
+  num_steps: int,
+  *,
+  flops_per_step: int = 0,
+  impl: str = "auto",
+  interpret: bool = False,
+  vmem_limit_bytes: int = VMEM_LIMIT_BYTES,
+) -> jax.Array:
   """Applies `step` num_steps times to each matrix of x.
 
   Args:
@@ -60,5 +67,6 @@ def matrix_iteration(x: jax.Array, step: Callable[[jax.Array], jax.Array], num_s
     return x
   from pallas_kernels.matrix_iteration import tpu
 
-  return tpu.matrix_iteration(x, step, num_steps, flops_per_step=flops_per_step, interpret=interpret,
-                              vmem_limit_bytes=vmem_limit_bytes)
+  return tpu.matrix_iteration(
+    x, step, num_steps, flops_per_step=flops_per_step, interpret=interpret, vmem_limit_bytes=vmem_limit_bytes
+  )

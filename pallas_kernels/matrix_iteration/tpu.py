@@ -19,14 +19,15 @@ def matrix_iteration(x, step, num_steps, *, flops_per_step, interpret, vmem_limi
 
   block = pl.BlockSpec((None, m, n), lambda i: (i, 0, 0))
   return pl.pallas_call(
-      kernel,
-      grid=(b,),
-      in_specs=[block],
-      out_specs=block,
-      out_shape=jax.ShapeDtypeStruct(x.shape, x.dtype),
-      compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel",), vmem_limit_bytes=vmem_limit_bytes),
-      cost_estimate=pl.CostEstimate(flops=b * num_steps * flops_per_step, transcendentals=0,
-                                    bytes_accessed=2 * x.size * x.dtype.itemsize),
-      interpret=interpret,
-      name="matrix_iteration_tpu",
+    kernel,
+    grid=(b,),
+    in_specs=[block],
+    out_specs=block,
+    out_shape=jax.ShapeDtypeStruct(x.shape, x.dtype),
+    compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel",), vmem_limit_bytes=vmem_limit_bytes),
+    cost_estimate=pl.CostEstimate(
+      flops=b * num_steps * flops_per_step, transcendentals=0, bytes_accessed=2 * x.size * x.dtype.itemsize
+    ),
+    interpret=interpret,
+    name="matrix_iteration_tpu",
   )(x)

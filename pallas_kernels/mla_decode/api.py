@@ -17,10 +17,18 @@ from pallas_kernels.mla_decode.reference import mla_decode_reference
 _KERNELS = {"tpu": tpu, "gpu": gpu}
 
 
-def mla_decode(q_latent: jax.Array, q_rope: jax.Array, cache_latent: jax.Array,
-               cache_rope: jax.Array, lengths: jax.Array, softmax_scale: float, *,
-               impl: str = "auto", interpret: bool = False,
-               block_size: int | None = None) -> jax.Array:
+def mla_decode(
+  q_latent: jax.Array,
+  q_rope: jax.Array,
+  cache_latent: jax.Array,
+  cache_rope: jax.Array,
+  lengths: jax.Array,
+  softmax_scale: float,
+  *,
+  impl: str = "auto",
+  interpret: bool = False,
+  block_size: int | None = None,
+) -> jax.Array:
   """Attention of H query heads over the first lengths[b] cache positions.
 
   Args:
@@ -36,18 +44,23 @@ def mla_decode(q_latent: jax.Array, q_rope: jax.Array, cache_latent: jax.Array,
   """
   b, h, c = q_latent.shape
   t = cache_latent.shape[1]
-  if (q_rope.shape[:2] != (b, h) or cache_latent.shape != (b, t, c)
-      or cache_rope.shape != (b, t, q_rope.shape[2]) or lengths.shape != (b,)):
-    raise ValueError(f"shape mismatch: q_latent {q_latent.shape}, q_rope {q_rope.shape}, "
-                     f"cache_latent {cache_latent.shape}, cache_rope {cache_rope.shape}, "
-                     f"lengths {lengths.shape}")
+  if (
+    q_rope.shape[:2] != (b, h)
+    or cache_latent.shape != (b, t, c)
+    or cache_rope.shape != (b, t, q_rope.shape[2])
+    or lengths.shape != (b,)
+  ):
+    raise ValueError(
+      f"shape mismatch: q_latent {q_latent.shape}, q_rope {q_rope.shape}, "
+      f"cache_latent {cache_latent.shape}, cache_rope {cache_rope.shape}, "
+      f"lengths {lengths.shape}"
+    )
   check_float(q_latent=q_latent, q_rope=q_rope, cache_latent=cache_latent, cache_rope=cache_rope)
   check_int("lengths", lengths)
   impl = resolve_impl(impl)
   lengths = jnp.minimum(lengths.astype(jnp.int32), t)
   if impl == "xla":
-    return mla_decode_reference(q_latent, q_rope, cache_latent, cache_rope, lengths,
-                                softmax_scale)
+    return mla_decode_reference(q_latent, q_rope, cache_latent, cache_rope, lengths, softmax_scale)
   kernels = _KERNELS[impl]
   block = block_size or kernels.default_block(t)
   if impl == "tpu" and t % block:
@@ -55,5 +68,6 @@ def mla_decode(q_latent: jax.Array, q_rope: jax.Array, cache_latent: jax.Array,
     tp = round_up(t, block)
     cache_latent = jnp.pad(cache_latent, ((0, 0), (0, tp - t), (0, 0)))
     cache_rope = jnp.pad(cache_rope, ((0, 0), (0, tp - t), (0, 0)))
-  return kernels.mla_decode(q_latent, q_rope, cache_latent, cache_rope, lengths,
-                            scale=float(softmax_scale), block=block, interpret=interpret)
+  return kernels.mla_decode(
+    q_latent, q_rope, cache_latent, cache_rope, lengths, scale=float(softmax_scale), block=block, interpret=interpret
+  )

@@ -18,8 +18,9 @@ def mla_decode_reference(q_latent, q_rope, cache_latent, cache_rope, lengths, so
   """
   f32 = lambda x: x.astype(jnp.float32)
   hi = jax.lax.Precision.HIGHEST
-  logits = (jnp.einsum("bhc,btc->bht", f32(q_latent), f32(cache_latent), precision=hi)
-            + jnp.einsum("bhr,btr->bht", f32(q_rope), f32(cache_rope), precision=hi))
+  logits = jnp.einsum("bhc,btc->bht", f32(q_latent), f32(cache_latent), precision=hi) + jnp.einsum(
+    "bhr,btr->bht", f32(q_rope), f32(cache_rope), precision=hi
+  )
   logits = logits * softmax_scale
   valid = jnp.arange(cache_latent.shape[1])[None, None, :] < lengths[:, None, None]
   probs = jax.nn.softmax(jnp.where(valid, logits, -jnp.inf), axis=-1)

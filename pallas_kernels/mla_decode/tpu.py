@@ -14,11 +14,11 @@ from __future__ import annotations
 import functools
 
 import jax
-import jax.numpy as jnp
-import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
+import jax.numpy as jnp
+import numpy as np
 
 from pallas_kernels._common import pick_tile
 
@@ -36,8 +36,7 @@ def _precision(dtype):
   return lax.Precision.HIGHEST if jnp.dtype(dtype) == jnp.float32 else lax.Precision.DEFAULT
 
 
-def mla_decode(q_latent, q_rope, cache_latent, cache_rope, lengths, *, scale, block=None,
-               interpret=False):
+def mla_decode(q_latent, q_rope, cache_latent, cache_rope, lengths, *, scale, block=None, interpret=False):
   """q_latent [B, H, C], q_rope [B, H, R], caches [B, T, C] / [B, T, R] (T % block == 0),
   lengths [B] int32 -> [B, H, C]."""
   b, h, c = q_latent.shape
@@ -50,30 +49,33 @@ def mla_decode(q_latent, q_rope, cache_latent, cache_rope, lengths, *, scale, bl
     last = jnp.maximum(pl.cdiv(lens[bi], tk) - 1, 0)
     return bi, jnp.minimum(ti, last), 0
 
-  kernel = functools.partial(_kernel, scale=scale, tk=tk, nt=nt,
-                             precision=_precision(q_latent.dtype))
+  kernel = functools.partial(_kernel, scale=scale, tk=tk, nt=nt, precision=_precision(q_latent.dtype))
   return pl.pallas_call(
-      kernel,
-      grid_spec=pltpu.PrefetchScalarGridSpec(
-          num_scalar_prefetch=1,
-          grid=(b, nt),
-          in_specs=[pl.BlockSpec((None, h, c), lambda bi, ti, lens: (bi, 0, 0)),
-                    pl.BlockSpec((None, h, r), lambda bi, ti, lens: (bi, 0, 0)),
-                    pl.BlockSpec((None, tk, c), cache_map),
-                    pl.BlockSpec((None, tk, r), cache_map)],
-          out_specs=pl.BlockSpec((None, h, c), lambda bi, ti, lens: (bi, 0, 0)),
-          scratch_shapes=[pltpu.VMEM((h, LANES), jnp.float32),
-                          pltpu.VMEM((h, LANES), jnp.float32),
-                          pltpu.VMEM((h, c), jnp.float32)]),
-      out_shape=jax.ShapeDtypeStruct((b, h, c), q_latent.dtype),
-      compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "arbitrary")),
-      interpret=interpret,
-      name="mla_decode_tpu",
+    kernel,
+    grid_spec=pltpu.PrefetchScalarGridSpec(
+      num_scalar_prefetch=1,
+      grid=(b, nt),
+      in_specs=[
+        pl.BlockSpec((None, h, c), lambda bi, ti, lens: (bi, 0, 0)),
+        pl.BlockSpec((None, h, r), lambda bi, ti, lens: (bi, 0, 0)),
+        pl.BlockSpec((None, tk, c), cache_map),
+        pl.BlockSpec((None, tk, r), cache_map),
+      ],
+      out_specs=pl.BlockSpec((None, h, c), lambda bi, ti, lens: (bi, 0, 0)),
+      scratch_shapes=[
+        pltpu.VMEM((h, LANES), jnp.float32),
+        pltpu.VMEM((h, LANES), jnp.float32),
+        pltpu.VMEM((h, c), jnp.float32),
+      ],
+    ),
+    out_shape=jax.ShapeDtypeStruct((b, h, c), q_latent.dtype),
+    compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "arbitrary")),
+    interpret=interpret,
+    name="mla_decode_tpu",
   )(lengths.astype(jnp.int32), q_latent, q_rope, cache_latent, cache_rope)
 
 
-def _kernel(len_ref, ql_ref, qr_ref, cl_ref, cr_ref, o_ref, m_scr, l_scr, acc_scr, *, scale,
-            tk, nt, precision):
+def _kernel(len_ref, ql_ref, qr_ref, cl_ref, cr_ref, o_ref, m_scr, l_scr, acc_scr, *, scale, tk, nt, precision):
   bi, ti = pl.program_id(0), pl.program_id(1)
   length = len_ref[bi]
 
@@ -86,10 +88,10 @@ def _kernel(len_ref, ql_ref, qr_ref, cl_ref, cr_ref, o_ref, m_scr, l_scr, acc_sc
   @pl.when(ti * tk < length)
   def _step():
     cl = cl_ref[...]
-    s = (lax.dot_general(ql_ref[...], cl, NT, preferred_element_type=jnp.float32,
-                         precision=precision)
-         + lax.dot_general(qr_ref[...], cr_ref[...], NT, preferred_element_type=jnp.float32,
-                           precision=precision)) * scale
+    s = (
+      lax.dot_general(ql_ref[...], cl, NT, preferred_element_type=jnp.float32, precision=precision)
+      + lax.dot_general(qr_ref[...], cr_ref[...], NT, preferred_element_type=jnp.float32, precision=precision)
+    ) * scale
     kpos = ti * tk + lax.broadcasted_iota(jnp.int32, s.shape, 1)
     s = jnp.where(kpos < length, s, NEG)
     m_prev = m_scr[...]
@@ -98,7 +100,8 @@ def _kernel(len_ref, ql_ref, qr_ref, cl_ref, cr_ref, o_ref, m_scr, l_scr, acc_sc
     p = jnp.exp(s - m_new[:, :1])
     l_scr[...] = alpha * l_scr[...] + jnp.sum(p, axis=1, keepdims=True)
     acc_scr[...] = acc_scr[...] * alpha[:, :1] + lax.dot_general(
-        p.astype(cl.dtype), cl, NN, preferred_element_type=jnp.float32, precision=precision)
+      p.astype(cl.dtype), cl, NN, preferred_element_type=jnp.float32, precision=precision
+    )
     m_scr[...] = m_new
 
   @pl.when(ti == nt - 1)

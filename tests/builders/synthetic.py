@@ -8,8 +8,8 @@ the values are random but finite. Test data, not library code: it lives with the
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 import math
-from typing import Iterator
 
 import ml_dtypes
 import numpy as np
@@ -30,31 +30,58 @@ def k2_shaped(experts_gb: float, fmt: str = "fp8") -> ModelConfig:
   bytes_per_param = {"bf16": 2.0, "fp8": 1.0, "int4": 0.5625}[fmt]
   moe_layers = max(1, round(experts_gb * 1e9 / (3 * 64 * 2048 * 1024 * bytes_per_param)))
   return ModelConfig(
-      vocab_size=32768, hidden_size=2048, num_hidden_layers=moe_layers + 1, first_k_dense_replace=1,
-      intermediate_size=8192, moe_intermediate_size=1024, n_routed_experts=64, num_experts_per_tok=8,
-      n_shared_experts=1, routed_scaling_factor=2.827, num_attention_heads=16, q_lora_rank=768, kv_lora_rank=512,
-      qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128, rope_theta=50000.0, rope_factor=32.0,
-      rope_beta_fast=1.0, rope_beta_slow=1.0, rope_mscale=1.0, rope_mscale_all_dim=1.0,
-      max_position_embeddings=131072)
+    vocab_size=32768,
+    hidden_size=2048,
+    num_hidden_layers=moe_layers + 1,
+    first_k_dense_replace=1,
+    intermediate_size=8192,
+    moe_intermediate_size=1024,
+    n_routed_experts=64,
+    num_experts_per_tok=8,
+    n_shared_experts=1,
+    routed_scaling_factor=2.827,
+    num_attention_heads=16,
+    q_lora_rank=768,
+    kv_lora_rank=512,
+    qk_nope_head_dim=128,
+    qk_rope_head_dim=64,
+    v_head_dim=128,
+    rope_theta=50000.0,
+    rope_factor=32.0,
+    rope_beta_fast=1.0,
+    rope_beta_slow=1.0,
+    rope_mscale=1.0,
+    rope_mscale_all_dim=1.0,
+    max_position_embeddings=131072,
+  )
 
 
-def write_synthetic(directory: str, cfg: ModelConfig, fmt: str = "fp8", *, max_shard_bytes: int = 4 << 30,
-                    workers: int = 4, seed: int = 0) -> int:
+def write_synthetic(
+  directory: str, cfg: ModelConfig, fmt: str = "fp8", *, max_shard_bytes: int = 4 << 30, workers: int = 4, seed: int = 0
+) -> int:
   """Write a random checkpoint for `cfg` in `fmt` (see FORMATS). Returns the bytes of tensor data written."""
   if fmt not in FORMATS:
     raise ValueError(f"format {fmt!r} not in {FORMATS}")
   leaves = flatten(abstract_state(cfg))
-  groups = [_specs(entry, entry.hf_shape(tuple(leaves[entry.path].shape)), fmt, seed + i)
-            for i, entry in enumerate(tensor_map(cfg))]
+  groups = [
+    _specs(entry, entry.hf_shape(tuple(leaves[entry.path].shape)), fmt, seed + i)
+    for i, entry in enumerate(tensor_map(cfg))
+  ]
   hf_config = cfg.to_hf()
   if fmt == "fp8":
     hf_config["quantization_config"] = quant.Fp8Scheme().hf_config()
   elif fmt == "int4":
     hf_config["quantization_config"] = {
-        "quant_method": "compressed-tensors", "format": "pack-quantized",
-        "config_groups": {"group_0": {"targets": ["Linear"], "weights": {
-            "num_bits": 4, "type": "int", "symmetric": True, "strategy": "group", "group_size": 32}}},
-        "ignore": ["lm_head", "re:.*self_attn.*", "re:.*shared_experts.*", "re:.*mlp\\.(gate|up|gate_up|down)_proj.*"]}
+      "quant_method": "compressed-tensors",
+      "format": "pack-quantized",
+      "config_groups": {
+        "group_0": {
+          "targets": ["Linear"],
+          "weights": {"num_bits": 4, "type": "int", "symmetric": True, "strategy": "group", "group_size": 32},
+        }
+      },
+      "ignore": ["lm_head", "re:.*self_attn.*", "re:.*shared_experts.*", "re:.*mlp\\.(gate|up|gate_up|down)_proj.*"],
+    }
   total, _ = write_release(directory, groups, hf_config, max_shard_bytes=max_shard_bytes, workers=workers)
   return total
 
@@ -65,16 +92,28 @@ def _specs(entry: TensorMap, shape: tuple[int, ...], fmt: str, seed: int) -> lis
     return [TensorSpec(name, np.float32, shape, lambda: iter([_small_positive(shape, seed, np.float32)]))]
   if fmt == "int4" and entry.path[-2] == "experts":
     r, c = shape
-    return [TensorSpec(name + "_packed", np.int32, (r, c // 8), lambda: _random(np.int32, (r, c // 8), seed, 0)),
-            TensorSpec(name + "_scale", ml_dtypes.bfloat16, (r, c // 32),
-                       lambda: iter([_small_positive((r, c // 32), seed, ml_dtypes.bfloat16)])),
-            TensorSpec(name + "_shape", np.int32, (2,), lambda: iter([np.array([r, c], np.int32)]))]
+    return [
+      TensorSpec(name + "_packed", np.int32, (r, c // 8), lambda: _random(np.int32, (r, c // 8), seed, 0)),
+      TensorSpec(
+        name + "_scale",
+        ml_dtypes.bfloat16,
+        (r, c // 32),
+        lambda: iter([_small_positive((r, c // 32), seed, ml_dtypes.bfloat16)]),
+      ),
+      TensorSpec(name + "_shape", np.int32, (2,), lambda: iter([np.array([r, c], np.int32)])),
+    ]
   if fmt == "fp8" and entry.fp8_exportable:
     scale_shape = quant.Fp8Scheme().scale_shape(shape)
     # Clearing the exponent's top bit keeps e4m3 values below 2, away from NaN (all ones).
-    return [TensorSpec(name, quant.FP8_DTYPE, shape, lambda: _random(quant.FP8_DTYPE, shape, seed, 0xBF)),
-            TensorSpec(name + quant.FP8_SCALE_SUFFIX, np.float32, scale_shape,
-                       lambda: iter([_small_positive(scale_shape, seed, np.float32)]))]
+    return [
+      TensorSpec(name, quant.FP8_DTYPE, shape, lambda: _random(quant.FP8_DTYPE, shape, seed, 0xBF)),
+      TensorSpec(
+        name + quant.FP8_SCALE_SUFFIX,
+        np.float32,
+        scale_shape,
+        lambda: iter([_small_positive(scale_shape, seed, np.float32)]),
+      ),
+    ]
   dtype = np.dtype(ml_dtypes.bfloat16)  # clearing bit 14 keeps bf16 values below 2, away from inf/NaN
   return [TensorSpec(name, dtype, shape, lambda: _random(dtype, shape, seed, 0xBFFF))]
 

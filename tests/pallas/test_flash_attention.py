@@ -31,11 +31,13 @@ def _inputs(dtype, seed=0):
 def _run(impl, q, k, v, do, **kw):
   """out, max_logits, dq, dk, dv (one jit: one compile). The max-logit cotangent is
   nonzero on purpose: max_logits must carry no gradient."""
+
   @jax.jit
   def f(q, k, v, do):
     fn = lambda q, k, v: pk.flash_attention(q, k, v, impl=impl, return_max_logits=True, **kw)
     (out, mx), vjp = jax.vjp(fn, q, k, v)
     return (out, mx, *vjp((do, jnp.ones_like(mx))))
+
   return f(q, k, v, do)
 
 
@@ -48,8 +50,7 @@ def _check(got, want, tol):
 
 
 @pytest.mark.parametrize("impl", IMPLS)
-@pytest.mark.parametrize("causal,segments", [(True, True), (False, False)],
-                         ids=["causal_segments", "full"])
+@pytest.mark.parametrize("causal,segments", [(True, True), (False, False)], ids=["causal_segments", "full"])
 def test_flash_attention_f32(impl, causal, segments):
   q, k, v, do, seg = _inputs(jnp.float32)
   kw = dict(causal=causal, segment_ids=seg if segments else None, softmax_scale=0.3)
@@ -70,8 +71,7 @@ def test_reference_max_logits_and_masking():
   """The reference itself: max logit by brute force (padding queries, segment 0, left out), and segment
   isolation."""
   q, k, v, _, seg = _inputs(jnp.float32, seed=2)
-  out, mx = pk.attention_reference(q, k, v, segment_ids=seg, causal=True, softmax_scale=0.5,
-                                   return_max_logits=True)
+  out, mx = pk.attention_reference(q, k, v, segment_ids=seg, causal=True, softmax_scale=0.5, return_max_logits=True)
   logits = np.einsum("bqhd,bkhd->bhqk", np.asarray(q), np.asarray(k)) * 0.5
   pos = np.arange(S)
   seg_np = np.asarray(seg)
@@ -86,8 +86,7 @@ def test_reference_max_logits_and_masking():
 
 def test_auto_is_xla_on_cpu_and_shape_errors():
   q, k, v, _, _ = _inputs(jnp.float32)
-  np.testing.assert_array_equal(pk.flash_attention(q, k, v),
-                                pk.attention_reference(q, k, v))
+  np.testing.assert_array_equal(pk.flash_attention(q, k, v), pk.attention_reference(q, k, v))
   with pytest.raises(ValueError, match="segment_ids"):
     pk.flash_attention(q, k, v, segment_ids=jnp.zeros((B, S + 1), jnp.int32))
   with pytest.raises(ValueError, match="expected q, k"):
@@ -111,5 +110,6 @@ def test_flash_attention_longer_bf16_segments(impl):
 def test_gpu_head_dim_chunks():
   """The GPU kernels cut Dqk into power-of-two chunks (>= 16) instead of padding it to one power of two."""
   from pallas_kernels.flash_attention.gpu import _chunks
+
   assert _chunks(192) == [128, 64] and _chunks(128) == [128] and _chunks(576) == [512, 64]
   assert _chunks(24) == [16, 16] and _chunks(8) == [16]  # the last chunk zero-padded

@@ -10,8 +10,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-import pallas_kernels as pk
 from kimi_jax.layers.attention import mla_attention
+import pallas_kernels as pk
 
 B, S, H, DN, DR, DV = 2, 40, 2, 16, 8, 16
 SCALE = 0.3
@@ -53,8 +53,9 @@ def test_max_logits_leave_padding_out(impl, causal):
   # The case is only a test if padding holds head 0's largest logit.
   assert _max_logits(q, k, SEG, causal, count_padding=True)[0] > want[0] + 1.0
   kw = dict(segment_ids=jnp.asarray(SEG), causal=causal, softmax_scale=SCALE)
-  out, mx = pk.flash_attention(*map(jnp.asarray, (q, k, v)), impl=impl, interpret=True,
-                               return_max_logits=True, block_sizes=BLOCKS[impl], **kw)
+  out, mx = pk.flash_attention(
+    *map(jnp.asarray, (q, k, v)), impl=impl, interpret=True, return_max_logits=True, block_sizes=BLOCKS[impl], **kw
+  )
   np.testing.assert_allclose(np.asarray(mx), want, rtol=1e-5)
   # The attention output still includes padding rows, as before.
   ref = pk.attention_reference(*map(jnp.asarray, (q, k, v)), **kw)
@@ -64,6 +65,14 @@ def test_max_logits_leave_padding_out(impl, causal):
 def test_numpy_rule_matches_kimi_jax_xla_attention():
   """The rule above is kimi_jax's definition (its XLA path), so qk-clip sees the same numbers on every backend."""
   q, k, v = _inputs()
-  _, mx = mla_attention(jnp.asarray(q[..., :DN]), jnp.asarray(q[..., DN:]), jnp.asarray(k[..., :DN]),
-                        jnp.asarray(k[:, :, 0, DN:]), jnp.asarray(v), jnp.asarray(SEG), scale=SCALE, impl="xla")
+  _, mx = mla_attention(
+    jnp.asarray(q[..., :DN]),
+    jnp.asarray(q[..., DN:]),
+    jnp.asarray(k[..., :DN]),
+    jnp.asarray(k[:, :, 0, DN:]),
+    jnp.asarray(v),
+    jnp.asarray(SEG),
+    scale=SCALE,
+    impl="xla",
+  )
   np.testing.assert_allclose(np.asarray(mx), _max_logits(q, k, SEG, causal=True), rtol=1e-5)

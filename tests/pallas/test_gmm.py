@@ -5,7 +5,6 @@ Shapes are tiny and tiles smaller still, so every case crosses tile boundaries i
 M, K and N (interpret mode is slow; real tile sizes are exercised by the AOT test).
 """
 
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -39,11 +38,13 @@ def _data(m, k, n, g, dtype, seed=0):
 
 def _value_and_grads(impl, lhs, rhs, sizes, dout, **kw):
   """out, dlhs, drhs via a VJP with cotangent dout (one jit: one compile)."""
+
   @jax.jit
   def run(lhs, rhs, dout):
     f = lambda a, b: pk.gmm(a, b, sizes, impl=impl, **kw)
     out, vjp = jax.vjp(f, lhs, rhs)
     return (out, *vjp(dout.astype(out.dtype)))
+
   return run(lhs, rhs, dout)
 
 
@@ -55,10 +56,10 @@ def _assert_close(got, want, tol):
 
 
 CASES = {
-    # name: (M, K, N, group_sizes, G local, group_offset, dtype)
-    "empty_groups_ragged_tails_f32": (37, 24, 40, [5, 0, 17, 10, 0], 5, None, jnp.float32),
-    "sum_lt_m_bf16": (48, 32, 24, [3, 20, 0, 9], 4, None, jnp.bfloat16),
-    "group_offset_f32": (40, 24, 40, [5, 0, 17, 10, 3, 2], 3, 1, jnp.float32),
+  # name: (M, K, N, group_sizes, G local, group_offset, dtype)
+  "empty_groups_ragged_tails_f32": (37, 24, 40, [5, 0, 17, 10, 0], 5, None, jnp.float32),
+  "sum_lt_m_bf16": (48, 32, 24, [3, 20, 0, 9], 4, None, jnp.bfloat16),
+  "group_offset_f32": (40, 24, 40, [5, 0, 17, 10, 3, 2], 3, 1, jnp.float32),
 }
 
 
@@ -76,8 +77,7 @@ def test_gmm_values_and_grads(impl, case):
     assert a.dtype == b.dtype, name
     _assert_close(a, b, tol)
   # The reference itself against a plain loop.
-  np.testing.assert_allclose(np.asarray(want[0]), naive_gmm(lhs, rhs, sizes, offset or 0),
-                             rtol=tol, atol=tol)
+  np.testing.assert_allclose(np.asarray(want[0]), naive_gmm(lhs, rhs, sizes, offset or 0), rtol=tol, atol=tol)
 
 
 @pytest.mark.parametrize("impl", IMPLS)
@@ -113,8 +113,7 @@ def test_default_tiling_runs(impl):
 def test_auto_is_xla_on_cpu():
   lhs, rhs, _ = _data(10, 4, 6, 2, jnp.float32)
   sizes = jnp.asarray([4, 6], jnp.int32)
-  np.testing.assert_array_equal(pk.gmm(lhs, rhs, sizes),
-                                jax.lax.ragged_dot(lhs, rhs, sizes))
+  np.testing.assert_array_equal(pk.gmm(lhs, rhs, sizes), jax.lax.ragged_dot(lhs, rhs, sizes))
 
 
 @pytest.mark.parametrize("seed", range(4))
@@ -159,5 +158,3 @@ def test_gmm_bigger_bf16(impl):
   want = _value_and_grads("xla", lhs, rhs, sizes, dout)
   for a, b in zip(got, want):
     _assert_close(a, b, 5e-2)
-
-

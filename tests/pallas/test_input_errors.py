@@ -15,12 +15,15 @@ def _gmm_args(lhs=f32, rhs=f32):
 
 
 @pytest.mark.parametrize("impl", IMPLS)
-@pytest.mark.parametrize("dtypes, culprit", [
+@pytest.mark.parametrize(
+  "dtypes, culprit",
+  [
     ((jnp.int8, jnp.int8), "lhs has dtype int8"),
     ((jnp.float16, jnp.float16), "lhs has dtype float16"),
     ((f32, jnp.int32), "rhs has dtype int32"),
     ((bf16, f32), "rhs is float32 but lhs is bfloat16"),
-])
+  ],
+)
 def test_gmm_dtypes(impl, dtypes, culprit):
   with pytest.raises(ValueError, match=culprit):
     pk.gmm(*_gmm_args(*dtypes), impl=impl, interpret=True)
@@ -34,8 +37,7 @@ def test_tgmm_and_group_offset(impl):
   with pytest.raises(ValueError, match="group_offset must be an integer"):
     pk.gmm(*_gmm_args(), group_offset=jnp.float32(0.0), impl=impl, interpret=True)
   with pytest.raises(ValueError, match="group_offset must have 0 axes"):
-    pk.gmm(lhs, jnp.ones((1, 16, 16)), sizes, group_offset=jnp.zeros((1,), jnp.int32), impl=impl,
-           interpret=True)
+    pk.gmm(lhs, jnp.ones((1, 16, 16)), sizes, group_offset=jnp.zeros((1,), jnp.int32), impl=impl, interpret=True)
 
 
 @pytest.mark.parametrize("impl", IMPLS)

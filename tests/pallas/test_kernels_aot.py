@@ -23,7 +23,8 @@ os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 
 HAVE_LIBTPU = importlib.util.find_spec("libtpu") is not None
 needs_libtpu = pytest.mark.skipif(
-    not HAVE_LIBTPU, reason="libtpu is not installed (pip install libtpu), so no TPU compiler")
+  not HAVE_LIBTPU, reason="libtpu is not installed (pip install libtpu), so no TPU compiler"
+)
 
 TOPOLOGIES = ["v5p:2x2x1", "v6e:2x2"]
 
@@ -35,11 +36,12 @@ def _tpu_target(topology):
   supplies it.
   """
   from jax.experimental import topologies
+
   device = topologies.get_topology_desc(topology, "tpu").devices[0]
   sharding = jax.sharding.SingleDeviceSharding(device)
-  abstract = jax.sharding.AbstractDevice(device_kind=device.device_kind,
-                                         num_cores=getattr(device, "num_cores", None),
-                                         platform="tpu")
+  abstract = jax.sharding.AbstractDevice(
+    device_kind=device.device_kind, num_cores=getattr(device, "num_cores", None), platform="tpu"
+  )
   mesh = jax.sharding.AbstractMesh((1,), ("x",), abstract_device=abstract)
   aval = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)
   return aval, jax.sharding.use_abstract_mesh(mesh)
@@ -54,9 +56,9 @@ def _compile_for_tpu(topology, f, *shapes):
 
 def _gmm_fwd_bwd(impl):
   def f(lhs, rhs, sizes, offset, dout):
-    out, vjp = jax.vjp(lambda a, b: pk.gmm(a, b, sizes, impl=impl, group_offset=offset),
-                       lhs, rhs)
+    out, vjp = jax.vjp(lambda a, b: pk.gmm(a, b, sizes, impl=impl, group_offset=offset), lhs, rhs)
     return (out, *vjp(dout))
+
   return f
 
 
@@ -69,13 +71,19 @@ GMM_SHAPES = [(8192, 7168, 2048, 8, 384, jnp.bfloat16), (512, 256, 384, 4, 4, jn
 @pytest.mark.parametrize("shape", GMM_SHAPES, ids=["k2_bf16", "small_f32"])
 def test_gmm_compiles_for_tpu(topology, shape):
   m, k, n, g, gt, dtype = shape
-  _compile_for_tpu(topology, _gmm_fwd_bwd("tpu"), ((m, k), dtype), ((g, k, n), dtype),
-                   ((gt,), jnp.int32), ((), jnp.int32), ((m, n), dtype))
+  _compile_for_tpu(
+    topology,
+    _gmm_fwd_bwd("tpu"),
+    ((m, k), dtype),
+    ((g, k, n), dtype),
+    ((gt,), jnp.int32),
+    ((), jnp.int32),
+    ((m, n), dtype),
+  )
 
 
 def _lower_for_gpu(f, *avals):
-  device = jax.sharding.AbstractDevice(device_kind="NVIDIA H100 80GB HBM3", num_cores=132,
-                                       platform="gpu")
+  device = jax.sharding.AbstractDevice(device_kind="NVIDIA H100 80GB HBM3", num_cores=132, platform="gpu")
   mesh = jax.sharding.AbstractMesh((1,), ("x",), abstract_device=device)
   with jax.sharding.use_abstract_mesh(mesh):
     return jax.jit(f).trace(*avals).lower(lowering_platforms=("cuda",)).as_text()
@@ -85,24 +93,30 @@ def _lower_for_gpu(f, *avals):
 def test_gmm_lowers_to_triton(shape):
   m, k, n, g, gt, dtype = shape
   s = jax.ShapeDtypeStruct
-  text = _lower_for_gpu(_gmm_fwd_bwd("gpu"), s((m, k), dtype), s((g, k, n), dtype),
-                        s((gt,), jnp.int32), s((), jnp.int32), s((m, n), dtype))
+  text = _lower_for_gpu(
+    _gmm_fwd_bwd("gpu"), s((m, k), dtype), s((g, k, n), dtype), s((gt,), jnp.int32), s((), jnp.int32), s((m, n), dtype)
+  )
   assert text.count("__gpu$xla.gpu.triton") == 3  # gmm, dlhs gmm, drhs tgmm
 
 
 def _flash_fwd_bwd(impl):
   def f(q, k, v, seg, dout):
-    fn = lambda q, k, v: pk.flash_attention(q, k, v, segment_ids=seg, impl=impl,
-                                            return_max_logits=True)
+    fn = lambda q, k, v: pk.flash_attention(q, k, v, segment_ids=seg, impl=impl, return_max_logits=True)
     (out, mx), vjp = jax.vjp(fn, q, k, v)
     return (out, mx, *vjp((dout, jnp.zeros_like(mx))))
+
   return f
 
 
 def _flash_shapes(dtype, b=1, s=4096, h=8, dqk=192, dv=128):
   """K2 MLA attention per device: 8 of 64 heads (tensor parallel), 4k packed context."""
-  return (((b, s, h, dqk), dtype), ((b, s, h, dqk), dtype), ((b, s, h, dv), dtype),
-          ((b, s), jnp.int32), ((b, s, h, dv), dtype))
+  return (
+    ((b, s, h, dqk), dtype),
+    ((b, s, h, dqk), dtype),
+    ((b, s, h, dv), dtype),
+    ((b, s), jnp.int32),
+    ((b, s, h, dv), dtype),
+  )
 
 
 @needs_libtpu
@@ -125,8 +139,13 @@ def test_flash_attention_lowers_to_triton():
 
 
 # K2 decode: 64 heads, latent 512, rope 64, 8k cache, batch 8.
-MLA_SHAPES = (((8, 64, 512), jnp.bfloat16), ((8, 64, 64), jnp.bfloat16),
-              ((8, 8192, 512), jnp.bfloat16), ((8, 8192, 64), jnp.bfloat16), ((8,), jnp.int32))
+MLA_SHAPES = (
+  ((8, 64, 512), jnp.bfloat16),
+  ((8, 64, 64), jnp.bfloat16),
+  ((8, 8192, 512), jnp.bfloat16),
+  ((8, 8192, 64), jnp.bfloat16),
+  ((8,), jnp.int32),
+)
 
 
 def _mla(impl):

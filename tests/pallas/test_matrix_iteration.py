@@ -10,8 +10,9 @@ from pallas_kernels.matrix_iteration import matrix_iteration, vmem_bytes
 def _step(y):
   """A step with a Gram product, a cube and a cast, like Newton–Schulz's."""
   gram = jnp.matmul(y, jnp.swapaxes(y, -1, -2), preferred_element_type=jnp.float32)
-  return (1.5 * y.astype(jnp.float32) - 0.5 * jnp.matmul(gram.astype(y.dtype), y,
-                                                         preferred_element_type=jnp.float32)).astype(y.dtype)
+  return (
+    1.5 * y.astype(jnp.float32) - 0.5 * jnp.matmul(gram.astype(y.dtype), y, preferred_element_type=jnp.float32)
+  ).astype(y.dtype)
 
 
 @pytest.mark.parametrize("shape", [(3, 16, 40), (1, 24, 24), (2, 8, 130)])

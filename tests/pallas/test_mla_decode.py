@@ -26,8 +26,8 @@ def naive_decode(ql, qr, cl, cr, lengths, scale):
   for b, n in enumerate(np.asarray(lengths)):
     if n == 0:
       continue
-    q = np.concatenate([ql[b], qr[b]], -1)            # [H, C+R]
-    k = np.concatenate([cl[b, :n], cr[b, :n]], -1)    # [n, C+R]
+    q = np.concatenate([ql[b], qr[b]], -1)  # [H, C+R]
+    k = np.concatenate([cl[b, :n], cr[b, :n]], -1)  # [n, C+R]
     s = q @ k.T * scale
     p = np.exp(s - s.max(-1, keepdims=True))
     out[b] = (p / p.sum(-1, keepdims=True)) @ cl[b, :n]
@@ -40,15 +40,14 @@ def test_mla_decode(impl, dtype):
   ql, qr, cl, cr = _inputs(dtype)
   lengths = jnp.asarray([T, 0, 17], jnp.int32)  # full, empty, mid-block
   block = 8 if impl == "tpu" else 16
-  got = pk.mla_decode(ql, qr, cl, cr, lengths, 0.2, impl=impl, interpret=True,
-                      block_size=block)
+  got = pk.mla_decode(ql, qr, cl, cr, lengths, 0.2, impl=impl, interpret=True, block_size=block)
   want = pk.mla_decode(ql, qr, cl, cr, lengths, 0.2, impl="xla")
   assert got.shape == (B, H, C) and got.dtype == dtype
   tol = 3e-2 if dtype == jnp.bfloat16 else 1e-5
-  np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32),
-                             rtol=tol, atol=tol)
-  np.testing.assert_allclose(np.asarray(want, np.float32),
-                             naive_decode(ql, qr, cl, cr, lengths, 0.2), rtol=tol, atol=tol)
+  np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32), rtol=tol, atol=tol)
+  np.testing.assert_allclose(
+    np.asarray(want, np.float32), naive_decode(ql, qr, cl, cr, lengths, 0.2), rtol=tol, atol=tol
+  )
   np.testing.assert_array_equal(np.asarray(got[1], np.float32), 0.0)
 
 
@@ -56,7 +55,8 @@ def test_mla_decode(impl, dtype):
 def test_mla_decode_default_block_and_padding(impl):
   ql, qr, cl, cr = _inputs(jnp.float32, seed=1)
   lengths = jnp.asarray([1, 39, 25], jnp.int32)
-  got = pk.mla_decode(ql, qr, cl, cr, lengths, 0.1, impl=impl, interpret=True,
-                      block_size=None if impl == "gpu" else 16)  # tpu: T=40 padded to 48
+  got = pk.mla_decode(
+    ql, qr, cl, cr, lengths, 0.1, impl=impl, interpret=True, block_size=None if impl == "gpu" else 16
+  )  # tpu: T=40 padded to 48
   want = pk.mla_decode(ql, qr, cl, cr, lengths, 0.1, impl="xla")
   np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)

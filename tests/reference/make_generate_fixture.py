@@ -25,12 +25,12 @@ Versions: transformers 5.23.0, torch 2.13.0+cpu (as make_fixture.py); determinis
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
+import sys
 
 import numpy as np
-import torch
 from safetensors.torch import load_file
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import make_fixture  # noqa: E402  (registers the kimi_k2 -> deepseek_v3 conversion mapping on import)
@@ -65,24 +65,37 @@ def main() -> None:
   for p, n in enumerate(PROMPT_LENGTHS):
     prompt = rng.integers(3, vocab, size=n)  # avoid the remapped bos/eos ids 1, 2
     prompts[p, :n] = prompt
-    out = model.generate(torch.from_numpy(prompt[None]), max_new_tokens=NEW_TOKENS, do_sample=False,
-                         pad_token_id=0, use_cache=True, output_logits=True, return_dict_in_generate=True)
+    out = model.generate(
+      torch.from_numpy(prompt[None]),
+      max_new_tokens=NEW_TOKENS,
+      do_sample=False,
+      pad_token_id=0,
+      use_cache=True,
+      output_logits=True,
+      return_dict_in_generate=True,
+    )
     new = out.sequences[0, n:].numpy()
     assert len(new) == NEW_TOKENS or new[-1] == eos, new
-    tokens[p, :len(new)] = new
+    tokens[p, : len(new)] = new
     cached = torch.stack(out.logits)[:, 0].numpy()
     assert np.array_equal(cached.argmax(-1), new), "generate() did not pick the argmax"
-    logits[p, :len(new)] = model(out.sequences, use_cache=False).logits[0, n - 1:-1].numpy()
-    assert np.array_equal(logits[p, :len(new)].argmax(-1), new), "the full forward picks other tokens"
-    err = float(np.abs(cached - logits[p, :len(new)]).max())
+    logits[p, : len(new)] = model(out.sequences, use_cache=False).logits[0, n - 1 : -1].numpy()
+    assert np.array_equal(logits[p, : len(new)].argmax(-1), new), "the full forward picks other tokens"
+    err = float(np.abs(cached - logits[p, : len(new)]).max())
     assert err < 1e-4, f"cached decode differs from the full forward by {err}"
     print(f"prompt {p} ({n} tokens): {new.tolist()}  (cache vs full forward: {err:.1e})")
   top2 = np.sort(logits, axis=-1)[..., -2:][tokens >= 0]
   margin = float((top2[:, 1] - top2[:, 0]).min())
   print(f"smallest greedy margin {margin:.4f}")
   assert margin > 1e-3, margin
-  np.savez(OUT, prompts=prompts, prompt_lengths=np.asarray(PROMPT_LENGTHS, np.int32), tokens=tokens,
-           logits=logits, min_margin=np.float32(margin))
+  np.savez(
+    OUT,
+    prompts=prompts,
+    prompt_lengths=np.asarray(PROMPT_LENGTHS, np.int32),
+    tokens=tokens,
+    logits=logits,
+    min_margin=np.float32(margin),
+  )
   print(f"wrote {OUT} ({OUT.stat().st_size} bytes)")
 
 

@@ -30,15 +30,15 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 import shutil
 import sys
 import tempfile
-from pathlib import Path
 
 import numpy as np
-import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
+import torch
 from transformers import Kimi_K25Config, Kimi_K25ForConditionalGeneration
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -50,19 +50,34 @@ PREFIX = "language_model."
 SEED = 20250802
 
 VISION_CONFIG = {
-    "model_type": "kimi_k25_vision", "patch_size": 14, "pos_emb_height": 4, "pos_emb_width": 4, "pos_emb_time": 4,
-    "num_attention_heads": 2, "num_hidden_layers": 1, "hidden_size": 16, "intermediate_size": 32,
-    "hidden_act": "gelu_pytorch_tanh", "merge_kernel_size": [2, 2],
+  "model_type": "kimi_k25_vision",
+  "patch_size": 14,
+  "pos_emb_height": 4,
+  "pos_emb_width": 4,
+  "pos_emb_time": 4,
+  "num_attention_heads": 2,
+  "num_hidden_layers": 1,
+  "hidden_size": 16,
+  "intermediate_size": 32,
+  "hidden_act": "gelu_pytorch_tanh",
+  "merge_kernel_size": [2, 2],
 }
 
 
 def wrapper_config(text_config: dict) -> dict:
   return {
-      "architectures": ["KimiK25ForConditionalGeneration"], "model_type": "kimi_k25", "tie_word_embeddings": False,
-      "text_config": text_config, "vision_config": VISION_CONFIG,
-      "projection_hidden_size": VISION_CONFIG["hidden_size"], "projection_layer_norm_eps": 1e-5,
-      "image_token_id": 163605, "video_token_id": 163840, "vision_start_token_id": 163602,
-      "vision_end_token_id": 163604, "dtype": "bfloat16",
+    "architectures": ["KimiK25ForConditionalGeneration"],
+    "model_type": "kimi_k25",
+    "tie_word_embeddings": False,
+    "text_config": text_config,
+    "vision_config": VISION_CONFIG,
+    "projection_hidden_size": VISION_CONFIG["hidden_size"],
+    "projection_layer_norm_eps": 1e-5,
+    "image_token_id": 163605,
+    "video_token_id": 163840,
+    "vision_start_token_id": 163602,
+    "vision_end_token_id": 163604,
+    "dtype": "bfloat16",
   }
 
 
@@ -72,18 +87,27 @@ def vision_weights(text_hidden: int, seed: int) -> dict[str, torch.Tensor]:
   d, f, p = VISION_CONFIG["hidden_size"], VISION_CONFIG["intermediate_size"], VISION_CONFIG["patch_size"]
   merged = d * VISION_CONFIG["merge_kernel_size"][0] * VISION_CONFIG["merge_kernel_size"][1]
   shapes = {
-      "vision_tower.patch_embed.proj.weight": (d, 3, p, p), "vision_tower.patch_embed.proj.bias": (d,),
-      "vision_tower.patch_embed.pos_emb.weight": (VISION_CONFIG["pos_emb_height"], VISION_CONFIG["pos_emb_width"], d),
+    "vision_tower.patch_embed.proj.weight": (d, 3, p, p),
+    "vision_tower.patch_embed.proj.bias": (d,),
+    "vision_tower.patch_embed.pos_emb.weight": (VISION_CONFIG["pos_emb_height"], VISION_CONFIG["pos_emb_width"], d),
   }
   block = "vision_tower.encoder.blocks.0."
   for norm in ("norm0", "norm1"):
     shapes.update({f"{block}{norm}.weight": (d,), f"{block}{norm}.bias": (d,)})
   for name, (out_f, in_f) in {"wqkv": (3 * d, d), "wo": (d, d), "mlp.fc0": (f, d), "mlp.fc1": (d, f)}.items():
     shapes.update({f"{block}{name}.weight": (out_f, in_f), f"{block}{name}.bias": (out_f,)})
-  shapes.update({"vision_tower.encoder.final_layernorm.weight": (d,), "vision_tower.encoder.final_layernorm.bias": (d,),
-                 "mm_projector.pre_norm.weight": (d,), "mm_projector.pre_norm.bias": (d,),
-                 "mm_projector.proj.0.weight": (merged, merged), "mm_projector.proj.0.bias": (merged,),
-                 "mm_projector.proj.2.weight": (text_hidden, merged), "mm_projector.proj.2.bias": (text_hidden,)})
+  shapes.update(
+    {
+      "vision_tower.encoder.final_layernorm.weight": (d,),
+      "vision_tower.encoder.final_layernorm.bias": (d,),
+      "mm_projector.pre_norm.weight": (d,),
+      "mm_projector.pre_norm.bias": (d,),
+      "mm_projector.proj.0.weight": (merged, merged),
+      "mm_projector.proj.0.bias": (merged,),
+      "mm_projector.proj.2.weight": (text_hidden, merged),
+      "mm_projector.proj.2.bias": (text_hidden,),
+    }
+  )
   return {name: (0.05 * torch.randn(shape, generator=g)).to(torch.bfloat16) for name, shape in shapes.items()}
 
 
@@ -113,11 +137,17 @@ def k25_logits(config: dict, weights: dict[str, torch.Tensor], tokens: np.ndarra
   with tempfile.TemporaryDirectory() as tmp:
     with open(os.path.join(tmp, "config.json"), "w") as f:
       json.dump(plain, f)
-    save_file({k: v.contiguous() for k, v in weights.items()}, os.path.join(tmp, "model.safetensors"),
-              metadata={"format": "pt"})
+    save_file(
+      {k: v.contiguous() for k, v in weights.items()}, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"}
+    )
     model, info = Kimi_K25ForConditionalGeneration.from_pretrained(
-        tmp, config=Kimi_K25Config.from_pretrained(tmp), dtype=torch.float32, attn_implementation="eager",
-        experts_implementation="eager", output_loading_info=True)
+      tmp,
+      config=Kimi_K25Config.from_pretrained(tmp),
+      dtype=torch.float32,
+      attn_implementation="eager",
+      experts_implementation="eager",
+      output_loading_info=True,
+    )
   for k in ("missing_keys", "unexpected_keys", "mismatched_keys", "error_msgs"):
     assert not info.get(k), f"load problem {k}: {info.get(k)}"
   assert not model.config.tie_word_embeddings
@@ -171,12 +201,18 @@ def main() -> None:
     np.testing.assert_array_equal(deq[PREFIX + key.removeprefix("dequant/")].numpy(), ref[key])
   logits = k25_logits(config, deq, ref["tokens"])
   np.testing.assert_allclose(logits, ref["logits"], atol=1e-5, rtol=0)  # same text model as tiny_int4
-  np.savez(OUT / "reference.npz", tokens=ref["tokens"], logits=logits,
-           **{"dequant/" + PREFIX + k.removeprefix("dequant/"): ref[k] for k in ref.files if k.startswith("dequant/")})
+  np.savez(
+    OUT / "reference.npz",
+    tokens=ref["tokens"],
+    logits=logits,
+    **{"dequant/" + PREFIX + k.removeprefix("dequant/"): ref[k] for k in ref.files if k.startswith("dequant/")},
+  )
   size = sum(p.stat().st_size for p in OUT.iterdir())
   vision = sum(1 for n in files if not n.startswith(PREFIX))
-  print(f"{OUT}: {len(files)} tensors ({vision} vision), max |logits - tiny_int4| "
-        f"{np.abs(logits - ref['logits']).max():.2e}, {size:,} bytes")
+  print(
+    f"{OUT}: {len(files)} tensors ({vision} vision), max |logits - tiny_int4| "
+    f"{np.abs(logits - ref['logits']).max():.2e}, {size:,} bytes"
+  )
   assert size < 600_000, size
 
 

@@ -31,13 +31,13 @@ import copy
 import json
 import math
 import os
+from pathlib import Path
 import sys
 import tempfile
-from pathlib import Path
 
 import numpy as np
-import torch
 from safetensors.torch import load_file, save_file
+import torch
 from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -52,41 +52,108 @@ FP8_BLOCK = 128
 INT4_GROUP = 32
 
 BASE = {
-    "architectures": ["DeepseekV3ForCausalLM"], "attention_bias": False, "attention_dropout": 0.0,
-    "bos_token_id": 1, "eos_token_id": 2, "first_k_dense_replace": 1, "hidden_act": "silu",
-    "initializer_range": 0.02, "max_position_embeddings": 131072, "model_type": "kimi_k2", "moe_layer_freq": 1,
-    "n_group": 1, "n_shared_experts": 1, "norm_topk_prob": True, "num_nextn_predict_layers": 0,
-    "num_hidden_layers": 3, "rms_norm_eps": 1e-06,
-    "rope_scaling": {"beta_fast": 1.0, "beta_slow": 1.0, "factor": 32.0, "mscale": 1.0, "mscale_all_dim": 1.0,
-                     "original_max_position_embeddings": 4096, "type": "yarn"},
-    "rope_theta": 50000.0, "routed_scaling_factor": 2.827, "scoring_func": "sigmoid", "seq_aux": True,
-    "tie_word_embeddings": False, "topk_group": 1, "topk_method": "noaux_tc", "torch_dtype": "bfloat16",
-    "use_cache": True, "vocab_size": 128, "num_experts_per_tok": 2,
+  "architectures": ["DeepseekV3ForCausalLM"],
+  "attention_bias": False,
+  "attention_dropout": 0.0,
+  "bos_token_id": 1,
+  "eos_token_id": 2,
+  "first_k_dense_replace": 1,
+  "hidden_act": "silu",
+  "initializer_range": 0.02,
+  "max_position_embeddings": 131072,
+  "model_type": "kimi_k2",
+  "moe_layer_freq": 1,
+  "n_group": 1,
+  "n_shared_experts": 1,
+  "norm_topk_prob": True,
+  "num_nextn_predict_layers": 0,
+  "num_hidden_layers": 3,
+  "rms_norm_eps": 1e-06,
+  "rope_scaling": {
+    "beta_fast": 1.0,
+    "beta_slow": 1.0,
+    "factor": 32.0,
+    "mscale": 1.0,
+    "mscale_all_dim": 1.0,
+    "original_max_position_embeddings": 4096,
+    "type": "yarn",
+  },
+  "rope_theta": 50000.0,
+  "routed_scaling_factor": 2.827,
+  "scoring_func": "sigmoid",
+  "seq_aux": True,
+  "tie_word_embeddings": False,
+  "topk_group": 1,
+  "topk_method": "noaux_tc",
+  "torch_dtype": "bfloat16",
+  "use_cache": True,
+  "vocab_size": 128,
+  "num_experts_per_tok": 2,
 }
 FP8_CONFIG = {
-    **BASE, "hidden_size": 160, "intermediate_size": 192, "moe_intermediate_size": 72, "n_routed_experts": 4,
-    "num_attention_heads": 2, "num_key_value_heads": 2, "q_lora_rank": 144, "kv_lora_rank": 48,
-    "qk_nope_head_dim": 32, "qk_rope_head_dim": 16, "v_head_dim": 32,
-    "quantization_config": {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8",
-                            "weight_block_size": [FP8_BLOCK, FP8_BLOCK]},
+  **BASE,
+  "hidden_size": 160,
+  "intermediate_size": 192,
+  "moe_intermediate_size": 72,
+  "n_routed_experts": 4,
+  "num_attention_heads": 2,
+  "num_key_value_heads": 2,
+  "q_lora_rank": 144,
+  "kv_lora_rank": 48,
+  "qk_nope_head_dim": 32,
+  "qk_rope_head_dim": 16,
+  "v_head_dim": 32,
+  "quantization_config": {
+    "activation_scheme": "dynamic",
+    "fmt": "e4m3",
+    "quant_method": "fp8",
+    "weight_block_size": [FP8_BLOCK, FP8_BLOCK],
+  },
 }
 INT4_CONFIG = {
-    **BASE, "hidden_size": 64, "intermediate_size": 128, "moe_intermediate_size": 32, "n_routed_experts": 8,
-    "num_attention_heads": 4, "num_key_value_heads": 4, "q_lora_rank": 32, "kv_lora_rank": 16,
-    "qk_nope_head_dim": 16, "qk_rope_head_dim": 8, "v_head_dim": 16,
-    "quantization_config": {
-        "config_groups": {"group_0": {
-            "input_activations": None, "output_activations": None, "targets": ["Linear"],
-            "weights": {"actorder": None, "block_structure": None, "dynamic": False, "group_size": INT4_GROUP,
-                        "num_bits": 4, "observer": "minmax", "observer_kwargs": {}, "strategy": "group",
-                        "symmetric": True, "type": "int"}}},
-        "format": "pack-quantized",
-        "ignore": ["lm_head", "re:.*self_attn.*", "re:.*shared_experts.*", "re:.*mlp\\.(gate|up|gate_up|down)_proj.*"],
-        "kv_cache_scheme": None, "quant_method": "compressed-tensors", "quantization_status": "compressed"},
+  **BASE,
+  "hidden_size": 64,
+  "intermediate_size": 128,
+  "moe_intermediate_size": 32,
+  "n_routed_experts": 8,
+  "num_attention_heads": 4,
+  "num_key_value_heads": 4,
+  "q_lora_rank": 32,
+  "kv_lora_rank": 16,
+  "qk_nope_head_dim": 16,
+  "qk_rope_head_dim": 8,
+  "v_head_dim": 16,
+  "quantization_config": {
+    "config_groups": {
+      "group_0": {
+        "input_activations": None,
+        "output_activations": None,
+        "targets": ["Linear"],
+        "weights": {
+          "actorder": None,
+          "block_structure": None,
+          "dynamic": False,
+          "group_size": INT4_GROUP,
+          "num_bits": 4,
+          "observer": "minmax",
+          "observer_kwargs": {},
+          "strategy": "group",
+          "symmetric": True,
+          "type": "int",
+        },
+      }
+    },
+    "format": "pack-quantized",
+    "ignore": ["lm_head", "re:.*self_attn.*", "re:.*shared_experts.*", "re:.*mlp\\.(gate|up|gate_up|down)_proj.*"],
+    "kv_cache_scheme": None,
+    "quant_method": "compressed-tensors",
+    "quantization_status": "compressed",
+  },
 }
 
 
 # Quantisation (the release formats) ------------------------------------------------------------------------------
+
 
 def fp8_quantised(name: str) -> bool:
   return name.endswith(("_proj.weight", "_proj_with_mqa.weight"))  # all linears but the router and lm_head
@@ -116,11 +183,12 @@ def quantise_int4(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Te
   packed = torch.zeros(r, c // 8, dtype=torch.int64)
   for i in range(8):
     packed |= nib[:, i::8] << (4 * i)
-  packed = torch.where(packed >= 2 ** 31, packed - 2 ** 32, packed).to(torch.int32)  # reinterpret as int32
+  packed = torch.where(packed >= 2**31, packed - 2**32, packed).to(torch.int32)  # reinterpret as int32
   return packed, scale, torch.tensor([r, c], dtype=torch.int32)
 
 
 # Dequantisation, independently from the facts, on the tensors as read back from the files ---------------------
+
 
 def dequantise_fp8(wq: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
   r, c = wq.shape
@@ -138,6 +206,7 @@ def dequantise_int4(packed: torch.Tensor, scale: torch.Tensor, shape: torch.Tens
 
 
 # -------------------------------------------------------------------------------------------------------------------
+
 
 def write_release(out: Path, config: dict, tensors: dict[str, torch.Tensor]) -> None:
   out.mkdir(parents=True, exist_ok=True)
@@ -177,12 +246,18 @@ def reference_logits(config: dict, weights: dict[str, torch.Tensor], tokens: np.
   with tempfile.TemporaryDirectory() as tmp:
     with open(os.path.join(tmp, "config.json"), "w") as f:
       json.dump(plain, f)
-    save_file({k: v.contiguous() for k, v in weights.items()}, os.path.join(tmp, "model.safetensors"),
-              metadata={"format": "pt"})
+    save_file(
+      {k: v.contiguous() for k, v in weights.items()}, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"}
+    )
     cfg = DeepseekV3Config.from_pretrained(tmp)
-    model, info = DeepseekV3ForCausalLM.from_pretrained(tmp, config=cfg, dtype=torch.float32,
-                                                        attn_implementation="eager", experts_implementation="eager",
-                                                        output_loading_info=True)
+    model, info = DeepseekV3ForCausalLM.from_pretrained(
+      tmp,
+      config=cfg,
+      dtype=torch.float32,
+      attn_implementation="eager",
+      experts_implementation="eager",
+      output_loading_info=True,
+    )
   for k in ("missing_keys", "unexpected_keys", "mismatched_keys", "error_msgs"):
     assert not info.get(k), f"load problem {k}: {info.get(k)}"
   model.eval()
@@ -234,8 +309,7 @@ def make(kind: str, config: dict, seed: int, spot: list[str]) -> None:
   tokens = rng.integers(0, config["vocab_size"], size=(BATCH, SEQ)).astype(np.int32)
   logits = reference_logits(config, deq, tokens)
   assert np.all(np.isfinite(logits))
-  np.savez(out / "reference.npz", tokens=tokens, logits=logits,
-           **{f"dequant/{n}": deq[n].numpy() for n in spot})
+  np.savez(out / "reference.npz", tokens=tokens, logits=logits, **{f"dequant/{n}": deq[n].numpy() for n in spot})
   size = sum(p.stat().st_size for p in out.iterdir())
   print(f"{out}: {len(quantised)} quantised weights, logits std {logits.std():.3f}, {size:,} bytes")
 
@@ -244,10 +318,18 @@ def main() -> None:
   torch.manual_seed(SEED)
   torch.use_deterministic_algorithms(True)
   torch.set_num_threads(1)
-  make("fp8", FP8_CONFIG, SEED, ["model.layers.0.self_attn.q_a_proj.weight",
-                                 "model.layers.1.mlp.experts.2.down_proj.weight"])
-  make("int4", INT4_CONFIG, SEED + 1, ["model.layers.1.mlp.experts.3.gate_proj.weight",
-                                       "model.layers.2.mlp.experts.5.down_proj.weight"])
+  make(
+    "fp8",
+    FP8_CONFIG,
+    SEED,
+    ["model.layers.0.self_attn.q_a_proj.weight", "model.layers.1.mlp.experts.2.down_proj.weight"],
+  )
+  make(
+    "int4",
+    INT4_CONFIG,
+    SEED + 1,
+    ["model.layers.1.mlp.experts.3.gate_proj.weight", "model.layers.2.mlp.experts.5.down_proj.weight"],
+  )
   total = sum(p.stat().st_size for d in ("tiny_fp8", "tiny_int4") for p in (HERE / "data" / d).iterdir())
   print(f"total {total:,} bytes")
   assert total < 1_500_000, total

@@ -32,8 +32,9 @@ from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3TopkR
 OUT = pathlib.Path(__file__).parent / "data" / "router_groups.npz"
 TOKENS, HIDDEN, BIAS_STD = 64, 32, 0.3
 LOGIT_STD = 3.0  # spreads the scores enough that the bias alone does not fix most tokens' choice
-ROUTER = dict(n_routed_experts=16, num_experts_per_tok=4, n_group=4, topk_group=2, norm_topk_prob=True,
-              routed_scaling_factor=2.5)
+ROUTER = dict(
+  n_routed_experts=16, num_experts_per_tok=4, n_group=4, topk_group=2, norm_topk_prob=True, routed_scaling_factor=2.5
+)
 
 
 def make_router(hidden: int, weight: np.ndarray, bias: np.ndarray, **kw) -> DeepseekV3TopkRouter:
@@ -60,7 +61,7 @@ def groups_kept(choice: np.ndarray, n_group: int, topk_group: int) -> np.ndarray
   group_score = np.sort(choice.reshape(t, n_group, e // n_group), -1)[..., -2:].sum(-1)
   order = np.sort(group_score, -1)[:, ::-1]
   assert np.all(order[:, topk_group - 1] > order[:, topk_group]), "tie at the group boundary"
-  kept = group_score >= order[:, topk_group - 1:topk_group]
+  kept = group_score >= order[:, topk_group - 1 : topk_group]
   return np.repeat(kept, e // n_group, axis=-1)
 
 
@@ -82,8 +83,9 @@ def random_case(seed: int) -> dict[str, np.ndarray] | None:
   want = np.sort(np.argsort(-np.where(kept, choice, -np.inf), -1, kind="stable")[:, :k], -1)
   np.testing.assert_array_equal(idx, want)
   chosen = np.take_along_axis(scores, idx, -1)
-  np.testing.assert_allclose(weights, chosen / chosen.sum(-1, keepdims=True) * ROUTER["routed_scaling_factor"],
-                             rtol=1e-6)
+  np.testing.assert_allclose(
+    weights, chosen / chosen.sum(-1, keepdims=True) * ROUTER["routed_scaling_factor"], rtol=1e-6
+  )
   # The case must exercise both the bias and the group limit.
   plain = np.sort(np.argsort(-scores, -1, kind="stable")[:, :k], -1)
   ungrouped = np.sort(np.argsort(-choice, -1, kind="stable")[:, :k], -1)
@@ -93,8 +95,10 @@ def random_case(seed: int) -> dict[str, np.ndarray] | None:
   n_group_sets = len({tuple(sorted(set(r))) for r in (idx // (e // ROUTER["n_group"])).tolist()})
   assert by_bias > 0.3 and by_groups > 0.3 and n_sets >= 24 and n_group_sets >= 5, (by_bias, by_groups, n_sets)
   margin = best[:, k - 1].min()
-  print(f"seed {seed}: bias changes {by_bias:.0%} of the sets, the group limit {by_groups:.0%}; {n_sets} distinct "
-        f"sets over {n_group_sets} group sets; smallest K-th kept s + b = {margin:.4f}")
+  print(
+    f"seed {seed}: bias changes {by_bias:.0%} of the sets, the group limit {by_groups:.0%}; {n_sets} distinct "
+    f"sets over {n_group_sets} group sets; smallest K-th kept s + b = {margin:.4f}"
+  )
   return dict(scores=scores, bias=bias, idx=idx, weights=weights, seed=np.int32(seed))
 
 
@@ -103,8 +107,17 @@ def fill_case() -> dict[str, np.ndarray]:
   want = np.array([0.9, 0.2, 0.8, 0.1, 0.1, 0.1, 0.1, 0.1], np.float32)
   bias = np.array([0.0, -0.5, 0.0, -0.2, -0.2, -0.2, -0.2, -0.2], np.float32)
   weight = np.diag(np.log(want / (1 - want))).astype(np.float32)  # x = ones: logits = logit(want)
-  router = make_router(8, weight, bias, n_routed_experts=8, num_experts_per_tok=3, n_group=4, topk_group=2,
-                       norm_topk_prob=True, routed_scaling_factor=2.5)
+  router = make_router(
+    8,
+    weight,
+    bias,
+    n_routed_experts=8,
+    num_experts_per_tok=3,
+    n_group=4,
+    topk_group=2,
+    norm_topk_prob=True,
+    routed_scaling_factor=2.5,
+  )
   scores, idx, weights = run(router, np.ones((1, 8), np.float32))
   np.testing.assert_allclose(scores, want[None], rtol=1e-6)
   # -inf fill: the third pick is expert 3 of a kept group (a 0.0 fill would pick a 0.0 of experts 4-7).
