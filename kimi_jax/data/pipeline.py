@@ -17,7 +17,7 @@ Chunks are packed whole, first-fit, into rows of S (grain's FirstFitPackIterData
 padding. The packer fills at least 128 rows at a time and hands them out in a shuffled order, so the consecutive
 chunks of a long document are spread over many batches. Segment ids and positions restart with each chunk and the
 model attends only within a segment, so a document's logits do not depend on what is packed beside it
-(tests/test_packing.py).
+(tests/model/test_packing.py).
 
 The returned iterator is a `grain.DatasetIterator`: `get_state()` is a small JSON-able dict and `set_state()`
 resumes exactly; `grain.checkpoint.CheckpointHandler` (with `CheckpointSave`/`CheckpointRestore` args) saves it

@@ -1,7 +1,8 @@
 """Synthetic checkpoints in the released Kimi K2 layouts (BF16, FP8 as Kimi-K2-Instruct, INT4 as -Thinking), of
 any size, written by streaming random bytes — no torch, no model in memory. For measuring conversion speed and
-memory (benchmarks/convert.py, tests/test_convert_memory.py) and as a stand-in release (tests/test_walkthrough_gcs.py);
-the values are random but finite. Test data, not library code: it lives with the tests.
+memory (benchmarks/convert.py, tests/checkpoint/test_convert_memory.py) and as a stand-in release
+(tests/gcs/test_walkthrough_gcs.py); the values are random but finite. Test data, not library code: it lives with
+the tests.
 
     python tests/builders/synthetic.py --out_dir /tmp/k2_synth --gb 3 --format fp8
 """

@@ -1,6 +1,6 @@
 """Greedy `generate()` reference from Hugging Face transformers on the tiny fixture checkpoint.
 
-Writes ``tests/reference/data/tiny_hf/generate.npz`` (read by ``tests/test_generate.py``):
+Writes ``tests/reference/data/tiny_hf/generate.npz`` (read by ``tests/generate/test_generate.py``):
 
   prompts      int32 [P, S]     prompt ids, row p valid in [0, prompt_lengths[p]), right-padded with -1
   prompt_lengths int32 [P]      1, 7 and 12 (one token; mid; the reference.npz length)
