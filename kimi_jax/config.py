@@ -20,7 +20,7 @@ import dataclasses
 import math
 from typing import Any
 
-_DTYPES = ("float32", "bfloat16")
+DTYPES = ("float32", "bfloat16")  # the dtypes a model may store and compute in
 MOE_IMPLS = ("auto", "dense", "ragged", "blocked", "pallas")
 ATTENTION_IMPLS = ("auto", "xla", "pallas")
 REMAT_POLICIES = ("none", "full", "dots")
@@ -134,8 +134,8 @@ class ModelConfig:
       "more experts per token than the selected groups hold",
     )
     _check(isinstance(self.use_yarn, bool), "use_yarn", f"must be true or false, got {self.use_yarn!r}")
-    _check(self.dtype in _DTYPES, "dtype", f"{self.dtype!r} not in {_DTYPES}")
-    _check(self.param_dtype in _DTYPES, "param_dtype", f"{self.param_dtype!r} not in {_DTYPES}")
+    _check(self.dtype in DTYPES, "dtype", f"{self.dtype!r} not in {DTYPES}")
+    _check(self.param_dtype in DTYPES, "param_dtype", f"{self.param_dtype!r} not in {DTYPES}")
     _check(self.moe_impl in MOE_IMPLS, "moe_impl", f"{self.moe_impl!r} not in {MOE_IMPLS}")
     _check(
       self.attention_impl in ATTENTION_IMPLS, "attention_impl", f"{self.attention_impl!r} not in {ATTENTION_IMPLS}"

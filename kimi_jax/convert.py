@@ -21,19 +21,15 @@ import sys
 
 from absl import app, flags
 
+from kimi_jax import cli_flags
+
 _HF_DIR = flags.DEFINE_string(
   "hf_dir", None, "Hugging Face checkpoint directory (config.json + safetensors), local or gs://."
 )
-_CHECKPOINT = flags.DEFINE_string(
-  "checkpoint", None, "kimi-jax model checkpoint or training workdir (orbax-to-hf input)."
-)
-_OUT_DIR = flags.DEFINE_string("out_dir", None, "Output directory.", required=True)
-_DTYPE = flags.DEFINE_enum(
-  "dtype",
-  None,
-  ["float32", "bfloat16"],
-  "Stored weight dtype (default: float32 for hf-to-orbax, bfloat16 for orbax-to-hf).",
-)
+_OUT_DIR = flags.DEFINE_string("out_dir", None, "Output directory.")
+# Shared: --checkpoint (orbax-to-hf input) and --dtype (stored weights; default float32 for hf-to-orbax, bfloat16
+# for orbax-to-hf).
+_CHECKPOINT, _DTYPE = cli_flags.CHECKPOINT, cli_flags.DTYPE
 _FP8 = flags.DEFINE_bool(
   "fp8", False, "orbax-to-hf: quantise linear weights to FP8 (128x128 blocks) like the Kimi-K2-Instruct release."
 )
@@ -159,4 +155,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  flags.mark_flag_as_required("out_dir")
   app.run(main)

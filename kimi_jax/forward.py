@@ -18,20 +18,13 @@ import jax
 from jax.sharding import Mesh
 import numpy as np
 
-from kimi_jax import sharding
-from kimi_jax.config import MOE_IMPLS
+from kimi_jax import cli_flags, sharding
 from kimi_jax.model import KimiK2, check_tokens
 
-_CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Model checkpoint or training workdir.", required=True)
-_TOKENS = flags.DEFINE_string("tokens", None, "Input token ids, .npy int [B, S].", required=True)
-_OUT = flags.DEFINE_string("out", None, "Output logits, .npy float32 [B, S, V].", required=True)
-_DTYPE = flags.DEFINE_enum("dtype", None, ["float32", "bfloat16"], "Compute dtype (default: the checkpoint's).")
-_MOE_IMPL = flags.DEFINE_enum("moe_impl", None, list(MOE_IMPLS), "Expert compute implementation.")
-_MESH = flags.DEFINE_string(
-  "mesh",
-  "",
-  "Device mesh, e.g. fsdp=2,expert=4 (kimi_jax/sharding.py); '': one device. Any batch size; experts run dropless.",
-)
+_TOKENS = flags.DEFINE_string("tokens", None, "Input token ids, .npy int [B, S].")
+# Shared: --checkpoint, --out (logits, .npy float32 [B, S, V]), --dtype (default: the checkpoint's), --moe_impl, --mesh.
+_CHECKPOINT, _OUT, _DTYPE = cli_flags.CHECKPOINT, cli_flags.OUT, cli_flags.DTYPE
+_MOE_IMPL, _MESH = cli_flags.MOE_IMPL, cli_flags.MESH
 
 
 def forward_logits(model: KimiK2, tokens: np.ndarray, mesh: Mesh | None = None) -> jax.Array:
@@ -76,4 +69,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  flags.mark_flags_as_required(["checkpoint", "tokens", "out"])
   app.run(main)

@@ -43,8 +43,8 @@ import jax.numpy as jnp
 from jax.sharding import Mesh
 import numpy as np
 
-from kimi_jax import backend, sharding
-from kimi_jax.config import MOE_IMPLS, ModelConfig
+from kimi_jax import backend, cli_flags, sharding  # noqa: F401 (cli_flags: the shared flags)
+from kimi_jax.config import ModelConfig
 from kimi_jax.layers.cache import CACHE_KINDS, Cache
 from kimi_jax.model import KimiK2, check_tokens, init_cache
 
@@ -308,35 +308,25 @@ def _read_prompt_tokens(path: str) -> list[list[int]]:
   return prompts
 
 
-def _define_flags() -> None:
-  flags.DEFINE_string("checkpoint", None, "Model checkpoint or training workdir.", required=True)
-  flags.DEFINE_string("prompt", None, "Prompt text, encoded with --tokenizer after its BOS id.")
-  flags.DEFINE_bool(
-    "chat",
-    False,
-    "Wrap --prompt as one user turn of Kimi's chat template (needs a Kimi "
-    "tiktoken --tokenizer); also stops on <|im_end|>.",
-  )
-  flags.DEFINE_string("prompt_tokens", None, "Prompt ids, .npy int [S] or [B, S] (shorter rows padded with -1).")
-  flags.DEFINE_string("tokenizer", "byte", "'byte' or the path of Kimi's tiktoken.model.")
-  flags.DEFINE_integer("max_new_tokens", 64, "Tokens to generate per prompt.")
-  flags.DEFINE_float("temperature", 0.0, "Sampling temperature; 0 is greedy.")
-  flags.DEFINE_integer("top_k", 0, "Keep the k most likely tokens (0: off).")
-  flags.DEFINE_float("top_p", 1.0, "Nucleus sampling mass (1: off).")
-  flags.DEFINE_list("stop_tokens", None, "Stop token ids (default: the model's EOS id, and <|im_end|> with --chat).")
-  flags.DEFINE_integer("seed", 0, "Sampling seed.")
-  flags.DEFINE_integer("max_len", None, "Cache length (default: longest prompt + max_new_tokens, rounded up).")
-  flags.DEFINE_enum("dtype", None, ["float32", "bfloat16"], "Compute and parameter dtype (default: checkpoint's).")
-  flags.DEFINE_enum("moe_impl", None, list(MOE_IMPLS), "Expert compute implementation.")
-  flags.DEFINE_enum("cache", "latent", list(CACHE_KINDS), "KV cache layout.")
-  flags.DEFINE_enum("attention_impl", "auto", ["auto", "xla", "pallas"], "Decode attention implementation.")
-  flags.DEFINE_string("out", None, "Write generated ids to this .npy, int32 [B, N] padded with -1.")
-  flags.DEFINE_string(
-    "mesh",
-    "",
-    "Device mesh, e.g. fsdp=2,expert=4 (kimi_jax/sharding.py); '': one device. "
-    "Any number of prompts; experts run dropless.",
-  )
+# Flags (`python -m kimi_jax.generate`); shared: --checkpoint, --tokenizer, --dtype, --moe_impl, --mesh and --out
+# (generated ids, .npy int32 [B, N] padded with -1), see kimi_jax/cli_flags.py.
+flags.DEFINE_string("prompt", None, "Prompt text, encoded with --tokenizer after its BOS id.")
+flags.DEFINE_bool(
+  "chat",
+  False,
+  "Wrap --prompt as one user turn of Kimi's chat template (needs a Kimi tiktoken --tokenizer); also stops on "
+  "<|im_end|>.",
+)
+flags.DEFINE_string("prompt_tokens", None, "Prompt ids, .npy int [S] or [B, S] (shorter rows padded with -1).")
+flags.DEFINE_integer("max_new_tokens", 64, "Tokens to generate per prompt.")
+flags.DEFINE_float("temperature", 0.0, "Sampling temperature; 0 is greedy.")
+flags.DEFINE_integer("top_k", 0, "Keep the k most likely tokens (0: off).")
+flags.DEFINE_float("top_p", 1.0, "Nucleus sampling mass (1: off).")
+flags.DEFINE_list("stop_tokens", None, "Stop token ids (default: the model's EOS id, and <|im_end|> with --chat).")
+flags.DEFINE_integer("seed", 0, "Sampling seed.")
+flags.DEFINE_integer("max_len", None, "Cache length (default: longest prompt + max_new_tokens, rounded up).")
+flags.DEFINE_enum("cache", "latent", list(CACHE_KINDS), "KV cache layout.")
+flags.DEFINE_enum("attention_impl", "auto", ["auto", *backend.CHOICES["attention"]], "Decode attention implementation.")
 
 
 def _cli_prompts(f, cfg: ModelConfig):
@@ -450,5 +440,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  _define_flags()
+  flags.mark_flag_as_required("checkpoint")
   app.run(main)

@@ -24,11 +24,10 @@ from flax import nnx
 import jax
 import jax.numpy as jnp
 import ml_collections
-from ml_collections import config_flags
 import numpy as np
 import optax
 
-from kimi_jax import backend, sharding
+from kimi_jax import backend, cli_flags, sharding  # noqa: F401 (cli_flags: the shared --config)
 from kimi_jax.checkpoint.workdir import Workdir
 from kimi_jax.chips import device_peak_flops
 from kimi_jax.config import ModelConfig
@@ -43,6 +42,9 @@ if TYPE_CHECKING:  # Orbax is imported only when a run writes checkpoints
 
 # Where `rest` keeps the router biases: one RouterBias [L, E] stacked over the MoE layers (kimi_jax/model.py).
 ROUTER_BIAS_PATH = ("moe_layers", "mlp", "router", "bias")
+
+# Flags (`python -m kimi_jax.train`); --config is shared (kimi_jax/cli_flags.py).
+flags.DEFINE_string("workdir", None, "Directory for checkpoints and metrics: a local path or gs://BUCKET/PATH.")
 
 
 class TrainState(NamedTuple):
@@ -562,7 +564,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  # Defined here, not at import, so that tools importing the train step can define their own --config.
-  config_flags.DEFINE_config_file("config", None, "Run configuration file (configs/*.py).")
-  flags.DEFINE_string("workdir", None, "Directory for checkpoints and metrics: a local path or gs://BUCKET/PATH.")
   app.run(main)

@@ -26,6 +26,7 @@ from array_record.python.array_record_module import ArrayRecordWriter
 from etils import epath
 from tqdm import tqdm
 
+from kimi_jax import cli_flags  # noqa: F401 (the shared --tokenizer)
 from kimi_jax.checkpoint.workdir import as_path, check_bucket, is_url, write_text_atomically
 from kimi_jax.data import sources
 from kimi_jax.data.tokenizer import Tokenizer, load_tokenizer
@@ -130,14 +131,13 @@ def _upload(local: str, url: epath.Path) -> None:
   os.remove(local)
 
 
-def _define_flags() -> None:
-  flags.DEFINE_list(
-    "input", None, "Text files, comma-separated, globs allowed: .jsonl, .jsonl.gz, .parquet.", required=True
-  )
-  flags.DEFINE_string("tokenizer", "byte", '"byte" or the path (or gs:// URL) of a tiktoken.model file.')
-  flags.DEFINE_string("output", None, "Directory (or gs:// URL) for the shards and metadata.json.", required=True)
-  flags.DEFINE_integer("shard_size", 50_000, "Documents per shard.", lower_bound=1)
-  flags.DEFINE_string("text_field", "text", "JSON field / Parquet column holding each document's text.")
+# Flags (`python -m kimi_jax.data.prepare`); --tokenizer is shared (kimi_jax/cli_flags.py).
+flags.DEFINE_list(
+  "input", None, "Text files (local or gs://), comma-separated, globs allowed: .jsonl, .jsonl.gz, .parquet."
+)
+flags.DEFINE_string("output", None, "Directory (or gs:// URL) for the shards and metadata.json.")
+flags.DEFINE_integer("shard_size", 50_000, "Documents per shard.", lower_bound=1)
+flags.DEFINE_string("text_field", "text", "JSON field / Parquet column holding each document's text.")
 
 
 def main(argv: Sequence[str]) -> None:
@@ -157,5 +157,5 @@ def main(argv: Sequence[str]) -> None:
 
 
 if __name__ == "__main__":
-  _define_flags()
+  flags.mark_flags_as_required(["input", "output"])
   app.run(main)

@@ -19,10 +19,9 @@ from absl import app, flags
 from flax import nnx
 import jax
 import ml_collections
-from ml_collections import config_flags
 import optax
 
-from kimi_jax import sharding
+from kimi_jax import cli_flags, sharding  # noqa: F401 (cli_flags: the shared --config and --json)
 from kimi_jax.backend import target_platform
 from kimi_jax.chips import HBM_BYTES, PEAK_FLOPS
 from kimi_jax.config import ModelConfig
@@ -30,6 +29,10 @@ from kimi_jax.data.batch import Batch
 from kimi_jax.model_stats import count_params, train_flops_per_step
 from kimi_jax.train import TrainState, abstract_train_state, build_optimizer, make_train_step, model_shapes
 from kimi_jax.train_config import model_config
+
+# Flags (`python -m kimi_jax.tools.aot`); --config and --json are shared (kimi_jax/cli_flags.py).
+flags.DEFINE_string("topology", "v5p:8x8x8", "TPU topology, e.g. v5p:8x8x8 (512 chips), v6e:16x16.")
+flags.DEFINE_float("mfu", 0.4, "Model FLOPs utilisation assumed for the step-time estimate.")
 
 COLLECTIVES = ("all-reduce", "all-gather", "all-to-all", "reduce-scatter", "collective-permute")
 _DTYPE_BYTES = {
@@ -171,8 +174,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  config_flags.DEFINE_config_file("config", None, "Run configuration file (configs/*.py).")
-  flags.DEFINE_string("topology", "v5p:8x8x8", "TPU topology, e.g. v5p:8x8x8 (512 chips), v6e:16x16.")
-  flags.DEFINE_float("mfu", 0.4, "Model FLOPs utilisation assumed for the step-time estimate.")
-  flags.DEFINE_bool("json", False, "Print one JSON line instead of a table.")
   app.run(main)

@@ -16,8 +16,13 @@ import sys
 
 from absl import app, flags
 
+from kimi_jax import cli_flags  # noqa: F401 (the shared --config and --json)
 from kimi_jax.config import PRESETS, ModelConfig, preset
 from kimi_jax.model_stats import count_params, train_flops_per_token
+
+# Flags (`python -m kimi_jax.tools.plan`); --config (which overrides --preset) and --json are shared.
+flags.DEFINE_enum("preset", "kimi_k2", sorted(PRESETS), "Model preset to plan (without --config).")
+flags.DEFINE_integer("seq_len", 4096, "Sequence length for the FLOP count (without --config).")
 
 
 def rope_report(cfg: ModelConfig) -> dict | None:
@@ -94,10 +99,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  from ml_collections import config_flags
-
-  config_flags.DEFINE_config_file("config", None, "Run configuration file (configs/*.py); overrides --preset.")
-  flags.DEFINE_enum("preset", "kimi_k2", sorted(PRESETS), "Model preset to plan (without --config).")
-  flags.DEFINE_integer("seq_len", 4096, "Sequence length for the FLOP count (without --config).")
-  flags.DEFINE_bool("json", False, "Print one JSON line instead of a table.")
   app.run(main)
