@@ -5,6 +5,8 @@
 Process i runs `python <args>` with JAX_PLATFORMS=cpu, M fake devices (XLA_FLAGS), gloo CPU collectives and
 KIMI_COORDINATOR / KIMI_NUM_PROCESSES / KIMI_PROCESS_ID for `kimi_jax.distributed.initialize()`. Output lines
 are streamed prefixed with `[i]`. If any process fails, the others are stopped and its exit status returned.
+The processes inherit this environment, KIMI_JOIN_TIMEOUT_SECONDS included (how long each waits for the
+others to join, default 900 s: enough for a busy machine that starts them minutes apart).
 """
 
 from __future__ import annotations
