@@ -4,7 +4,9 @@
 
 Rerunning the same command resumes from the latest checkpoint in WORKDIR/checkpoints. Metrics go to
 WORKDIR/metrics.jsonl, one JSON object per logged step. WORKDIR may be a local path or a gs:// URL
-(kimi_jax/checkpoint/workdir.py lays it out on either).
+(kimi_jax/checkpoint/workdir.py lays it out on either). A NaN/inf loss or gradient norm stops the run before any
+checkpoint holding it, or skips the step (config.on_nonfinite); SIGTERM saves a checkpoint at the step in flight
+and exits 0 (config.preemption_grace_seconds).
 
 Per step: data iterator → `Batch` (kimi_jax/data/batch.py: inputs, targets, segment_ids, positions, loss_mask,
 all [B, S]) → model → logits [B, S, V] f32 → masked next-token cross-entropy → grads w.r.t. the Params →
@@ -16,6 +18,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import signal
+import threading
 import time
 from typing import TYPE_CHECKING, Any, NamedTuple
 
@@ -39,6 +43,14 @@ from kimi_jax.train_config import model_config
 
 if TYPE_CHECKING:  # Orbax is imported only when a run writes checkpoints
   from kimi_jax.checkpoint.manager import TrainCheckpointer
+
+# config.on_nonfinite: what a step with a NaN/inf loss or gradient norm does.
+NONFINITE_ACTIONS = ("stop", "skip")
+# The step's metrics that carry its finite flags (read by the loop, never logged).
+FINITE_KEY = "_finite"
+GRAD_LEAF_FINITE_KEY = "_grad_leaf_finite"  # [number of param leaves] bool, in tree_leaves(params) order
+# The key the cumulative skipped-step count is kept under in a checkpoint's data state.
+SKIPPED_STEPS_KEY = "skipped_steps"
 
 # Where `rest` keeps the router biases: one RouterBias [L, E] stacked over the MoE layers (kimi_jax/model.py).
 ROUTER_BIAS_PATH = ("moe_layers", "mlp", "router", "bias")
@@ -205,24 +217,37 @@ def make_train_step(
   The batch [B, S] is split into `c.microbatches` pieces whose gradients are summed in a scan, so activation
   memory is that of one piece. Expert loads and max logits are accumulated across pieces (sum / max).
   `shardings` (a TrainState of NamedShardings) pins the state's layout across steps.
+
+  The metrics also carry the step's finite flag (FINITE_KEY: loss and gradient norm finite) and one flag per
+  parameter leaf (GRAD_LEAF_FINITE_KEY), for the loop's `_NonFiniteGuard`; with `c.on_nonfinite == "skip"` a
+  non-finite step returns the state it was given. With `c.debug_nan_step` set the step takes a third argument,
+  the loop's step number, and makes that step's loss NaN.
   """
 
-  def loss_fn(params, rest, batch: Batch):
+  on_nonfinite = c.get("on_nonfinite", "stop")
+  if on_nonfinite not in NONFINITE_ACTIONS:
+    raise ValueError(f"config.on_nonfinite {on_nonfinite!r} not in {NONFINITE_ACTIONS}")
+  debug_nan_step = c.get("debug_nan_step", -1)
+  poison = debug_nan_step is not None and debug_nan_step >= 0  # static: the production step has no trace of it
+
+  def loss_fn(params, rest, batch: Batch, scale):
     model = nnx.merge(graphdef, params, rest)
     x, aux = model.features(batch.inputs, positions=batch.positions, segment_ids=batch.segment_ids)
     nll_sum, count = chunked_cross_entropy(x, model.lm_head.kernel[...], batch.targets, batch.loss_mask, c.loss_chunk)
+    if scale is not None:  # config.debug_nan_step: NaN at that step, 1 elsewhere
+      nll_sum = nll_sum * scale
     return nll_sum, (count, aux)
 
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
-  def accumulate(params, rest, batch):
+  def accumulate(params, rest, batch, scale):
     if c.microbatches == 1:
-      (nll, (count, aux)), grads = grad_fn(params, rest, batch)
+      (nll, (count, aux)), grads = grad_fn(params, rest, batch, scale)
       return nll, count, aux, grads
     pieces = jax.tree.map(lambda x: x.reshape((c.microbatches, -1) + x.shape[1:]), batch)
 
     def body(carry, piece):
-      (nll, (count, aux)), grads = grad_fn(params, rest, piece)
+      (nll, (count, aux)), grads = grad_fn(params, rest, piece, scale)
       if carry is None:
         return (nll, count, aux, grads), None
       n0, c0, a0, g0 = carry
@@ -236,9 +261,14 @@ def make_train_step(
     (nll, count, aux, grads), _ = jax.lax.scan(body, first, jax.tree.map(lambda x: x[1:], pieces))
     return nll, count, aux, grads
 
-  def step(state: TrainState, batch: Batch):
+  def step(state: TrainState, batch: Batch, step_number=None):
     params, rest = state.params, state.rest
-    nll, count, aux, grads = accumulate(params, rest, batch)
+    scale = None
+    if poison:
+      if step_number is None:
+        raise ValueError("config.debug_nan_step is set: call the step as step(state, batch, step_number)")
+      scale = jnp.where(step_number == debug_nan_step, jnp.float32(jnp.nan), jnp.float32(1.0))
+    nll, count, aux, grads = accumulate(params, rest, batch, scale)
     count = jnp.maximum(count, 1.0)
     grads = jax.tree.map(lambda g: g / count, grads)  # gradient of the mean NLL over all masked tokens
     updates, opt_state = tx.update(grads, state.opt_state, params, max_logits=aux["max_logits"])
@@ -246,11 +276,16 @@ def make_train_step(
     per_layer = jnp.concatenate(
       [jnp.max(aux["max_logits"][g], axis=-1) for g in LAYER_GROUPS if g in aux["max_logits"]]
     )  # [L] max over heads
+    loss, grad_norm = nll / count, optax.global_norm(grads)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     metrics = {
-      "loss": nll / count,
-      "grad_norm": optax.global_norm(grads),
+      "loss": loss,
+      "grad_norm": grad_norm,
       "max_logit": jnp.max(per_layer),
       "max_logit_per_layer": per_layer,
+      # Read by the loop only with the logged metrics or before a save (no host sync per step); not logged.
+      FINITE_KEY: finite,
+      GRAD_LEAF_FINITE_KEY: jnp.stack([jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(grads)]),
     }
     if c.optimizer == "muon_clip" and qk_clip_tau(c) is not None:
       metrics["heads_clipped"] = sum(jnp.sum(v > qk_clip_tau(c)) for v in aux["max_logits"].values())
@@ -262,9 +297,98 @@ def make_train_step(
       metrics["expert_load_max_over_mean"] = jnp.max(load / jnp.mean(load, axis=-1, keepdims=True))
       metrics["dropped_pairs"] = aux["dropped_pairs"]
       metrics["expert_load"] = aux["expert_load"]  # [L, E]; the writer turns it into histograms
-    return TrainState(params, rest, opt_state), metrics
+    new_state = TrainState(params, rest, opt_state)
+    if on_nonfinite == "skip":  # a non-finite step leaves params, router biases and optimizer state as they were
+      new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_state, state)
+    return new_state, metrics
 
   return jax.jit(step, donate_argnums=0, out_shardings=None if shardings is None else (shardings, None))
+
+
+class NonFiniteError(FloatingPointError):
+  """config.on_nonfinite="stop": a step's loss or gradient norm was NaN or infinite."""
+
+
+class _NonFiniteGuard:
+  """Collects each step's device-side finite flags (no host sync) and reads them in one transfer when the loop
+  syncs anyway: with the logged metrics and before a checkpoint save.
+
+  "stop": `check` raises NonFiniteError naming the first bad step and the first parameter whose gradient is
+  non-finite there. "skip": the step already left the state unchanged; `check` counts the skipped steps.
+  """
+
+  def __init__(self, action: str, params: dict, skipped: int = 0):
+    self.action = action
+    self.skipped = skipped  # cumulative over the run, resumes included
+    self._paths = [
+      "/".join(str(getattr(k, "key", k)) for k in path) for path, _ in jax.tree_util.tree_leaves_with_path(params)
+    ]
+    self._pending: list[tuple[int, dict]] = []
+
+  def add(self, step: int, metrics: dict) -> None:
+    """Keeps step `step`'s flags (popped from `metrics`, so they are not logged)."""
+    flags = {k: metrics.pop(k) for k in (FINITE_KEY, GRAD_LEAF_FINITE_KEY)}
+    self._pending.append((step, {**flags, "loss": metrics["loss"], "grad_norm": metrics["grad_norm"]}))
+
+  def check(self) -> None:
+    """Reads the flags of the steps since the last check; raises (stop) or counts them (skip)."""
+    pending, self._pending = self._pending, []
+    if not pending:
+      return
+    flags = jax.device_get([f[FINITE_KEY] for _, f in pending])
+    bad = [(step, f) for (step, f), ok in zip(pending, flags) if not ok]
+    if not bad:
+      return
+    if self.action == "skip":
+      self.skipped += len(bad)
+      logging.warning("skipped %d step(s) with a non-finite loss or gradient norm: %s", len(bad), [s for s, _ in bad])
+      return
+    step, f = bad[0]
+    leaf_ok = np.asarray(jax.device_get(f[GRAD_LEAF_FINITE_KEY]))
+    leaf = self._paths[int(np.argmin(leaf_ok))] if not leaf_ok.all() else None
+    where = f"first non-finite gradient: {leaf}" if leaf else "every gradient is finite (the norm overflowed)"
+    raise NonFiniteError(
+      f"non-finite training step {step}: loss={float(jax.device_get(f['loss']))}, "
+      f"grad_norm={float(jax.device_get(f['grad_norm']))}; {where}. No checkpoint at or after step {step} was "
+      "written; rerunning resumes from the last one (config.on_nonfinite=skip skips such steps instead)"
+    )
+
+
+class _Preemption:
+  """SIGTERM (a preemption notice) only sets a flag; the loop checks it after each step, saves a checkpoint at that
+  step and stops. The previous handler comes back on exit. Outside the main thread (where Python cannot install a
+  handler) it does nothing."""
+
+  def __init__(self):
+    self.requested_at: float | None = None
+    self._previous = None
+    self._installed = False
+
+  def __enter__(self) -> _Preemption:
+    if threading.current_thread() is threading.main_thread():
+      self._previous = signal.signal(signal.SIGTERM, self._handle)
+      self._installed = True
+    return self
+
+  def _handle(self, signum, frame) -> None:
+    del signum, frame
+    if self.requested_at is None:
+      self.requested_at = time.monotonic()
+
+  def requested(self, at_sync_point: bool) -> bool:
+    """Whether to stop now. With several processes all must stop at the same step: they agree only at sync points
+    (logged steps and checkpoint steps), where the loop waits on the device anyway."""
+    if jax.process_count() == 1:
+      return self.requested_at is not None
+    if not at_sync_point:
+      return False
+    from jax.experimental import multihost_utils
+
+    return bool(np.any(multihost_utils.process_allgather(np.int32(self.requested_at is not None))))
+
+  def __exit__(self, *exc) -> None:
+    if self._installed:
+      signal.signal(signal.SIGTERM, self._previous)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -386,13 +510,18 @@ def train(c: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   )
   ckpt = wd.checkpointer(keep=c.keep_checkpoints, keep_period=c.keep_period or None)
   start = ckpt.latest_step() or 0
+  skipped = 0
   if start:
     state, data_state = _restore_checkpoint(ckpt, start, state)
+    skipped = data_state.pop(SKIPPED_STEPS_KEY, 0)
     data.set_state(data_state)
   if jax.process_index() == 0:
     _print_summary(cfg, c, workdir, start, mesh)
 
   step_fn = make_train_step(graphdef, tx, c, state.shardings())
+  guard = _NonFiniteGuard(c.get("on_nonfinite", "stop"), state.params, skipped)
+  debug_nan = c.get("debug_nan_step", -1) is not None and c.get("debug_nan_step", -1) >= 0
+  grace = c.get("preemption_grace_seconds", 30.0)
   to_global = functools.partial(jax.make_array_from_process_local_data, sharding.batch_sharding(mesh))
   schedule = learning_rate_schedule(c)
   tokens_per_step = c.batch_size * c.seq_len
@@ -400,27 +529,65 @@ def train(c: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   first, last = None, {}
   progress = _Progress(start, c.steps)
   window_start, window_steps = time.perf_counter(), 0
-  for step in range(start + 1, c.steps + 1):
-    batch = jax.tree.map(to_global, next(data))
-    with sharding.use_mesh(mesh):
-      state, metrics = step_fn(state, batch)
-    window_steps += 1
-    if step % c.log_every == 0 or step in (1, c.steps):  # step 1 shows the starting loss
-      jax.block_until_ready(metrics)  # dispatch is async: time the finished steps, not their launch
-      elapsed = time.perf_counter() - window_start
-      last = writer.write(
-        step, metrics, learning_rate=float(schedule(step - 1)), tokens_per_sec=window_steps * tokens_per_step / elapsed
-      )
-      progress.update(step, last)
-      first = first or last
-      window_start, window_steps = time.perf_counter(), 0
-    if step % c.checkpoint_every == 0 or step == c.steps:
-      _save_checkpoint(ckpt, step, state, data.get_state())
-      writer.flush()  # on a bucket, the metrics up to a checkpoint are stored with it
-  ckpt.wait()
+  preempted_at = None
+
+  def save(step: int) -> None:
+    guard.check()  # raises ("stop") before a step past a non-finite one is saved; "skip" kept the state finite
+    _save_checkpoint(ckpt, step, state, {**data.get_state(), SKIPPED_STEPS_KEY: guard.skipped})
+    writer.flush()  # on a bucket, the metrics up to a checkpoint are stored with it
+
+  with _Preemption() as preemption:
+    try:
+      for step in range(start + 1, c.steps + 1):
+        batch = jax.tree.map(to_global, next(data))
+        with sharding.use_mesh(mesh):
+          state, metrics = step_fn(state, batch, step) if debug_nan else step_fn(state, batch)
+        guard.add(step, metrics)
+        window_steps += 1
+        logged = step % c.log_every == 0 or step in (1, c.steps)  # step 1 shows the starting loss
+        saving = step % c.checkpoint_every == 0 or step == c.steps
+        if logged:
+          jax.block_until_ready(metrics)  # dispatch is async: time the finished steps, not their launch
+          elapsed = time.perf_counter() - window_start
+          guard.check()
+          last = writer.write(
+            step,
+            metrics,
+            learning_rate=float(schedule(step - 1)),
+            tokens_per_sec=window_steps * tokens_per_step / elapsed,
+            skipped_steps=guard.skipped,
+          )
+          progress.update(step, last)
+          first = first or last
+          window_start, window_steps = time.perf_counter(), 0
+        if saving:
+          save(step)
+        if step < c.steps and preemption.requested(at_sync_point=logged or saving):
+          if not saving:
+            save(step)
+          preempted_at = step
+          break
+    except NonFiniteError:
+      ckpt.wait()  # the checkpoints before the bad step are finite: let those in flight finish
+      ckpt.close()
+      writer.close()
+      progress.close()
+      raise
+    ckpt.wait()  # still under the SIGTERM handler: a notice now lets the last save finish
   ckpt.close()
   writer.close()
   progress.close()
+  if preempted_at is not None:
+    took = time.monotonic() - preemption.requested_at if preemption.requested_at is not None else 0.0
+    if took > grace:
+      logging.warning("preemption: saving took %.1f s, over config.preemption_grace_seconds=%g", took, grace)
+    if jax.process_index() == 0:
+      print(
+        f"preempted (SIGTERM): saved a checkpoint at step {preempted_at} {took:.1f} s after the signal; "
+        "rerun the same command to resume",
+        flush=True,
+      )
+    return last
   if first is not None and jax.process_index() == 0:
     print(f"loss {first['loss']:.3f} (step {first['step']}) -> {last['loss']:.3f} (step {last['step']})")
   if c.sample_tokens and jax.process_index() == 0:

@@ -55,6 +55,15 @@ def base_config(model_preset: str) -> ml_collections.ConfigDict:
   c.checkpoint_every = 500
   c.keep_checkpoints = 3
   c.keep_period = 0  # also keep every checkpoint whose step is a multiple of this (0: none)
+  c.on_nonfinite = "stop"  # a step whose loss or gradient norm is NaN/inf: "stop" raises NonFiniteError naming the
+  #                         step and the first parameter with a non-finite gradient, before any checkpoint at or
+  #                         after it; "skip" leaves params, optimizer state and router biases unchanged for that
+  #                         step and counts it in the logged `skipped_steps`. Checked on the device each step, read
+  #                         by the host only with the logged metrics and before a save.
+  c.preemption_grace_seconds = 30.0  # on SIGTERM the run finishes its step, saves a checkpoint there, waits for it
+  #                                    and exits 0; a warning says when that took longer than this (set it below
+  #                                    the platform's notice: 30 s for GCE spot VMs, terminationGracePeriodSeconds)
+  c.debug_nan_step = -1  # test/debug hook: make the loss (and so every gradient) NaN at this step; -1: off
   c.init_from = ""  # a model checkpoint (`kimi_jax.convert hf-to-orbax` output) or an earlier run's workdir to start
   #                   from; "": random init. Configs that continue a stage make it required (None).
   c.sample_tokens = 200  # tokens sampled from the trained model at the end (0: none)
