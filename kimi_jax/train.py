@@ -18,7 +18,11 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import os
+import pathlib
+import shutil
 import signal
+import tempfile
 import threading
 import time
 from typing import TYPE_CHECKING, Any, NamedTuple
@@ -305,6 +309,54 @@ def make_train_step(
   return jax.jit(step, donate_argnums=0, out_shardings=None if shardings is None else (shardings, None))
 
 
+def parse_profile_steps(spec: str) -> tuple[int, int] | None:
+  """config.profile_steps "START:END" -> (START, END), 1 <= START <= END; "" -> None."""
+  if not spec:
+    return None
+  try:
+    first, last = (int(part) for part in spec.split(":"))
+  except ValueError:
+    first = last = 0
+  if not 1 <= first <= last:
+    raise ValueError(f"config.profile_steps must be 'START:END' with 1 <= START <= END, got {spec!r}")
+  return first, last
+
+
+class _Profiler:
+  """config.profile_steps: a `jax.profiler` trace of steps START..END under WORKDIR/profile, which TensorBoard's
+  profile plugin and XProf read. The profiler writes local files only, so for a bucket it traces into a local
+  temporary directory and copies the files up when the trace stops. Nothing is traced when unset."""
+
+  def __init__(self, spec: str, wd: Workdir):
+    self.steps = parse_profile_steps(spec)
+    self._wd, self._local, self._active = wd, None, False
+
+  def before(self, step: int) -> None:
+    if self.steps is None or step != self.steps[0]:
+      return
+    self._local = tempfile.mkdtemp(prefix="kimi-jax-profile-") if self._wd.remote else os.fspath(self._wd.profile)
+    jax.profiler.start_trace(self._local)
+    self._active = True
+
+  def after(self, step: int, metrics: Any) -> None:
+    if self._active and step == self.steps[1]:
+      jax.block_until_ready(metrics)  # the trace holds the steps' device work, not just their dispatch
+      self.stop()
+
+  def stop(self) -> None:
+    if not self._active:
+      return
+    jax.profiler.stop_trace()
+    self._active = False
+    if self._wd.remote:
+      for path in sorted(pathlib.Path(self._local).rglob("*")):
+        if path.is_file():
+          target = self._wd.profile / path.relative_to(self._local).as_posix()
+          target.parent.mkdir(parents=True, exist_ok=True)
+          target.write_bytes(path.read_bytes())
+      shutil.rmtree(self._local, ignore_errors=True)
+
+
 class NonFiniteError(FloatingPointError):
   """config.on_nonfinite="stop": a step's loss or gradient norm was NaN or infinite."""
 
@@ -536,12 +588,15 @@ def train(c: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     _save_checkpoint(ckpt, step, state, {**data.get_state(), SKIPPED_STEPS_KEY: guard.skipped})
     writer.flush()  # on a bucket, the metrics up to a checkpoint are stored with it
 
+  profiler = _Profiler(c.get("profile_steps", ""), wd)
   with _Preemption() as preemption:
     try:
       for step in range(start + 1, c.steps + 1):
         batch = jax.tree.map(to_global, next(data))
+        profiler.before(step)
         with sharding.use_mesh(mesh):
           state, metrics = step_fn(state, batch, step) if debug_nan else step_fn(state, batch)
+        profiler.after(step, metrics)
         guard.add(step, metrics)
         window_steps += 1
         logged = step % c.log_every == 0 or step in (1, c.steps)  # step 1 shows the starting loss
@@ -573,6 +628,8 @@ def train(c: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
       writer.close()
       progress.close()
       raise
+    finally:
+      profiler.stop()  # a run that ends (or fails) inside the range still leaves its trace
     ckpt.wait()  # still under the SIGTERM handler: a notice now lets the last save finish
   ckpt.close()
   writer.close()

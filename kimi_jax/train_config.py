@@ -63,6 +63,7 @@ def base_config(model_preset: str) -> ml_collections.ConfigDict:
   c.preemption_grace_seconds = 30.0  # on SIGTERM the run finishes its step, saves a checkpoint there, waits for it
   #                                    and exits 0; a warning says when that took longer than this (set it below
   #                                    the platform's notice: 30 s for GCE spot VMs, terminationGracePeriodSeconds)
+  c.profile_steps = ""  # "START:END": a jax.profiler trace of steps START..END (inclusive) in WORKDIR/profile; "": none
   c.debug_nan_step = -1  # test/debug hook: make the loss (and so every gradient) NaN at this step; -1: off
   c.init_from = ""  # a model checkpoint (`kimi_jax.convert hf-to-orbax` output) or an earlier run's workdir to start
   #                   from; "": random init. Configs that continue a stage make it required (None).

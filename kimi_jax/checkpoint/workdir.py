@@ -4,6 +4,7 @@
     WORKDIR/checkpoints/<step>/ Orbax CheckpointManager (kimi_jax.checkpoint.manager.TrainCheckpointer)
     WORKDIR/metrics.jsonl       one JSON object per logged step
     WORKDIR/tensorboard/        TensorBoard event files
+    WORKDIR/profile/            jax.profiler traces of config.profile_steps (TensorBoard's profile plugin, XProf)
 
 Paths go through etils.epath, which Orbax uses too: local paths are plain files, gs:// goes through gcsfs (JSON
 API) and Orbax's arrays through tensorstore's gcs driver. Both honour the standard emulator variables
@@ -36,6 +37,7 @@ RUN_CONFIG_FILE = "run_config.json"
 CHECKPOINTS_DIR = "checkpoints"
 METRICS_FILE = "metrics.jsonl"
 TENSORBOARD_DIR = "tensorboard"
+PROFILE_DIR = "profile"
 
 
 def is_url(path: str | os.PathLike) -> bool:
@@ -182,6 +184,10 @@ class Workdir:
   @property
   def tensorboard(self) -> epath.Path:
     return self.root / TENSORBOARD_DIR
+
+  @property
+  def profile(self) -> epath.Path:
+    return self.root / PROFILE_DIR
 
   def create(self) -> None:
     """Make the directory (local), or check that its bucket exists (object storage has no directories)."""
