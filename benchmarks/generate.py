@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from kimi_jax import generate as gen
-from kimi_jax.config import ModelConfig
+from kimi_jax.config import ModelConfig, kimi_k2
 from kimi_jax.layers.cache import CACHE_KINDS
 from kimi_jax.model import KimiK2
 
@@ -33,32 +33,15 @@ PROMPT = 16
 
 def k2_attention_config(heads: int, layers: int, dtype: str) -> ModelConfig:
   """K2's MLA dimensions and YaRN, with a small hidden size, vocab and MoE so it fits a CPU."""
-  return ModelConfig(
+  return kimi_k2(dtype=dtype, param_dtype=dtype).replace(
     vocab_size=4096,
     hidden_size=1024,
     num_hidden_layers=layers,
-    first_k_dense_replace=1,
     intermediate_size=2048,
     moe_intermediate_size=256,
     n_routed_experts=8,
     num_experts_per_tok=2,
-    n_shared_experts=1,
-    routed_scaling_factor=2.827,
     num_attention_heads=heads,
-    q_lora_rank=1536,
-    kv_lora_rank=512,
-    qk_nope_head_dim=128,
-    qk_rope_head_dim=64,
-    v_head_dim=128,
-    rope_theta=50000.0,
-    rope_factor=32.0,
-    rope_beta_fast=1.0,
-    rope_beta_slow=1.0,
-    rope_mscale=1.0,
-    rope_mscale_all_dim=1.0,
-    max_position_embeddings=131072,
-    dtype=dtype,
-    param_dtype=dtype,
   )
 
 
