@@ -8,6 +8,7 @@ import sys
 import time
 
 from helpers.paths import TINY_CONFIG
+from helpers.train import SMALL_MODEL
 import numpy as np
 import pytest
 
@@ -34,25 +35,7 @@ def train_command(workdir, steps):
     log_every=1,
     checkpoint_every=5,
     sample_tokens=0,
-    **{
-      f"model.{k}": v
-      for k, v in dict(
-        hidden_size=32,
-        intermediate_size=64,
-        moe_intermediate_size=16,
-        n_routed_experts=4,
-        num_experts_per_tok=2,
-        num_hidden_layers=2,
-        q_lora_rank=16,
-        kv_lora_rank=16,
-        qk_nope_head_dim=8,
-        qk_rope_head_dim=8,
-        v_head_dim=8,
-        num_attention_heads=2,
-        vocab_size=260,
-        dtype="float32",
-      ).items()
-    },
+    **{f"model.{k}": v for k, v in SMALL_MODEL.items()},
   )
   return [
     sys.executable,

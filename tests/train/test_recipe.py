@@ -6,6 +6,7 @@ import math
 import subprocess
 import sys
 
+from helpers.train import SMALL_MODEL
 import numpy as np
 import pytest
 
@@ -120,21 +121,7 @@ def test_training_records_and_reloads_the_runs_rope(tmp_path):
   from kimi_jax.checkpoint.model_io import load_any
 
   c = base_config("tiny")
-  c.model.update(
-    hidden_size=32,
-    intermediate_size=64,
-    moe_intermediate_size=16,
-    n_routed_experts=4,
-    num_experts_per_tok=2,
-    num_hidden_layers=2,
-    q_lora_rank=16,
-    kv_lora_rank=16,
-    qk_nope_head_dim=8,
-    qk_rope_head_dim=8,
-    v_head_dim=8,
-    num_attention_heads=2,
-    vocab_size=260,
-  )
+  c.model.update(**SMALL_MODEL)
   c.update(steps=1, batch_size=2, seq_len=16, log_every=1, checkpoint_every=1, sample_tokens=0)
   train(c, str(tmp_path))
   saved = json.loads((tmp_path / "run_config.json").read_text())
