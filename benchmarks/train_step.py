@@ -20,8 +20,10 @@ import numpy as np
 from kimi_jax.data.batch import Batch
 from kimi_jax.model_stats import count_params, train_flops_per_token
 from kimi_jax.sharding import make_mesh
-from kimi_jax.train import build_optimizer, init_train_state, make_train_step
 from kimi_jax.train_config import load_run_config, model_config
+from kimi_jax.training.optimizer import build_optimizer
+from kimi_jax.training.state import init_train_state
+from kimi_jax.training.step import make_train_step
 
 CONFIG_DIR = os.path.join(os.path.dirname(__file__), "..", "configs")
 MAXTEXT_BENCH_TINY_TOKENS_PER_SEC = 1160  # MaxText 0.2.5, same shape, same 2-core CPU (issue 2)

@@ -51,7 +51,14 @@ def base_config(model_preset: str) -> ml_collections.ConfigDict:
   c.adam_b2 = 0.95
   c.grad_clip_norm = 1.0
   c.router_bias_update_rate = 1e-3  # u in b += u · sign(mean_load − load_e)
-  c.log_every = 10
+  c.log_every = (
+    10  # a row in metrics.jsonl: loss, grad norm, tokens/s, MFU, time_{data,step,checkpoint,eval}_s, goodput
+  )
+  c.eval_every = 0  # the held-out loss every this many steps and at the last (0: never); such steps are also logged
+  c.eval_batches = 4  # batches of batch_size × seq_len per evaluation, the same ones every time
+  c.eval_split = 0.0  # share of config.data's documents held out (every round(1/share)-th one); training never sees
+  #                    them, whether or not it evaluates. 0: none
+  c.eval_data = ""  # or a separate source to evaluate on, in any form config.data takes
   c.checkpoint_every = 500
   c.keep_checkpoints = 3
   c.keep_period = 0  # also keep every checkpoint whose step is a multiple of this (0: none)

@@ -6,6 +6,8 @@ training document, BOS + text tokens + EOS. Two kinds:
   TokenizedTexts         texts held in memory (the embedded corpus, JSONL / Parquet files), tokenized on access.
   ArrayRecordDocuments   pre-tokenised ArrayRecord shards, as written by `python -m kimi_jax.data.prepare`.
 
+`HeldOut` splits either into training and held-out documents (config.eval_split) by index.
+
 `open_source(spec, tokenizer)` opens one from a config string. Large corpora should be prepared once into
 shards: text sources hold every text in memory and re-tokenize each epoch.
 
@@ -152,6 +154,27 @@ class ArrayRecordDocuments:
     except RuntimeError as e:  # riegeli: "Corrupted Riegeli/records file: chunk data hash mismatch ..."
       raise CorruptShardError(f"{where}: cannot be read: {e}") from e
     return decode_record(record, vocab_size=self.vocab_size, where=where)
+
+
+class HeldOut:
+  """Documents of `source` split by index for evaluation: with `held_out`, every `period`-th document (indices
+  period-1, 2·period-1, ...); without, all the others, in their order. Index arithmetic only, so nothing grows with
+  the corpus: source[i] -> int32 [L] as `source` gives it."""
+
+  def __init__(self, source: DocumentSource, *, period: int, held_out: bool):
+    if period < 2:
+      raise ValueError(f"a held-out split needs a period >= 2 (one document in `period`), got {period}")
+    self.source, self.period, self.held_out = source, period, held_out
+
+  def __len__(self) -> int:
+    held = len(self.source) // self.period
+    return held if self.held_out else len(self.source) - held
+
+  def __getitem__(self, index: int) -> np.ndarray:
+    if not 0 <= index < len(self):
+      raise IndexError(f"document {index} of {len(self)}")
+    p = self.period
+    return self.source[(index + 1) * p - 1 if self.held_out else index + index // (p - 1)]
 
 
 def encode_record(tokens: Sequence[int]) -> bytes:

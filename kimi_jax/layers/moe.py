@@ -9,7 +9,7 @@ other groups' experts are set to -inf before the top K, as in transformers 5.24 
 are never chosen — transformers 4.x used 0.0, which let them win when a kept expert scored below zero after the
 bias); the weights are the chosen *unbiased* s,
 normalised to sum 1 and times routed_scaling_factor. The bias is not a Param: it receives no gradient and
-is updated between steps from the expert load (aux-loss-free balancing, see `train.py`).
+is updated between steps from the expert load (aux-loss-free balancing, see kimi_jax/training/step.py).
 """
 
 from __future__ import annotations

@@ -27,8 +27,10 @@ from kimi_jax.chips import HBM_BYTES, PEAK_FLOPS
 from kimi_jax.config import ModelConfig
 from kimi_jax.data.batch import Batch
 from kimi_jax.model_stats import count_params, train_flops_per_step
-from kimi_jax.train import TrainState, abstract_train_state, build_optimizer, make_train_step, model_shapes
 from kimi_jax.train_config import model_config
+from kimi_jax.training.optimizer import build_optimizer
+from kimi_jax.training.state import TrainState, abstract_train_state, model_shapes
+from kimi_jax.training.step import make_train_step
 
 # Flags (`python -m kimi_jax.tools.aot`); --config and --json are shared (kimi_jax/cli_flags.py).
 flags.DEFINE_string("topology", "v5p:8x8x8", "TPU topology, e.g. v5p:8x8x8 (512 chips), v6e:16x16.")

@@ -42,8 +42,8 @@ def rope_report(cfg: ModelConfig) -> dict | None:
 
 def run_report(c) -> dict:
   """What run config `c` (an ml_collections ConfigDict of kimi_jax.train) will do."""
-  from kimi_jax.train import learning_rate_schedule, schedule_phases
   from kimi_jax.train_config import model_config
+  from kimi_jax.training.optimizer import learning_rate_schedule, schedule_phases
 
   cfg = model_config(c)
   batch_tokens = c.batch_size * c.seq_len

@@ -20,8 +20,10 @@ from kimi_jax import config, sharding  # noqa: E402
 from kimi_jax.data.batch import Batch  # noqa: E402
 from kimi_jax.model import KimiK2  # noqa: E402
 from kimi_jax.model_stats import abstract_model  # noqa: E402
-from kimi_jax.train import build_optimizer, cross_entropy, init_train_state, make_train_step, param_shardings  # noqa: E402
 from kimi_jax.train_config import base_config, model_config  # noqa: E402
+from kimi_jax.training.optimizer import build_optimizer  # noqa: E402
+from kimi_jax.training.state import init_train_state, param_shardings  # noqa: E402
+from kimi_jax.training.step import cross_entropy, make_train_step  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
 MESHES = ("fsdp=2,expert=4", "data=2,expert=2,tensor=2", "expert=8")

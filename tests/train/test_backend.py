@@ -91,20 +91,20 @@ def test_cuda_and_rocm_read_gpu():
 
 
 def _recorded_muon_clip_kwargs(monkeypatch, **overrides) -> dict:
-  """Builds the optimizer as kimi_jax.train does and returns the keyword arguments it gave muon_clip."""
-  from kimi_jax import train
+  """Builds the optimizer as training does and returns the keyword arguments it gave muon_clip."""
   from kimi_jax.train_config import base_config, model_config
+  from kimi_jax.training import optimizer
 
   seen = {}
 
   def record(*args, **kwargs):
     seen.update(kwargs)
-    return train.optax.identity()
+    return optimizer.optax.identity()
 
-  monkeypatch.setattr(train, "muon_clip", record)
+  monkeypatch.setattr(optimizer, "muon_clip", record)
   c = base_config("tiny")
   c.update(optimizer="muon_clip", **overrides)
-  train.build_optimizer(c, model_config(c))
+  optimizer.build_optimizer(c, model_config(c))
   return seen
 
 

@@ -16,7 +16,8 @@ from helpers.train import read_metrics, small_config
 import numpy as np
 import pytest
 
-from kimi_jax.train import NonFiniteError, train
+from kimi_jax.train import train
+from kimi_jax.training.guards import NonFiniteError
 
 NAN_STEP = 5
 

@@ -4,7 +4,8 @@ bucket), and nothing without it."""
 from helpers.train import small_config
 import pytest
 
-from kimi_jax.train import parse_profile_steps, train
+from kimi_jax.train import train
+from kimi_jax.training.guards import parse_profile_steps
 
 
 def traces(root):

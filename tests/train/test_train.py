@@ -11,7 +11,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from kimi_jax.train import ROUTER_BIAS_PATH, router_biases, train, update_router_bias, with_router_biases
+from kimi_jax.train import train
+from kimi_jax.training.state import ROUTER_BIAS_PATH, router_biases, with_router_biases
+from kimi_jax.training.step import update_router_bias
 
 
 @pytest.fixture(scope="module")
@@ -143,7 +145,7 @@ def test_chunked_loss_equals_the_whole_logits_loss():
   import jax
 
   from kimi_jax.model import lm_logits
-  from kimi_jax.train import chunked_cross_entropy, cross_entropy
+  from kimi_jax.training.step import chunked_cross_entropy, cross_entropy
 
   rng = np.random.default_rng(0)
   x = jnp.asarray(rng.normal(size=(2, 16, 8)), jnp.float32)
