@@ -4,7 +4,8 @@
 
 Process i runs `python <args>` with JAX_PLATFORMS=cpu, M fake devices (XLA_FLAGS), gloo CPU collectives and
 KIMI_COORDINATOR / KIMI_NUM_PROCESSES / KIMI_PROCESS_ID for `kimi_jax.distributed.initialize()`. Output lines
-are streamed prefixed with `[i]`. If any process fails, the others are stopped and its exit status returned.
+are streamed prefixed with `[i]`. If any process fails, the others are stopped and its exit status returned. A
+SIGTERM to the launcher is passed on to every process, as a pod's scheduler sends its preemption notice to every host.
 The processes inherit this environment, KIMI_JOIN_TIMEOUT_SECONDS included (how long each waits for the
 others to join, default 900 s: enough for a busy machine that starts them minutes apart).
 """
@@ -15,6 +16,7 @@ import argparse
 from collections.abc import Mapping, Sequence
 import os
 import shlex
+import signal
 import socket
 import subprocess
 import sys
@@ -70,6 +72,15 @@ def launch(
   port = port or _free_port()
   lock = threading.Lock()
   processes, streams = [], []
+
+  def forward(signum, frame):  # a preemption notice for the job: every process saves and exits
+    del frame
+    for process in processes:
+      if process.poll() is None:
+        process.send_signal(signum)
+
+  in_main = threading.current_thread() is threading.main_thread()
+  previous = signal.signal(signal.SIGTERM, forward) if in_main else None
   for i in range(num_processes):
     env = process_env(os.environ, i, num_processes, devices_per_process, port, extra_env)
     process = subprocess.Popen(
@@ -78,8 +89,12 @@ def launch(
     processes.append(process)
     streams.append(threading.Thread(target=_stream, args=(process, f"[{i}] ", lock), daemon=True))
     streams[-1].start()
-  while _first_failure(processes) == 0 and any(p.poll() is None for p in processes):
-    time.sleep(0.05)
+  try:
+    while _first_failure(processes) == 0 and any(p.poll() is None for p in processes):
+      time.sleep(0.05)
+  finally:
+    if in_main:
+      signal.signal(signal.SIGTERM, previous)
   status = _first_failure(processes)
   for process in processes:  # after a failure the others would block in collectives
     if process.poll() is None:
