@@ -33,7 +33,14 @@ from kimi_jax.training import evaluation
 from kimi_jax.training.guards import SKIPPED_STEPS_KEY, NonFiniteError, NonFiniteGuard, Preemption, Profiler
 from kimi_jax.training.metrics import MetricsWriter, Progress, WindowClock
 from kimi_jax.training.optimizer import build_optimizer, learning_rate_schedule
-from kimi_jax.training.state import init_train_state, param_shardings, restore_checkpoint, save_checkpoint
+from kimi_jax.training.state import (
+  abstract_train_state,
+  init_train_state,
+  model_shapes,
+  param_shardings,
+  restore_checkpoint,
+  save_checkpoint,
+)
 from kimi_jax.training.step import make_train_step
 
 # Flags (`python -m kimi_jax.train`); --config is shared (kimi_jax/cli_flags.py).
@@ -71,6 +78,8 @@ def train(c: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
       f"({c.microbatches} × {jax.process_count()})"
     )
   tx = build_optimizer(c, cfg, param_shardings(cfg, mesh) if mesh.size > 1 else None)
+  abstract = abstract_train_state(model_shapes(cfg, mesh), tx, mesh)
+  wd.check_free_space(sum(a.size * a.dtype.itemsize for a in jax.tree.leaves(abstract)), "one checkpoint of the run")
   graphdef, state = init_train_state(c, cfg, tx, mesh)
   train_docs, eval_docs = evaluation.split_sources(c, tokenizer)
   data = ShardedBatches(

@@ -22,6 +22,8 @@ resumes from are dropped on resume anyway (they are re-logged), so metrics.jsonl
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import os
 import shutil
@@ -155,6 +157,40 @@ def first_line(e: BaseException) -> str:
   return (str(e).strip().splitlines() or [""])[0]
 
 
+def os_error(err: int | None, message: str) -> OSError:
+  """An OSError carrying `err` as its errno and of the subclass Python gives that errno (PermissionError for
+  EACCES, NotADirectoryError for ENOTDIR, ...), whose text is `message` alone (no "[Errno N]" prefix)."""
+  cls = type(OSError(err, "")) if err else OSError
+  e = cls(message)
+  e.errno = err
+  return e
+
+
+def human_bytes(n: float) -> str:
+  for unit, size in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+    if n >= size:
+      return f"{n / size:.1f} {unit}"
+  return f"{int(n)} bytes"
+
+
+_WORKDIR_FIXES = {
+  errno.EROFS: "it is on a read-only file system: give a --workdir on a writable disk (or remount it read-write)",
+  errno.EACCES: "this user may not write there: fix the directory's owner or permissions, or give another --workdir",
+  errno.EPERM: "this user may not write there: fix the directory's owner or permissions, or give another --workdir",
+  errno.ENOSPC: "its disk is full: free space there or give a --workdir on another disk",
+  errno.EDQUOT: "the disk quota is used up: free space there or give a --workdir on another disk",
+  errno.ENOTDIR: "part of that path is a file, not a directory: give another --workdir",
+  errno.EEXIST: "it is a file, not a directory: give another --workdir",
+}
+
+
+def unwritable_workdir_error(path: str, e: OSError) -> OSError:
+  """`e`, met creating or writing to the local workdir `path`, as one line naming the path, the reason and the fix
+  (an OSError of the same errno)."""
+  fix = _WORKDIR_FIXES.get(e.errno, "check the path or give another --workdir")
+  return os_error(e.errno, f"{path}: cannot write to the workdir ({e.strerror or first_line(e)}); {fix}")
+
+
 class Workdir:
   """The layout of one training run's directory; `url` is a local path or a gs:// URL."""
 
@@ -190,10 +226,41 @@ class Workdir:
     return self.root / PROFILE_DIR
 
   def create(self) -> None:
-    """Make the directory (local), or check that its bucket exists (object storage has no directories)."""
+    """Make the directory and prove it takes a write (local), or check that its bucket exists and takes one (object
+    storage has no directories). A read-only, full or forbidden local workdir fails here, in one line naming the
+    path, the reason and the fix, rather than at the first checkpoint (an OSError of the failure's errno)."""
     check_bucket(self.url, write=True)
-    if not self.remote:
+    if self.remote:
+      return
+    # Some bytes, synced: an empty file fits on a full disk, and some file systems report ENOSPC only at fsync.
+    probe = os.path.join(self.root, f".kimi-jax-write-check-{os.getpid()}-{time.time_ns()}")
+    try:
       self.root.mkdir(parents=True, exist_ok=True)
+      with open(probe, "wb") as f:
+        f.write(b"\0" * 4096)
+        f.flush()
+        os.fsync(f.fileno())
+      os.remove(probe)
+    except OSError as e:
+      with contextlib.suppress(OSError):
+        os.remove(probe)
+      raise unwritable_workdir_error(os.fspath(self.root), e) from e
+
+  def check_free_space(self, needed_bytes: int, what: str) -> None:
+    """For a local workdir: fail now, naming the path and both sizes, when its disk has less than `needed_bytes`
+    free for `what` (e.g. one checkpoint of the train state) — not at the save, hours in. No-op for gs://."""
+    if self.remote:
+      return
+    existing = self.root
+    while not existing.exists() and existing.parent != existing:  # before create(): the disk it will be on
+      existing = existing.parent
+    free = shutil.disk_usage(existing).free
+    if free < needed_bytes:
+      raise os_error(
+        errno.ENOSPC,
+        f"{self.root}: not enough free space for {what}: {human_bytes(free)} free on its disk, "
+        f"{human_bytes(needed_bytes)} needed; free space there or give a --workdir on another disk",
+      )
 
   def is_run(self) -> bool:
     """Whether this is a training workdir (it has run_config.json)."""

@@ -6,6 +6,7 @@ rootdir conftest.py (pytest's default `prepend` import mode puts a conftest's di
   data         the byte tokenizer, batch checks and text-file writers of the data tests
   tokenizer    a tiny Kimi BPE rank file trained on the embedded corpus
   gcs_server   FakeGCS (the `gcs` fixture in tests/conftest.py) and AuthProxy
+  tmpfs        run_in_tmpfs: a child process with a private (small, full or read-only) tmpfs mounted
 
 A child Python started by a test finds them (and `launch`) with `paths.python_path_env()`.
 """
