@@ -53,7 +53,9 @@ def assert_same_run(a, b):
   """Equal steps, skips and (to float32 reduction-order noise) losses and eval losses; NaN where the other has NaN."""
   assert [r["step"] for r in a] == [r["step"] for r in b] == list(range(1, STEPS + 1))
   assert (
-    [r["skipped_steps"] for r in a] == [r["skipped_steps"] for r in b] == [int(s >= NAN_STEP) for s in range(1, STEPS + 1)]
+    [r["skipped_steps"] for r in a]
+    == [r["skipped_steps"] for r in b]
+    == [int(s >= NAN_STEP) for s in range(1, STEPS + 1)]
   )
   for key in ("loss", "eval_loss"):
     x, y = [r.get(key) for r in a], [r.get(key) for r in b]
