@@ -15,5 +15,7 @@ def get_config():
   c.warmup_steps = 50
   c.log_every = 20
   c.checkpoint_every = 100
+  c.eval_every = 100  # the held-out loss at steps 100, 200, 300
+  c.eval_split = 0.02  # every 50th chapter of the corpus, never trained on
   c.router_bias_update_rate = 1e-2  # a short run: let the balancing act within it
   return c

@@ -112,7 +112,7 @@ def train(c: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   schedule = learning_rate_schedule(c)
   tokens_per_step = c.batch_size * c.seq_len
   writer = MetricsWriter(wd, resume_step=start, flops_per_token=train_flops_per_token(cfg, c.seq_len))
-  first, last = None, {}
+  first, first_eval, last = None, None, {}
   progress = Progress(start, c.steps)
   clock, window_steps = WindowClock(), 0
   preempted_at = None
@@ -157,6 +157,7 @@ def train(c: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
           )
           progress.update(step, last)
           first = first or last
+          first_eval = first_eval or (last if eval_metrics else None)
           window_steps = 0
         if saving:
           save(step)
@@ -182,9 +183,8 @@ def train(c: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     return last
   if first is not None and jax.process_index() == 0:
     line = f"loss {first['loss']:.3f} (step {first['step']}) -> {last['loss']:.3f} (step {last['step']})"
-    evals = [r for r in (first, last) if "eval_loss" in r]
-    if evals:
-      line += f"; eval loss {evals[0]['eval_loss']:.3f} (step {evals[0]['step']}) -> {last['eval_loss']:.3f}"
+    if first_eval is not None:
+      line += f"; eval loss {first_eval['eval_loss']:.3f} (step {first_eval['step']}) -> {last['eval_loss']:.3f}"
     print(line)
   if c.sample_tokens and jax.process_index() == 0:
     last["sample"] = _sample(c, graphdef, state, tokenizer)

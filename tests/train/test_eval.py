@@ -78,7 +78,7 @@ def test_eval_loss_is_the_saved_models_mean_nll_on_the_held_out_batches(run):
   assert last["eval_loss"] == pytest.approx(nll / count, rel=1e-5)
 
 
-def test_resumed_run_logs_the_same_eval_numbers(run, tmp_path):
+def test_resumed_run_logs_the_same_eval_numbers(run, tmp_path, capsys):
   """Keep only the step-8 checkpoint and the rows up to 8, rerun: every row after it, eval included, is the same."""
   work = tmp_path / "w"
   shutil.copytree(run, work)
@@ -88,6 +88,8 @@ def test_resumed_run_logs_the_same_eval_numbers(run, tmp_path):
   keys = ("step", "loss", "eval_loss", "eval_perplexity", "eval_tokens")
   pick = lambda rows: [{k: r.get(k) for k in keys} for r in rows]
   assert pick(read_metrics(work)) == pick(read_metrics(run))
+  last = read_metrics(run)[-1]  # this run's first evaluation is its last, step 12
+  assert f"; eval loss {last['eval_loss']:.3f} (step 12) -> {last['eval_loss']:.3f}" in capsys.readouterr().out
 
 
 def test_each_window_says_where_its_time_went(run):
