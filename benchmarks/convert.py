@@ -61,6 +61,64 @@ def raw_read(directory: str) -> tuple[float, int]:
   return time.perf_counter() - start, total
 
 
+def synced_write(directory: str, nbytes: int) -> float:
+  """Seconds to write `nbytes` to a new file in `directory` in 64 MiB writes, fsync included (the write floor)."""
+  buf = os.urandom(64 << 20)
+  path = os.path.join(directory, "write_speed.bin")
+  start = time.perf_counter()
+  with open(path, "wb", buffering=0) as f:
+    for _ in range(max(1, nbytes // len(buf))):
+      f.write(buf)
+    os.fsync(f.fileno())
+  seconds = time.perf_counter() - start
+  os.remove(path)
+  return seconds * nbytes / (max(1, nbytes // len(buf)) * len(buf))
+
+
+_DECODE = """
+import os, sys, time
+os.sched_setaffinity(0, {sorted(os.sched_getaffinity(0))[-1]})
+import ml_dtypes, numpy as np
+from kimi_jax.checkpoint import quant
+from kimi_jax.checkpoint.host_ops import transpose_cast
+bf16 = np.dtype(ml_dtypes.bfloat16)
+rng = np.random.default_rng(0)
+wq = rng.integers(0, 126, (1024, 2048), dtype=np.uint8).view(quant.FP8_DTYPE)
+scale = rng.random((8, 16), dtype=np.float32) * 1e-2
+packed = rng.integers(-2**31, 2**31, (1024, 256), dtype=np.int64).astype(np.int32)
+s4 = (rng.random((1024, 64)) * 1e-2).astype(bf16)
+def fp8_before(dtype):  # today's path: table decode + transpose (host_ops), multiply, astype
+  out = transpose_cast(wq, np.float32, True) * np.repeat(np.repeat(scale, 128, 0), 128, 1).T
+  return out.astype(dtype)
+def int4_before():
+  q = quant.int4_unpack(packed, 2048, transpose=True).astype(np.float32)
+  return (q.reshape(-1, 32, 1024) * s4.astype(np.float32).T[:, None, :]).reshape(q.shape).astype(bf16)
+fp8 = lambda dtype: quant.fp8_dequantize(wq, scale, (128, 128), transpose=True, dtype=dtype)
+int4 = lambda: quant.int4_dequantize(packed, s4, 2048, 32, transpose=True, dtype=bf16)
+cases = {
+  "FP8 -> bf16": (wq.nbytes, lambda: fp8_before(bf16), lambda: fp8(bf16)),
+  "FP8 -> f32": (wq.nbytes, lambda: fp8_before(np.float32), lambda: fp8(np.float32)),
+  "INT4 -> bf16": (packed.nbytes + s4.nbytes, int4_before, int4),
+}
+for name, (nbytes, before, after) in cases.items():
+  assert before().tobytes() == after().tobytes(), name
+  best = [1e9, 1e9]
+  for _ in range(15):  # interleaved: the machine's load hits both alike
+    for i, fn in enumerate((before, after)):
+      t = time.perf_counter(); fn(); best[i] = min(best[i], time.perf_counter() - t)
+  print(name, nbytes / best[0] / 1e9, nbytes / best[1] / 1e9)
+"""
+
+
+def decode_speed() -> list[tuple[str, float, float]]:
+  """(conversion, GB/s of input before, after) of one K2-shaped expert piece decoded on one core, transposed."""
+  env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_cpu_multi_thread_eigen=false"}
+  out = subprocess.run(
+    [sys.executable, "-c", _DECODE], capture_output=True, text=True, check=True, cwd=ROOT, env=env
+  ).stdout
+  return [(line.rsplit(" ", 2)[0], float(line.split()[-2]), float(line.split()[-1])) for line in out.splitlines()]
+
+
 def measure(cmd: list[str]) -> tuple[float, float]:
   """(seconds, peak RSS GiB) of `cmd` run in a fresh process."""
   out = subprocess.run(
@@ -103,6 +161,11 @@ def main():
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--gb", type=float, default=1.0, help="approximate size of the routed experts")
   parser.add_argument("--format", choices=FORMATS, default="fp8")
+  parser.add_argument(
+    "--floor",
+    default="fp8:bfloat16,fp8:float32,int4:bfloat16",
+    help="format:dtype conversions timed against the I/O floor ('' for none); each its own synthetic release",
+  )
   parser.add_argument("--workers", default="1,4", help="comma-separated worker counts for hf-to-orbax")
   parser.add_argument(
     "--processes",
@@ -117,7 +180,27 @@ def main():
   work = tempfile.mkdtemp(prefix="kimi_convert_bench_", dir=args.dir)
   convert = [sys.executable, "-m", "kimi_jax.convert"]
   rows = []
+  floor_rows = []
   try:
+    for fmt_dtype in (f for f in args.floor.split(",") if f):
+      fmt, dtype = fmt_dtype.split(":")
+      hf = os.path.join(work, f"floor_{fmt}")
+      if not os.path.exists(hf):
+        write_synthetic(hf, k2_shaped(args.gb, fmt), fmt, max_shard_bytes=1 << 30)
+      out = os.path.join(work, f"floor_{fmt}_{dtype}")
+      drop_cache(hf)
+      read_s, in_bytes = raw_read(hf)
+      drop_cache(hf)
+      seconds, rss = measure(
+        [*convert, "hf-to-orbax", "--hf_dir", hf, "--out_dir", out, "--dtype", dtype, "--workers", "0", "--noprogress"]
+      )
+      out_bytes = dir_bytes(os.path.join(out, "state"))
+      write_s = synced_write(work, out_bytes)
+      floor = read_s + write_s
+      floor_rows.append((f"{fmt} -> {dtype}", in_bytes, out_bytes, read_s, write_s, seconds, seconds / floor, rss))
+      print(floor_rows[-1], flush=True)
+      shutil.rmtree(out)
+    decode = decode_speed()
     hf = os.path.join(work, "hf")
     cfg = k2_shaped(args.gb, args.format)
     start = time.perf_counter()
@@ -213,6 +296,23 @@ def main():
   for what, nbytes, seconds, rss in rows:
     rss = "-" if rss is None else f"{rss:.2f}"
     print(f"| {what:42s} | {nbytes / 1e9:7.2f} | {seconds:7.1f} | {nbytes / 1e9 / seconds:5.2f} | {rss:>12s} |")
+  if floor_rows:
+    print(
+      f"\n| {'conversion (--workers 0: auto)':30s} | GB in | GB out | read s | write s | floor s | convert s | ratio |"
+      " peak RSS GiB |"
+    )
+    print(f"|{'-' * 32}|-------|--------|--------|---------|---------|-----------|-------|--------------|")
+    for what, nin, nout, rs, ws, sec, ratio, rss in floor_rows:
+      print(
+        f"| {what:30s} | {nin / 1e9:5.2f} | {nout / 1e9:6.2f} | {rs:6.1f} | {ws:7.1f} | {rs + ws:7.1f} | {sec:9.1f} |"
+        f" {ratio:5.2f} | {rss:12.2f} |"
+      )
+    print("(floor: input bytes at this run's direct-read speed + output bytes at its synced-write speed)")
+    print(f"\n| {'decode on one core, [1024, 2048] expert, transposed':52s} | before GB/s | after GB/s | speed-up |")
+    print(f"|{'-' * 54}|-------------|------------|----------|")
+    for what, before, after in decode:
+      print(f"| {what:52s} | {before:11.2f} | {after:10.2f} | {after / before:7.1f}x |")
+    print("(GB/s of quantised input; before: numpy table decode + transpose, multiply, astype; after: quant.py)")
   print(f"\n{os.cpu_count()} CPUs; load average {os.getloadavg()[0]:.1f} at the end")
 
 

@@ -111,7 +111,7 @@ def hf_to_orbax(
   out_dir: str,
   *,
   dtype: str = "float32",
-  workers: int = 4,
+  workers: int | None = 4,
   piece_elements: int = PIECE_ELEMENTS,
   progress: bool = False,
   process_index: int = 0,
@@ -135,6 +135,7 @@ def hf_to_orbax(
 
   if dtype not in _DTYPES:
     raise ValueError(f"dtype {dtype!r} not in {sorted(_DTYPES)}")
+  workers = workers or default_workers()
   if not 0 <= process_index < process_count:
     raise ValueError(
       f"process_index {process_index} is not in [0, process_count={process_count}); give each "
@@ -231,6 +232,17 @@ def hf_to_orbax(
     if _LOG_RE.fullmatch(path.name) or _DONE_RE.fullmatch(path.name):
       path.unlink()
   return stats
+
+
+def default_workers() -> int:
+  """Threads for `workers=None` (or 0): two per core this process may run on (os.sched_getaffinity), at least 4.
+  A piece's thread spends its time in pread, XLA's decode (which releases the GIL) and tensorstore's write, so
+  two per core keep every core decoding while others wait on the disk."""
+  try:
+    cores = len(os.sched_getaffinity(0))
+  except AttributeError:  # not on Linux
+    cores = os.cpu_count() or 1
+  return max(4, 2 * cores)
 
 
 def _write_json(path, obj: Any) -> None:
