@@ -1,16 +1,24 @@
-"""Generation: prefill, then one jit-compiled decode step per token over the MLA cache; sampling; streaming.
+"""Generation: prefill, then decoding in chunks of steps, each chunk one jit-compiled loop; sampling; streaming.
 
     python -m kimi_jax.generate --checkpoint DIR --prompt "In the beginning" --max_new_tokens 64
     python -m kimi_jax.generate --checkpoint DIR --tokenizer tiktoken.model --chat --prompt "Hi" --temperature 0.6
     python -m kimi_jax.generate --checkpoint DIR --prompt_tokens P.npy --max_new_tokens 16 --out OUT.npy
     python -m kimi_jax.generate --checkpoint DIR --prompt "In the beginning" --mesh fsdp=2,expert=4
 
-Letters: B batch, S prompt buffer length, T cache length, V vocab, L stacked layers, D model.
+Letters: B batch, S prompt buffer length, T cache length, W attention window, K steps per chunk, V vocab,
+L stacked layers, D model.
 
 Batching: prompts are **right-padded** into one [B, S] buffer. Row b holds its n_b prompt tokens at positions
 0..n_b-1, and its cache holds n_b valid entries; every decode step writes each row's new entry at its own
 position `lengths[b]` and attends to the first `lengths[b] + 1` entries. Cache buffers have a fixed size
 [L, B, T, ...] and lengths are data, so one compiled step serves every row and every step.
+
+Decoding runs in chunks (`_decode_chunk`): one dispatch runs up to K = DECODE_CHUNK steps inside a
+`lax.while_loop` (decode step, sampling and stop-token bookkeeping fused), ending early once every row has stopped,
+and returns the chunk's tokens [K, B] and emitted flags. The host dispatches chunk i+1 before it reads chunk i
+back. A chunk's attention reads only the cache's first W positions: W is the smallest WINDOW_BUCKET · 2^k
+(capped at T) covering every position the chunk can reach, so a short generation does not pay for the whole
+allocated cache, and the few window sizes are each compiled once, whatever the prompt lengths.
 
 Prefill and decode are the model's own forward with a cache (`KimiK2.__call__`); this file holds the loop around
 it. Cache kinds (`kimi_jax.layers.cache`): "latent" (default; the normalised latent and the rope key,
@@ -50,11 +58,22 @@ from kimi_jax.model import KimiK2, check_tokens, init_cache
 
 PROMPT_BUCKET = 64  # prompt buffers are padded to a multiple of this, so similar prompts share one compile
 CACHE_BUCKET = 256  # the default cache length is rounded up to a multiple of this
+DECODE_CHUNK = 32  # K: decode steps per dispatch (at most)
+WINDOW_BUCKET = 128  # attention windows W are this times a power of two (or T)
 
 
 class DecodeState(NamedTuple):
   cache: Cache  # {layer group: {name: [L, B, T, ...]}}
   lengths: jax.Array  # [B] int32: valid cache entries per row = the position of the row's next token
+
+
+class Loop(NamedTuple):
+  """What the sampling loop carries from step to step (B' rows: B real ones and the mesh's batch padding)."""
+
+  state: DecodeState  # [B'] rows
+  new: jax.Array  # [B'] int32: the tokens to feed next (the last ones sampled)
+  done: jax.Array  # [B] bool: the row has met a stop token
+  key: jax.Array  # the PRNG key of the next draw
 
 
 @dataclasses.dataclass(frozen=True)
@@ -143,17 +162,77 @@ def sample_logits(logits: jax.Array, key: jax.Array, sampling: Sampling) -> jax.
   return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
 
 
-@functools.partial(jax.jit, static_argnames=("sampling", "stop_tokens"))
-def _pick(logits, done, key, *, sampling, stop_tokens):
-  """Sample, then mark rows done on a stop token. logits: [B', V], rows past B = len(done) being batch padding.
+def _pick(logits, done, key, stop_tokens, *, sampling):
+  """Sample, then mark rows done on a stop token. logits: [B', V], rows past B = len(done) being batch padding;
+  stop_tokens: [N] int32.
 
   Only the B real rows are sampled, so the draws are those of an unpadded batch. Returns (tokens [B'] to feed the
   next step, padding rows repeating row 0's token as `sharding.pad_batch` does; done [B]; key).
   """
   key, sub = jax.random.split(key)
   tokens = sample_logits(sharding.unpad_batch(logits, done.shape[0]), sub, sampling)
-  done = done | jnp.isin(tokens, jnp.asarray(stop_tokens, jnp.int32))
+  done = done | jnp.isin(tokens, stop_tokens)
   return sharding.pad_batch(tokens, logits.shape[0]), done, key
+
+
+@functools.partial(jax.jit, static_argnames=("rows", "sampling"), donate_argnames=("state",))
+def _first(logits, state, seed, stop_tokens, *, rows, sampling):
+  """The first token after the prefill: logits [B', V] -> the Loop that `_decode_chunk` continues."""
+  new, done, key = _pick(logits, jnp.zeros(rows, bool), jax.random.key(seed), stop_tokens, sampling=sampling)
+  return Loop(state, new, done, key)
+
+
+@functools.partial(
+  jax.jit,
+  static_argnames=("graphdef", "impl", "sampling", "chunk", "window"),
+  donate_argnames=("loop",),
+)
+def _decode_chunk(graphdef, params, loop, steps, stop_tokens, *, impl, sampling, chunk, window):
+  """Up to `steps` (≤ chunk = K) decode steps, each sampling the next tokens; stops early once every row is done.
+  stop_tokens: [N] int32.
+
+  Attention reads the cache's first `window` = W positions only: W must cover every position the steps reach,
+  max(lengths) + steps. Returns (the loop after the steps, tokens [K, B] int32 and emitted [K, B] bool per step,
+  the steps run [] int32); entries past the steps run are zeros.
+  """
+  model = nnx.merge(graphdef, params)
+  full = loop.state.cache
+  cache = jax.tree.map(lambda a: a[:, :, :window], full)  # [L, B', W, ...]
+  rows = loop.done.shape[0]
+
+  def cond(carry):
+    i, lp, _, _ = carry
+    return (i < steps) & ~lp.done.all()
+
+  def body(carry):
+    i, lp, tokens, emitted = carry
+    state = lp.state
+    x, aux = model.features(lp.new[:, None], positions=state.lengths[:, None], cache=state.cache, attention_impl=impl)
+    new, done, key = _pick(model.logits(x[:, 0]), lp.done, lp.key, stop_tokens, sampling=sampling)
+    tokens = tokens.at[i].set(new[:rows])
+    emitted = emitted.at[i].set(~done)
+    return i + 1, Loop(DecodeState(aux["cache"], state.lengths + 1), new, done, key), tokens, emitted
+
+  carry = (
+    jnp.zeros((), jnp.int32),
+    loop._replace(state=DecodeState(cache, loop.state.lengths)),
+    jnp.zeros((chunk, rows), jnp.int32),
+    jnp.zeros((chunk, rows), bool),
+  )
+  count, loop, tokens, emitted = jax.lax.while_loop(cond, body, carry)
+  if window < next(iter(jax.tree.leaves(full))).shape[2]:
+    cache = jax.tree.map(lambda a, w: jax.lax.dynamic_update_slice_in_dim(a, w, 0, axis=2), full, loop.state.cache)
+    loop = loop._replace(state=loop.state._replace(cache=cache))
+  return loop, tokens, emitted, count
+
+
+def attention_window(reach: int, max_len: int) -> int:
+  """The attention window W for a chunk whose steps reach `reach` cache positions: WINDOW_BUCKET · 2^k ≥ reach,
+  capped at the cache length T = max_len."""
+  window = WINDOW_BUCKET
+  while window < reach:
+    window *= 2
+  return min(window, max_len)
 
 
 # The generation loop ------------------------------------------------------------------------------------------
@@ -171,6 +250,7 @@ def stream(
   cache_kind: str = "latent",
   attention_impl: str = "auto",
   mesh: Mesh | None = None,
+  chunk: int = DECODE_CHUNK,
 ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
   """Generate for a batch of prompts of any lengths; yields after every step.
 
@@ -180,12 +260,16 @@ def stream(
   max_position_embeddings). attention_impl: decode attention, see `decode_step`.
   mesh: run sharded over it, the model's variables already placed there (`sharding.shard_model`); the batch is
   padded to its batch shards (module docstring).
-  Step t+1 is dispatched before step t's tokens are read back, so the host never idles the device.
+  chunk: K, the decode steps per dispatch; the steps of a chunk are yielded one after another once it is back.
+  Chunk i+1 is dispatched before chunk i is read back, so the host never idles the device (except when chunk i+1
+  needs a wider attention window: then it is dispatched only if the generation goes on, never compiled for nothing).
   """
   tokens, lengths, max_len = pack_prompts(prompts, model.cfg, max_new_tokens, max_len)
   if max_new_tokens <= 0:
     return
-  rows = len(prompts)
+  if chunk < 1:
+    raise ValueError(f"chunk must be >= 1, got {chunk}")
+  rows, longest = len(prompts), int(lengths.max())
   tokens, lengths = sharding.pad_batch(
     (tokens, lengths), sharding.padded_batch(rows, mesh, model.cfg.moe_capacity_factor)
   )
@@ -196,22 +280,39 @@ def stream(
     )
     on_mesh = functools.partial(sharding.use_mesh, mesh)  # entered per dispatch, never across a yield
   graphdef, params = nnx.split(model)
+  stops = np.asarray([int(t) for t in stop_tokens], np.int32)  # data, not a compile-time constant
   impl = backend.resolve("attention", attention_impl)
-  pick = functools.partial(_pick, sampling=sampling, stop_tokens=tuple(int(t) for t in stop_tokens))
+  decode = functools.partial(_decode_chunk, graphdef, params, impl=impl, sampling=sampling, chunk=chunk)
   with on_mesh():
     logits, state = _prefill(graphdef, params, tokens, lengths, max_len=max_len, kind=cache_kind)
-    new, done, key = pick(logits, jnp.zeros(rows, bool), jax.random.key(seed))
-  for i in range(max_new_tokens):
-    last = i + 1 == max_new_tokens
-    if not last:  # dispatch the next step before reading this one back
-      with on_mesh():
-        logits, state = _decode(graphdef, params, state, new, impl=impl)
-        pending = pick(logits, done, key)
-    host_new, host_done = sharding.unpad_batch(np.asarray(new), rows), np.asarray(done)
-    yield host_new, ~host_done
-    if last or host_done.all():
-      return
-    new, done, key = pending
+    loop = _first(logits, state, seed, stops, rows=rows, sampling=sampling)
+  first_new, first_done = sharding.unpad_batch(np.asarray(loop.new), rows), np.asarray(loop.done)
+  yield first_new, ~first_done
+  if max_new_tokens == 1 or first_done.all():
+    return
+
+  def dispatch(loop, start):
+    """Chunk of decode steps start..: (steps, window, outputs) with outputs (loop, tokens, emitted, count)."""
+    steps = min(chunk, max_new_tokens - 1 - start)
+    window = attention_window(longest + start + steps, max_len)  # lengths ≤ longest + start before the chunk
+    with on_mesh():
+      return steps, window, decode(loop, np.int32(steps), stops, window=window)
+
+  start, pending = 0, dispatch(loop, 0)
+  while pending is not None:
+    steps, window, (loop, chunk_tokens, chunk_emitted, count) = pending
+    start += steps
+    pending = None
+    more = start < max_new_tokens - 1
+    if more and attention_window(longest + start + min(chunk, max_new_tokens - 1 - start), max_len) == window:
+      pending = dispatch(loop, start)  # before reading this chunk back
+    chunk_tokens, chunk_emitted, count = np.asarray(chunk_tokens), np.asarray(chunk_emitted), int(count)
+    for i in range(count):
+      yield chunk_tokens[i], chunk_emitted[i]
+    if count < steps or not chunk_emitted[count - 1].any():
+      return  # every row has stopped (a chunk dispatched ahead runs no step)
+    if more and pending is None:
+      pending = dispatch(loop, start)
 
 
 def generate(

@@ -331,3 +331,78 @@ def test_cli_errors_are_clear(tiny_checkpoint, tmp_path):
   assert result.returncode != 0 and "needs a cache of 43 > 16" in result.stderr
   result = run_cli("--checkpoint", ckpt, "--prompt", "x", "--chat")
   assert result.returncode != 0 and "--chat needs Kimi's tiktoken tokenizer" in result.stderr
+
+
+# Chunked decoding ---------------------------------------------------------------------------------------------
+
+
+def stepwise(model, prompts, *, max_new_tokens, sampling=None, stop_tokens=(), seed=0, max_len=None):
+  """The loop `stream` runs, one `decode_step` dispatch per token: the same key splits and draws per step.
+
+  Returns [(tokens [B], emitted [B])] per step.
+  """
+  tokens, lengths, max_len = gen.pack_prompts(prompts, model.cfg, max_new_tokens, max_len)
+  logits, state = gen.prefill(model, tokens, lengths, max_len=max_len)
+  key, done, steps = jax.random.key(seed), np.zeros(len(prompts), bool), []
+  for i in range(max_new_tokens):
+    key, sub = jax.random.split(key)
+    new = np.asarray(gen.sample_logits(logits, sub, sampling or gen.Sampling()))
+    done = done | np.isin(new, stop_tokens)
+    steps.append((new, ~done))
+    if done.all() or i + 1 == max_new_tokens:
+      return steps
+    logits, state = gen.decode_step(model, state, new, impl="xla")
+
+
+def assert_same_steps(got, want):
+  assert len(got) == len(want)
+  for i, ((tokens, emitted), (want_tokens, want_emitted)) in enumerate(zip(got, want)):
+    np.testing.assert_array_equal(tokens, want_tokens, err_msg=f"step {i}")
+    np.testing.assert_array_equal(emitted, want_emitted, err_msg=f"step {i}")
+
+
+@pytest.fixture
+def small_windows(monkeypatch):
+  """Attention windows of 8 · 2^k: short generations cross several windows, each written back into the cache."""
+  monkeypatch.setattr(gen, "WINDOW_BUCKET", 8)
+
+
+@pytest.mark.parametrize("chunk", [1, 3, gen.DECODE_CHUNK])
+def test_chunked_loop_equals_the_step_loop(hf_model, hf_generate, small_windows, chunk):
+  """Greedy, rows of 1, 7 and 12 prompt tokens stopping at different steps, mid-chunk (stop tokens taken from the
+  free run), and a run that ends early when every row has stopped."""
+  prompts = hf_prompts(hf_generate)
+  free = stepwise(hf_model, prompts, max_new_tokens=20)
+  stops = (int(free[4][0][0]), int(free[9][0][1]), int(free[13][0][2]))
+  for options in (
+    {"max_new_tokens": 20},
+    {"max_new_tokens": 19, "stop_tokens": stops[:2]},
+    {"max_new_tokens": 20, "stop_tokens": stops},
+  ):
+    want = stepwise(hf_model, prompts, **options)
+    assert_same_steps(list(gen.stream(hf_model, prompts, chunk=chunk, **options)), want)
+  assert len(want) < 20 and not want[-1][1].any()  # the last case ended early
+
+
+def test_chunked_sampling_equals_the_step_loop(hf_model, hf_generate, small_windows):
+  prompts = hf_prompts(hf_generate)
+  sampling = gen.Sampling(temperature=1.0, top_k=50, top_p=0.9)
+  options = dict(max_new_tokens=17, sampling=sampling, stop_tokens=(2, 7), seed=5)
+  want = stepwise(hf_model, prompts, **options)
+  assert_same_steps(list(gen.stream(hf_model, prompts, chunk=4, **options)), want)
+
+
+def test_attention_window():
+  assert [gen.attention_window(n, 1024) for n in (1, 128, 129, 256, 257, 900)] == [128, 128, 256, 256, 512, 1024]
+  assert gen.attention_window(300, 384) == 384  # capped at the cache length
+
+
+def test_no_recompiles_across_prompt_lengths_within_a_bucket(hf_model):
+  """Prompts of 2 to 30 tokens (one prompt bucket, one cache length, one attention window) and other stop tokens
+  (of the same count) share every compile."""
+  jitted = (gen._prefill, gen._first, gen._decode_chunk)
+  gen.generate(hf_model, [[5] * 5, [6] * 3], max_new_tokens=20, stop_tokens=(4,))
+  sizes = [f._cache_size() for f in jitted]
+  gen.generate(hf_model, [[7] * 9, [8] * 2], max_new_tokens=20, stop_tokens=(5,))
+  gen.generate(hf_model, [[9] * 30, [8] * 12], max_new_tokens=18, stop_tokens=(3,))
+  assert [f._cache_size() for f in jitted] == sizes
