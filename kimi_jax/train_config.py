@@ -45,6 +45,10 @@ def base_config(model_preset: str) -> ml_collections.ConfigDict:
   c.qk_clip_tau = 100.0  # muon_clip only; <= 0 (or None) disables the clip
   c.muon_ns_dtype = "bfloat16"  # muon_clip: Newton–Schulz matmul dtype ("float32" for exact comparisons)
   c.muon_ns_impl = "auto"  # "xla" | "pallas" (all steps in VMEM, TPU; interpret mode on CPU) | "auto": pallas on TPU
+  c.muon_ns_schedule = "quintic"  # muon_clip: "quintic" (K2's / Muon's (3.4445, -4.775, 2.0315) × 5) | "polar_express"
+  c.muon_ns_gram = "auto"  # muon_clip: iterate rectangular matrices on their m×m Gram matrix (the same polynomial,
+  #                         fewer FLOPs, restarted twice for bf16): "auto" where the Pallas kernel does not run | "on"
+  #                         | "off"
   c.spread_newton_schulz = True  # muon_clip on a mesh: whole matrices per device (kimi_jax/optim/ns_sharding.py)
   c.weight_decay = 0.1
   c.adam_b1 = 0.9

@@ -8,11 +8,16 @@ updates, opt_state = tx.update(grads, opt_state, params, max_logits=max_logits)
 from kimi_jax.optim.kimi import kimi_muon_dims, kimi_qk_clip
 from kimi_jax.optim.muon import (
   ADAMW_NAME_HINTS,
+  GRAM_RESTARTS,
   NS_COEFFS,
+  NS_SCHEDULES,
+  POLAR_EXPRESS_COEFFS,
   MuonState,
   default_muon_dims,
+  gram_newton_schulz,
   newton_schulz,
   newton_schulz_step,
+  ns_schedule,
   resolve_muon_dims,
   scale_by_muon,
 )
@@ -22,11 +27,15 @@ from kimi_jax.optim.schedules import warmup_stable_decay
 
 __all__ = (
   "ADAMW_NAME_HINTS",
+  "GRAM_RESTARTS",
   "NS_COEFFS",
+  "NS_SCHEDULES",
+  "POLAR_EXPRESS_COEFFS",
   "ClipTarget",
   "MuonState",
   "QKClipRule",
   "default_muon_dims",
+  "gram_newton_schulz",
   "kimi_muon_dims",
   "kimi_qk_clip",
   "mha_qk_clip",
@@ -34,6 +43,7 @@ __all__ = (
   "muon_clip",
   "newton_schulz",
   "newton_schulz_step",
+  "ns_schedule",
   "resolve_muon_dims",
   "scale_by_muon",
   "scale_by_qk_clip",

@@ -10,8 +10,9 @@ the params, so that bf16 params do not lose the small μ-weighted increments):
   M ← μ M + G;   U = G + μ M (Nesterov) or M;   O = NS(U);   update = rms_scale · sqrt(max(I, J)) · O
 """
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 import functools
+import itertools
 from typing import Any, NamedTuple
 
 import jax
@@ -26,6 +27,69 @@ from kimi_jax.optim.ns_sharding import moved_spec, spread
 # interval is p's invariant band [p(σ*), p(p(σ*))] around its local minimum σ* ≈ 1.0501.
 NS_COEFFS = (3.4445, -4.7750, 2.0315)
 
+# Polar Express (Amsel, Persson, Musco, Gower 2025, "The Polar Express: Optimal Matrix Sign Methods and Their
+# Application to the Muon Algorithm", arXiv:2505.16932, Algorithm 1; github.com/NoahAmsel/PolarExpress): per step
+# the minimax-optimal odd quintic for the interval the previous steps leave (l0 = 1e-3, cushion 0.024), as printed
+# in Algorithm 1, then divided by the paper's safety factor (a/1.01, b/1.01³, c/1.01⁵) on every polynomial but the
+# last, which (1.875, -1.25, 0.375) repeats for steps past the table. Algorithm 1 also divides the input by
+# 1.01·‖X‖_F (POLAR_EXPRESS_NORM_SCALE) so that bf16 rounding cannot push a singular value past 1.
+_POLAR_EXPRESS_TABLE = (
+  (8.28721201814563, -23.595886519098837, 17.300387312530933),
+  (4.107059111542203, -2.9478499167379106, 0.5448431082926601),
+  (3.9486908534822946, -2.908902115962949, 0.5518191394370137),
+  (3.3184196573706015, -2.488488024314874, 0.51004894012372),
+  (2.300652019954817, -1.6689039845747493, 0.4188073119525673),
+  (1.891301407787398, -1.2679958271945868, 0.37680408948524835),
+  (1.8750014808534479, -1.2500016453999487, 0.3750001645474248),
+  (1.875, -1.25, 0.375),
+)
+POLAR_EXPRESS_COEFFS = tuple((a / 1.01, b / 1.01**3, c / 1.01**5) for a, b, c in _POLAR_EXPRESS_TABLE[:-1]) + (
+  _POLAR_EXPRESS_TABLE[-1],
+)
+POLAR_EXPRESS_NORM_SCALE = 1.01
+
+# Named schedules for `coeffs`: name -> (per-step coefficients, the last repeating; scale of the Frobenius norm).
+NS_SCHEDULES = {
+  "quintic": ((NS_COEFFS,), 1.0),
+  "polar_express": (POLAR_EXPRESS_COEFFS, POLAR_EXPRESS_NORM_SCALE),
+}
+DEFAULT_NS_STEPS = 5
+# Restart points of the Gram form (before these 0-based steps X ← Q·X and R ← X·Xᵀ are recomputed from the m×n
+# matrix; "Gram Newton-Schulz", Zhang, Amsel, Chen, Dao 2026, dao-ailab.github.io/blog/2026/gram-newton-schulz).
+# Dao AI Lab restart once, before step 2, in float16; in bfloat16 (3 fewer mantissa bits) that measured 0.14 RMS
+# away from the exact polynomial on a 512×256 matrix with singular values log-uniform in [1e-3, 1] (plain
+# Newton–Schulz: 0.04), no restart 0.63; restarting before steps 2 and 4 measured 0.04, as plain.
+GRAM_RESTARTS = (2, 4)
+
+Coeffs = tuple[float, float, float]
+NSCoeffsSpec = str | Coeffs | Sequence[Coeffs]
+
+
+def ns_schedule(coeffs: NSCoeffsSpec = "quintic", steps: int | None = None) -> tuple[tuple[Coeffs, ...], float]:
+  """(one (a, b, c) per step, norm scale) for `coeffs`: a name in NS_SCHEDULES, one triple or one per step.
+
+  steps None: 5 for a name or a single triple, the length of a per-step sequence. A name takes its first `steps`
+  entries, repeating its last; a per-step sequence must have exactly `steps` entries (optax.contrib.muon's
+  `ns_coeffs` of shape (n, 3)); a triple is repeated `steps` times.
+  """
+  if isinstance(coeffs, str):
+    if coeffs not in NS_SCHEDULES:
+      raise ValueError(f"unknown Newton–Schulz schedule {coeffs!r}; known: {sorted(NS_SCHEDULES)}")
+    table, norm_scale = NS_SCHEDULES[coeffs]
+    steps = DEFAULT_NS_STEPS if steps is None else steps
+    return tuple(table[min(i, len(table) - 1)] for i in range(steps)), norm_scale
+  entries = tuple(coeffs)
+  if len(entries) == 3 and all(isinstance(v, (int, float)) for v in entries):
+    steps = DEFAULT_NS_STEPS if steps is None else steps
+    return (tuple(float(v) for v in entries),) * steps, 1.0
+  table = tuple(tuple(float(v) for v in c) for c in entries)
+  if not table or any(len(c) != 3 for c in table):
+    raise ValueError(f"Newton–Schulz coeffs must be a name, (a, b, c) or a sequence of (a, b, c), got {coeffs!r}")
+  if steps is not None and steps != len(table):
+    raise ValueError(f"{len(table)} per-step Newton–Schulz coefficients given for {steps} steps")
+  return table, 1.0
+
+
 # A leaf's routing: None (not a Muon matrix) or the pair of axes (a, b) forming the matrix.
 MuonDims = tuple[int, int] | None
 MuonDimsSpec = Any | Callable[[Any], Any]  # pytree of MuonDims matching params, or params -> such a pytree
@@ -39,7 +103,11 @@ def _precision(dtype: Any) -> jax.lax.Precision:
   return jax.lax.Precision.HIGHEST if jnp.dtype(dtype) == jnp.float32 else jax.lax.Precision.DEFAULT
 
 
-def newton_schulz_step(y: jax.Array, coeffs: tuple[float, float, float] = NS_COEFFS) -> jax.Array:
+def _mm(dtype: Any):
+  return functools.partial(jnp.matmul, preferred_element_type=jnp.float32, precision=_precision(dtype))
+
+
+def newton_schulz_step(y: jax.Array, coeffs: Coeffs = NS_COEFFS) -> jax.Array:
   """One quintic step y ← a·y + (b·G + c·G²)·y with G = y·yᵀ, for y [..., m, n] (m ≤ n), in y's dtype.
 
   Each line is one multiply-add whose products accumulate in float32 and round to y's dtype once, as torch's addmm
@@ -48,10 +116,50 @@ def newton_schulz_step(y: jax.Array, coeffs: tuple[float, float, float] = NS_COE
   """
   a, b, c = coeffs
   dtype = y.dtype
-  mm = functools.partial(jnp.matmul, preferred_element_type=jnp.float32, precision=_precision(dtype))
+  mm = _mm(dtype)
   gram = mm(y, jnp.swapaxes(y, -1, -2)).astype(dtype)  # [..., m, m]
   poly = (b * gram.astype(jnp.float32) + c * mm(gram, gram)).astype(dtype)  # [..., m, m]
   return (a * y.astype(jnp.float32) + mm(poly, y)).astype(dtype)  # [..., m, n]
+
+
+def gram_newton_schulz(y: jax.Array, schedule: Sequence[Coeffs], restarts: Sequence[int] = GRAM_RESTARTS):
+  """The steps of `schedule` on y [..., m, n] (m ≤ n) through its m×m Gram matrix, in y's dtype.
+
+  A plain step is y ← (aI + Z)·y with Z = bR + cR², R = y·yᵀ. Since every factor is a polynomial in R (they
+  commute), the steps accumulate into one m×m matrix Q = Π(aI + Z) while R follows R ← (aI + Z)·R·(aI + Z); the
+  m×n matrix is read for R at the start and multiplied once by Q at the end: 4m²n + ~8m³ FLOPs per segment against
+  (4m²n + 2m³) per plain step. Q grows like R^(-1/2) on small singular values, which low precision loses, so
+  before each step in `restarts` (0-based) y ← Q·y and R is recomputed (Dao AI Lab, "Gram Newton-Schulz", 2026).
+  """
+  dtype = y.dtype
+  mm = _mm(dtype)
+  f32 = lambda t: t.astype(jnp.float32)
+  gram = lambda t: mm(t, jnp.swapaxes(t, -1, -2)).astype(dtype)
+  eye = jnp.eye(y.shape[-2], dtype=jnp.float32)
+  r, q = gram(y), None  # [..., m, m]
+  last = len(schedule) - 1
+  for i, (a, b, c) in enumerate(schedule):
+    if i in restarts and q is not None:
+      y = mm(q, y).astype(dtype)
+      r, q = gram(y), None
+    z = (b * f32(r) + c * mm(r, r)).astype(dtype)  # [..., m, m]
+    q = (a * eye + f32(z)).astype(dtype) if q is None else (a * f32(q) + mm(q, z)).astype(dtype)
+    if i < last and i + 1 not in restarts:
+      rz = (a * f32(r) + mm(r, z)).astype(dtype)  # R·(aI + Z)
+      r = (a * f32(rz) + mm(z, rz)).astype(dtype)  # (aI + Z)·R·(aI + Z)
+  return mm(q, y).astype(dtype)
+
+
+def _gram_pays(m: int, n: int, steps: int, restarts: Sequence[int]) -> bool:
+  """Whether the Gram form needs fewer matmul FLOPs than the plain one for an m×n matrix (m ≤ n)."""
+  plain = steps * (4 * m * m * n + 2 * m**3)
+  gram = 4 * m * m * n  # R = y·yᵀ at the start, Q·y at the end
+  for i in range(steps):
+    gram += 2 * m**3  # Z = bR + cR²
+    gram += 2 * m**3 if i > 0 and i not in restarts else 0  # Q ← aQ + Q·Z
+    gram += 4 * m**3 if i < steps - 1 and i + 1 not in restarts else 0  # R ← (aI + Z)·R·(aI + Z)
+    gram += 4 * m * m * n if i > 0 and i in restarts else 0  # restart: y ← Q·y, R ← y·yᵀ
+  return gram < plain
 
 
 def _fits_kernel(m: int, n: int, dtype: Any) -> bool:
@@ -62,53 +170,69 @@ def _fits_kernel(m: int, n: int, dtype: Any) -> bool:
 
 def newton_schulz(
   x: jax.Array,
-  steps: int = 5,
-  coeffs: tuple[float, float, float] = NS_COEFFS,
+  steps: int | None = None,
+  coeffs: NSCoeffsSpec = NS_COEFFS,
   dtype: Any = jnp.bfloat16,
   eps: float = 1e-7,
   impl: str = "xla",
   interpret: bool = False,
+  gram: bool | str = False,
+  gram_restarts: Sequence[int] = GRAM_RESTARTS,
 ) -> jax.Array:
-  """Approximately orthogonalises every matrix in x: U S Vᵀ → U p⁽ˢᵗᵉᵖˢ⁾(S/‖x‖_F) Vᵀ.
+  """Approximately orthogonalises every matrix in x: U S Vᵀ → U p_s(…p_1(S/(k‖x‖_F))) Vᵀ.
 
   Args:
     x: [..., I, J]; leading axes are stack axes.
-    steps: Newton–Schulz iterations.
-    coeffs: (a, b, c) of the quintic p(σ) = aσ + bσ³ + cσ⁵.
+    steps: Newton–Schulz iterations; None: 5, or the length of a per-step `coeffs` (see `ns_schedule`).
+    coeffs: the schedule: (a, b, c) of the quintic p(σ) = aσ + bσ³ + cσ⁵ for every step (default: K2's / Muon's
+      NS_COEFFS), one such triple per step (like optax.contrib.muon's ns_coeffs of shape (n, 3)), or a name in
+      NS_SCHEDULES ("quintic", "polar_express"); a name also sets the norm scale k (1.01 for Polar Express, else 1).
     dtype: dtype the iterations run in (bf16 on accelerators; float32 for reference-exact results).
-    eps: added to each matrix's Frobenius norm before dividing, so a zero matrix maps to zero.
+    eps: added to each matrix's (scaled) Frobenius norm before dividing, so a zero matrix maps to zero.
     impl: "xla" (a loop of jnp ops), "pallas" (on TPU: all steps in one Pallas kernel per matrix, which stays
-      in VMEM, `pallas_kernels.matrix_iteration`; matrices too large for its VMEM budget take the xla loop) or
-      "auto" (pallas when JAX's default backend is TPU, else xla: the standalone default; kimi_jax.train passes an
-      explicit choice made for the platform it compiles for, which may not be this host's).
+      in VMEM, `pallas_kernels.matrix_iteration`; one kernel per run of equal coefficients; matrices too large for
+      its VMEM budget, and the Gram form, take the xla loop) or "auto" (pallas when JAX's default backend is TPU,
+      else xla: the standalone default; kimi_jax.train passes an explicit choice made for the platform it compiles
+      for, which may not be this host's).
     interpret: run the Pallas kernel in interpret mode (CPU testing).
+    gram: iterate on the m×m Gram matrix (`gram_newton_schulz`: the same polynomial, rounded differently) for the
+      matrices where that takes fewer FLOPs (rectangular enough; never square ones): True, False (the default), or
+      "auto": where the XLA loop runs, not where the Pallas kernel does (kept plain, unmeasured in Gram form).
+    gram_restarts: steps before which the Gram form goes back to the m×n matrix (see `gram_newton_schulz`).
 
   Returns:
-    [..., I, J] in x.dtype; singular values in about [0.68, 1.13] (see NS_COEFFS).
+    [..., I, J] in x.dtype; with NS_COEFFS, singular values in about [0.68, 1.13].
   """
   if impl not in ("xla", "pallas", "auto"):
     raise ValueError(f"newton_schulz impl must be 'xla', 'pallas' or 'auto', got {impl!r}")
+  schedule, norm_scale = ns_schedule(coeffs, steps)
   tall = x.shape[-2] > x.shape[-1]
   x32 = x.astype(jnp.float32)
   if tall:  # iterate on [..., m, n] so the Gram matrices are the small m×m ones
     x32 = jnp.swapaxes(x32, -1, -2)
   # The norm is taken in float32 before the cast: it bounds every singular value by 1, which the iteration needs.
   norm = jnp.sqrt(jnp.sum(jnp.square(x32), axis=(-2, -1), keepdims=True))
-  y = (x32 / (norm + eps)).astype(dtype)  # [..., m, n]
+  y = (x32 / (norm * norm_scale + eps)).astype(dtype)  # [..., m, n]
   m, n = y.shape[-2:]
   if impl == "auto":  # kimi_jax.optim needs only jax and optax, so not kimi_jax.backend: this host's backend decides
     impl = "pallas" if jax.default_backend() == "tpu" else "xla"
-  step = functools.partial(newton_schulz_step, coeffs=coeffs)
-  if impl == "pallas" and _fits_kernel(m, n, dtype):
+  if gram not in (True, False, "auto"):
+    raise ValueError(f"newton_schulz gram must be True, False or 'auto', got {gram!r}")
+  use_kernel = impl == "pallas" and _fits_kernel(m, n, dtype)
+  if (gram is True or (gram == "auto" and not use_kernel)) and _gram_pays(m, n, len(schedule), gram_restarts):
+    y = gram_newton_schulz(y, schedule, gram_restarts)
+  elif use_kernel:
     from pallas_kernels.matrix_iteration import matrix_iteration
 
     flat = y.reshape(-1, m, n)
-    y = matrix_iteration(
-      flat, step, steps, flops_per_step=4 * m * m * n + 2 * m**3, impl="tpu", interpret=interpret
-    ).reshape(y.shape)
+    for step_coeffs, run in ((k, len(list(g))) for k, g in itertools.groupby(schedule)):
+      step = functools.partial(newton_schulz_step, coeffs=step_coeffs)
+      flops = 4 * m * m * n + 2 * m**3
+      flat = matrix_iteration(flat, step, run, flops_per_step=flops, impl="tpu", interpret=interpret)
+    y = flat.reshape(y.shape)
   else:
-    for _ in range(steps):  # unrolled: XLA's cost analysis counts a while loop's body once
-      y = step(y)
+    for step_coeffs in schedule:  # unrolled: XLA's cost analysis counts a while loop's body once
+      y = newton_schulz_step(y, step_coeffs)
   if tall:
     y = jnp.swapaxes(y, -1, -2)
   return y.astype(x.dtype)
@@ -188,8 +312,8 @@ class MuonState(NamedTuple):
 def scale_by_muon(
   momentum: float = 0.95,
   nesterov: bool = True,
-  ns_steps: int = 5,
-  ns_coeffs: tuple[float, float, float] = NS_COEFFS,
+  ns_steps: int | None = None,
+  ns_coeffs: NSCoeffsSpec = NS_COEFFS,
   ns_dtype: Any = jnp.bfloat16,
   ns_eps: float = 1e-7,
   rms_scale: float = 0.2,
@@ -197,6 +321,8 @@ def scale_by_muon(
   param_shardings: Any = None,
   ns_impl: str = "auto",
   ns_interpret: bool = False,
+  ns_gram: bool | str = "auto",
+  ns_gram_restarts: Sequence[int] = GRAM_RESTARTS,
 ) -> optax.GradientTransformation:
   """Turns the gradients of Muon leaves into RMS-matched orthogonalised momentum; other leaves pass through.
 
@@ -206,8 +332,8 @@ def scale_by_muon(
   Args:
     momentum: μ in M ← μ M + G.
     nesterov: feed G + μ M (True) or M (False) to Newton–Schulz.
-    ns_steps, ns_coeffs, ns_dtype, ns_eps, ns_impl, ns_interpret: see `newton_schulz` (steps, coeffs, dtype, eps,
-      impl, interpret).
+    ns_steps, ns_coeffs, ns_dtype, ns_eps, ns_impl, ns_interpret, ns_gram, ns_gram_restarts: see `newton_schulz`
+      (steps, coeffs: the schedule, dtype, eps, impl, interpret, gram, gram_restarts).
     rms_scale: the update is O · rms_scale · sqrt(max(I, J)), giving it an RMS of about rms_scale, like AdamW's.
     muon_dims: routing per leaf (see `resolve_muon_dims`); leaves with None are returned unchanged. A function
       is called on params at init and on the updates at update, so it must depend only on paths and shapes.
@@ -216,6 +342,8 @@ def scale_by_muon(
       with the batch of matrices spread over the mesh, under shard_map (see `ns_sharding.py`); None leaves the
       layout to XLA, which cannot partition the Pallas kernel: on a mesh, ns_impl="pallas" needs this.
   """
+
+  ns_schedule(ns_coeffs, ns_steps)  # raises on a bad schedule now rather than at the first update
 
   def init_fn(params):
     dims = resolve_muon_dims(params, muon_dims)
@@ -229,7 +357,9 @@ def scale_by_muon(
     layouts = resolve_param_shardings(updates, param_shardings)
     grads, treedef = jax.tree.flatten(updates)
     buffers = treedef.flatten_up_to(state.momentum)
-    ns = lambda x, impl=ns_impl: newton_schulz(x, ns_steps, ns_coeffs, ns_dtype, ns_eps, impl, ns_interpret)
+    ns = lambda x, impl=ns_impl: newton_schulz(
+      x, ns_steps, ns_coeffs, ns_dtype, ns_eps, impl, ns_interpret, ns_gram, ns_gram_restarts
+    )
     ns_xla = functools.partial(ns, impl="xla")  # for matrices still split across devices: XLA partitions it
     new_updates, new_buffers = [], []
     for g, buf, d, layout in zip(grads, buffers, dims, layouts):
@@ -255,6 +385,11 @@ def scale_by_muon(
 
 __all__ = (
   "NS_COEFFS",
+  "NS_SCHEDULES",
+  "POLAR_EXPRESS_COEFFS",
+  "GRAM_RESTARTS",
+  "gram_newton_schulz",
+  "ns_schedule",
   "ADAMW_NAME_HINTS",
   "MuonDims",
   "MuonState",

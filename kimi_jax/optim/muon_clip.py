@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from kimi_jax.optim.muon import MuonDimsSpec, resolve_muon_dims, scale_by_muon
+from kimi_jax.optim.muon import NS_COEFFS, MuonDimsSpec, NSCoeffsSpec, resolve_muon_dims, scale_by_muon
 from kimi_jax.optim.qk_clip import QKClipSpec, scale_by_qk_clip
 
 
@@ -22,10 +22,12 @@ def muon_clip(
   weight_decay: float = 0.1,
   momentum: float = 0.95,
   nesterov: bool = True,
-  ns_steps: int = 5,
+  ns_steps: int | None = None,
+  ns_coeffs: NSCoeffsSpec = NS_COEFFS,
   ns_dtype: Any = jnp.bfloat16,
   ns_impl: str = "auto",
   ns_interpret: bool = False,
+  ns_gram: bool | str = "auto",
   rms_scale: float = 0.2,
   adam_b1: float = 0.9,
   adam_b2: float = 0.95,
@@ -46,9 +48,11 @@ def muon_clip(
   Args:
     learning_rate: η, a float or an optax schedule of the step count; shared by both branches.
     weight_decay: λ, decoupled (multiplied by η, not by the RMS scale), for every param.
-    momentum, nesterov, ns_steps, ns_dtype, ns_impl, rms_scale: Muon settings (see `scale_by_muon`); ns_impl
-      "auto" runs Newton–Schulz in a Pallas kernel on TPU, "xla" everywhere else; ns_interpret runs that kernel
-      in interpret mode (CPU tests).
+    momentum, nesterov, ns_steps, ns_coeffs, ns_dtype, ns_impl, ns_gram, rms_scale: Muon settings (see
+      `scale_by_muon` and `newton_schulz`); ns_coeffs is the schedule (K2's quintic ×5 by default, "polar_express",
+      or per-step (a, b, c) triples); ns_gram iterates rectangular matrices on their Gram matrix (default "auto":
+      wherever the Pallas kernel does not run; False: the plain form); ns_impl "auto" runs Newton–Schulz in a
+      Pallas kernel on TPU, "xla" everywhere else; ns_interpret runs that kernel in interpret mode (CPU tests).
     adam_b1, adam_b2, adam_eps: AdamW settings for the non-Muon leaves.
     qk_clip_tau: τ; None disables qk-clip (max_logits is then ignored).
     qk_clip: pytree of `QKClipRule` keyed like the model's max_logits, or params -> such a pytree (see
@@ -76,9 +80,11 @@ def muon_clip(
         momentum,
         nesterov,
         ns_steps,
+        ns_coeffs,
         ns_dtype=ns_dtype,
         ns_impl=ns_impl,
         ns_interpret=ns_interpret,
+        ns_gram=ns_gram,
         rms_scale=rms_scale,
         muon_dims=muon_dims,
         param_shardings=param_shardings,

@@ -49,6 +49,10 @@ def schedule_phases(c: ml_collections.ConfigDict) -> list[tuple[str, int, int]]:
   return [(name, a, b) for name, a, b in bounds if b > a]
 
 
+# config.muon_ns_gram -> muon_clip's ns_gram.
+_NS_GRAM = {"on": True, "off": False, "auto": "auto"}
+
+
 def build_optimizer(
   c: ml_collections.ConfigDict, cfg: ModelConfig, param_shardings: Any = None
 ) -> optax.GradientTransformationExtraArgs:
@@ -61,6 +65,8 @@ def build_optimizer(
   if c.optimizer == "adamw":
     tx = optax.adamw(schedule, b1=c.adam_b1, b2=c.adam_b2, weight_decay=c.weight_decay)
   elif c.optimizer == "muon_clip":
+    if c.muon_ns_gram not in _NS_GRAM:
+      raise ValueError(f"config.muon_ns_gram {c.muon_ns_gram!r} not in {sorted(_NS_GRAM)}")
     spread = param_shardings if c.spread_newton_schulz else None
     # XLA cannot partition the Pallas kernel: on a mesh it runs only inside the spread layout's shard_map.
     ns_impl = c.muon_ns_impl if spread is not None or param_shardings is None else "xla"
@@ -72,6 +78,8 @@ def build_optimizer(
       qk_clip_tau=qk_clip_tau(c),
       muon_dims=kimi_muon_dims,
       ns_dtype=jnp.dtype(c.muon_ns_dtype),
+      ns_coeffs=c.muon_ns_schedule,
+      ns_gram=_NS_GRAM[c.muon_ns_gram],
       **newton_schulz_impl(ns_impl),
       param_shardings=spread,
       qk_clip=kimi_qk_clip(cfg.num_attention_heads, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim),

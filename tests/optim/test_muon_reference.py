@@ -19,7 +19,7 @@ def ref():
   return dict(np.load(MUON_TORCH))
 
 
-def run(ref, ns_dtype, nesterov=True):
+def run(ref, ns_dtype, nesterov=True, ns_gram=False):
   """{leaf: [T, ...] params after each step} for muon_clip fed the fixture's gradients."""
   tx = muon_clip(
     float(ref["lr"]),
@@ -30,6 +30,7 @@ def run(ref, ns_dtype, nesterov=True):
     adam_b1=float(ref["adam_b1"]),
     adam_b2=float(ref["adam_b2"]),
     qk_clip_tau=None,
+    ns_gram=ns_gram,
   )
   names = ("tall", "wide", "vec")
   params = {n: jnp.asarray(ref[f"{n}_w0"]) for n in names}
@@ -62,8 +63,9 @@ def test_muon_fp32_matches_torch(ref, nesterov):
     np.testing.assert_allclose(ours[name], ref[f"{name}_{suffix}"], rtol=0, atol=1e-6, err_msg=name)
 
 
-def test_muon_bf16_matches_torch_loosely(ref):
-  ours = run(ref, jnp.bfloat16)
+@pytest.mark.parametrize("ns_gram", [False, True])
+def test_muon_bf16_matches_torch_loosely(ref, ns_gram):
+  ours = run(ref, jnp.bfloat16, ns_gram=ns_gram)
   for name in ("tall", "wide"):
     # bf16 (8-bit mantissa) Newton–Schulz perturbs each update by ~1%, differently in torch and XLA: allow 5% of
     # how far the params have moved by each step (torch's own bf16-vs-fp32 gap is ~1.5%).
@@ -75,3 +77,11 @@ def test_muon_bf16_matches_torch_loosely(ref):
 def test_adamw_branch_matches_torch(ref):
   ours = run(ref, jnp.float32)
   np.testing.assert_allclose(ours["vec"], ref["vec_adamw"], rtol=0, atol=1e-6)
+
+
+def test_gram_form_matches_torch_in_fp32(ref):
+  """The Gram form with the same quintic schedule is the same polynomial: it stays within the plain form's
+  tolerance of torch.optim.Muon (the wide and tall fixture matrices both take it)."""
+  ours = run(ref, jnp.float32, ns_gram=True)
+  for name in ("tall", "wide"):
+    np.testing.assert_allclose(ours[name], ref[f"{name}_fp32"], rtol=0, atol=1e-6, err_msg=name)

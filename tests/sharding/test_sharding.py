@@ -41,7 +41,8 @@ def test_spread_newton_schulz_equals_one_device(sharded_results):
   r = sharded_results["spread_ns"]
   assert r["step_size"] > 1e-4, r
   assert max(r["spread_vs_one_device"], r["xla_layout_vs_one_device"], r["spread_pallas_vs_one_device"]) <= 1e-5, r
-  assert r["spread_all_reduces"] == 0 and r["xla_layout_all_reduces"] >= 5, r
+  # XLA's own layout reduces across devices inside Newton–Schulz (4-5 times, Gram or plain form); spread never does.
+  assert r["spread_all_reduces"] == 0 and r["xla_layout_all_reduces"] >= 4, r
   assert r["spread_flops"] < r["xla_layout_flops"], r
   assert r["spread_pallas_calls"] >= 1, r
 
