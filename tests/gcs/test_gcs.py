@@ -27,25 +27,7 @@ def losses(rows):
   return [r["loss"] for r in rows]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def compilation_cache(tmp_path_factory):
-  """The runs here compile the same train step three times; a persistent compilation cache makes that once
-  (~20 s -> ~2 s a run on 2 cores). Restored afterwards so that other modules compile as before."""
-  import jax
-  from jax._src import compilation_cache as cc
-
-  settings = {
-    "jax_compilation_cache_dir": str(tmp_path_factory.mktemp("jax_cache")),  # also the CLI runs'
-    "jax_persistent_cache_min_compile_time_secs": 0,
-    "jax_persistent_cache_min_entry_size_bytes": 0,
-  }
-  saved = {k: getattr(jax.config, k) for k in settings}
-  for k, v in settings.items():
-    jax.config.update(k, v)
-  yield
-  for k, v in saved.items():
-    jax.config.update(k, v)
-  cc.reset_cache()  # the cache object outlives the setting otherwise (what jax's own test_util does)
+pytestmark = pytest.mark.usefixtures("compilation_cache")
 
 
 @pytest.fixture(scope="module")
@@ -130,10 +112,9 @@ def test_a_run_initialised_from_the_bucket(gcs_run, local_run, tmp_path):
   assert read_metrics(tmp_path)[0]["loss"] < read_metrics(local_run)[0]["loss"] - 0.5
 
 
-def test_sigkill_then_the_same_command_resumes_from_the_bucket(gcs, bucket, local_run, tmp_path):
+def test_sigkill_then_the_same_command_resumes_from_the_bucket(gcs, bucket, local_run, tmp_path, compilation_cache):
   """`python -m kimi_jax.train --workdir gs://...` killed once its first checkpoint is in the bucket, then run
   again: the losses are those of the uninterrupted local run."""
-  import jax
 
   config = tmp_path / "config.py"
   config.write_text(
@@ -146,9 +127,7 @@ def test_sigkill_then_the_same_command_resumes_from_the_bucket(gcs, bucket, loca
     **os.environ,
     "JAX_PLATFORMS": "cpu",
     "JAX_DEFAULT_MATMUL_PRECISION": "highest",  # as conftest sets
-    "JAX_COMPILATION_CACHE_DIR": jax.config.jax_compilation_cache_dir,
-    "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
-    "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0",
+    **compilation_cache,  # the same persistent cache as this process
   }
   (tmp_path / "tmp").mkdir()
   env["TMPDIR"] = str(tmp_path / "tmp")  # the killed run cannot remove its local TensorBoard directory

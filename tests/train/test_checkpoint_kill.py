@@ -27,25 +27,7 @@ ATTEMPTS = 5
 TMP = ".orbax-checkpoint-tmp"  # orbax/checkpoint/_src/path/atomicity_types.py: TMP_DIR_SUFFIX
 
 
-@pytest.fixture(scope="module", autouse=True)
-def compilation_cache(tmp_path_factory):
-  """The CLI runs and the in-process run compile the same train step; a persistent compilation cache makes that
-  once. Restored afterwards so that other modules compile as before (as tests/train/test_guards.py)."""
-  import jax
-  from jax._src import compilation_cache as cc
-
-  settings = {
-    "jax_compilation_cache_dir": str(tmp_path_factory.mktemp("jax_cache")),
-    "jax_persistent_cache_min_compile_time_secs": 0,
-    "jax_persistent_cache_min_entry_size_bytes": 0,
-  }
-  saved = {k: getattr(jax.config, k) for k in settings}
-  for k, v in settings.items():
-    jax.config.update(k, v)
-  yield
-  for k, v in saved.items():
-    jax.config.update(k, v)
-  cc.reset_cache()
+pytestmark = pytest.mark.usefixtures("compilation_cache")
 
 
 def config():
@@ -92,9 +74,7 @@ def kill_during_a_save(command, env, work, log, after):
   return half
 
 
-def test_sigkill_during_an_async_save_resumes_from_the_previous_checkpoint(tmp_path):
-  import jax
-
+def test_sigkill_during_an_async_save_resumes_from_the_previous_checkpoint(tmp_path, compilation_cache):
   from kimi_jax.checkpoint.manager import TrainCheckpointer
 
   path = tmp_path / "config.py"
@@ -107,9 +87,7 @@ def test_sigkill_during_an_async_save_resumes_from_the_previous_checkpoint(tmp_p
     **os.environ,
     "JAX_PLATFORMS": "cpu",
     "JAX_DEFAULT_MATMUL_PRECISION": "highest",  # as conftest sets
-    "JAX_COMPILATION_CACHE_DIR": jax.config.jax_compilation_cache_dir,
-    "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
-    "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0",
+    **compilation_cache,  # the same persistent cache as this process
   }
   command = lambda work: [sys.executable, "-m", "kimi_jax.train", "--config", str(path), "--workdir", str(work)]
 

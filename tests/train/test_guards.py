@@ -22,25 +22,7 @@ from kimi_jax.training.guards import NonFiniteError
 NAN_STEP = 5
 
 
-@pytest.fixture(scope="module", autouse=True)
-def compilation_cache(tmp_path_factory):
-  """The runs here compile the same train step several times (the CLI runs too); a persistent compilation cache
-  makes that once. Restored afterwards so that other modules compile as before (as tests/gcs/test_gcs.py)."""
-  import jax
-  from jax._src import compilation_cache as cc
-
-  settings = {
-    "jax_compilation_cache_dir": str(tmp_path_factory.mktemp("jax_cache")),
-    "jax_persistent_cache_min_compile_time_secs": 0,
-    "jax_persistent_cache_min_entry_size_bytes": 0,
-  }
-  saved = {k: getattr(jax.config, k) for k in settings}
-  for k, v in settings.items():
-    jax.config.update(k, v)
-  yield
-  for k, v in saved.items():
-    jax.config.update(k, v)
-  cc.reset_cache()
+pytestmark = pytest.mark.usefixtures("compilation_cache")
 
 
 def committed_steps(workdir):
@@ -96,9 +78,7 @@ def test_nan_step_is_skipped_with_the_state_unchanged(tmp_path):
 STEPS = 200
 
 
-def test_sigterm_saves_at_the_step_in_flight_and_resumes_exactly(tmp_path):
-  import jax
-
+def test_sigterm_saves_at_the_step_in_flight_and_resumes_exactly(tmp_path, compilation_cache):
   config = tmp_path / "config.py"
   config.write_text(
     f"import sys\nsys.path.insert(0, {str(TESTS)!r})\n"
@@ -109,9 +89,7 @@ def test_sigterm_saves_at_the_step_in_flight_and_resumes_exactly(tmp_path):
     **os.environ,
     "JAX_PLATFORMS": "cpu",
     "JAX_DEFAULT_MATMUL_PRECISION": "highest",  # as conftest sets
-    "JAX_COMPILATION_CACHE_DIR": jax.config.jax_compilation_cache_dir,
-    "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
-    "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0",
+    **compilation_cache,  # the same persistent cache as this process
   }
   command = lambda work: [sys.executable, "-m", "kimi_jax.train", "--config", str(config), "--workdir", str(work)]
 
