@@ -49,7 +49,6 @@ flags.DEFINE_string("workdir", None, "Directory for checkpoints and metrics: a l
 
 def train(c: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Train per `c` in `workdir` (resuming if it holds checkpoints). Returns the last logged metrics."""
-  from kimi_jax.data.pipeline import ShardedBatches
   from kimi_jax.data.tokenizer import load_tokenizer
 
   cfg = model_config(c)
@@ -82,16 +81,7 @@ def train(c: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   wd.check_free_space(sum(a.size * a.dtype.itemsize for a in jax.tree.leaves(abstract)), "one checkpoint of the run")
   graphdef, state = init_train_state(c, cfg, tx, mesh)
   train_docs, eval_docs = evaluation.split_sources(c, tokenizer)
-  data = ShardedBatches(
-    num_shards=c.data_shards or jax.process_count(),
-    global_batch_size=c.batch_size,
-    process_index=jax.process_index(),
-    process_count=jax.process_count(),
-    tokenizer=tokenizer,
-    source=train_docs,
-    seq_len=c.seq_len,
-    seed=c.seed,
-  )
+  data = evaluation.batch_stream(c, train_docs, tokenizer)
   evaluator = None
   if c.eval_every:
     evaluator = evaluation.Evaluator(c, graphdef, evaluation.eval_batches(c, eval_docs, tokenizer), mesh)

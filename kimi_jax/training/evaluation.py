@@ -62,6 +62,21 @@ def split_sources(c: ml_collections.ConfigDict, tokenizer: Tokenizer) -> tuple[D
   return data, None
 
 
+def batch_stream(c: ml_collections.ConfigDict, source: DocumentSource, tokenizer: Tokenizer) -> ShardedBatches:
+  """This process's rows of the run's global batches (c.batch_size × c.seq_len, seed c.seed) packed from `source` over
+  c.data_shards streams (0: one per process): what training reads from its documents and evaluation from its own."""
+  return ShardedBatches(
+    num_shards=c.data_shards or jax.process_count(),
+    global_batch_size=c.batch_size,
+    process_index=jax.process_index(),
+    process_count=jax.process_count(),
+    tokenizer=tokenizer,
+    source=source,
+    seq_len=c.seq_len,
+    seed=c.seed,
+  )
+
+
 def eval_batches(c: ml_collections.ConfigDict, source: DocumentSource, tokenizer: Tokenizer) -> list[Batch]:
   """This process's rows of the `c.eval_batches` fixed global batches packed from `source` (numpy, each field
   [batch_size / process_count, seq_len]), over `c.data_shards` streams as training reads its data."""
@@ -71,16 +86,7 @@ def eval_batches(c: ml_collections.ConfigDict, source: DocumentSource, tokenizer
       f"the evaluation documents ({len(source)}) are fewer than the data streams ({num_shards}): hold out more "
       "(config.eval_split) or give a larger config.eval_data"
     )
-  stream = ShardedBatches(
-    num_shards=num_shards,
-    global_batch_size=c.batch_size,
-    process_index=jax.process_index(),
-    process_count=jax.process_count(),
-    tokenizer=tokenizer,
-    source=source,
-    seq_len=c.seq_len,
-    seed=c.seed,
-  )
+  stream = batch_stream(c, source, tokenizer)
   return [next(stream) for _ in range(c.eval_batches)]
 
 

@@ -9,11 +9,10 @@ from pathlib import Path
 import re
 import signal
 import subprocess
-import sys
 import time
 
-from helpers.paths import REPO, TESTS
-from helpers.train import read_metrics, small_config
+from helpers.paths import REPO
+from helpers.train import child_env, read_metrics, small_config, small_config_file, train_command
 import numpy as np
 import pytest
 
@@ -116,19 +115,9 @@ def test_sigkill_then_the_same_command_resumes_from_the_bucket(gcs, bucket, loca
   """`python -m kimi_jax.train --workdir gs://...` killed once its first checkpoint is in the bucket, then run
   again: the losses are those of the uninterrupted local run."""
 
-  config = tmp_path / "config.py"
-  config.write_text(
-    f"import sys\nsys.path.insert(0, {str(TESTS)!r})\n"
-    f"from helpers.train import small_config\n\n\ndef get_config():\n  return small_config({STEPS})\n"
-  )
   url = f"gs://{bucket}/killed"
-  command = [sys.executable, "-m", "kimi_jax.train", "--config", str(config), "--workdir", url]
-  env = {
-    **os.environ,
-    "JAX_PLATFORMS": "cpu",
-    "JAX_DEFAULT_MATMUL_PRECISION": "highest",  # as conftest sets
-    **compilation_cache,  # the same persistent cache as this process
-  }
+  command = train_command(small_config_file(tmp_path / "config.py", STEPS), url)
+  env = child_env(compilation_cache)
   (tmp_path / "tmp").mkdir()
   env["TMPDIR"] = str(tmp_path / "tmp")  # the killed run cannot remove its local TensorBoard directory
   log = tmp_path / "killed.log"  # a file, not a pipe: nobody reads a pipe while we poll, and a full one blocks

@@ -2,7 +2,10 @@
 tests/train and tests/gcs."""
 
 import json
+import os
+import sys
 
+from helpers.paths import TESTS
 from kimi_jax.train_config import base_config
 
 # A two-layer MoE model small enough to train in seconds on a CPU (byte-level vocabulary and then some).
@@ -44,3 +47,24 @@ def small_config(steps):
 def read_metrics(workdir):
   with open(workdir / "metrics.jsonl") as f:
     return [json.loads(line) for line in f]
+
+
+def small_config_file(path, steps, **updates):
+  """A config file at `path` whose get_config() is `small_config(steps)` with `updates`: what a CLI run under test
+  reads (`python -m kimi_jax.train --config path`). Returns `path`."""
+  path.write_text(
+    f"import sys\nsys.path.insert(0, {str(TESTS)!r})\n"
+    "from helpers.train import small_config\n\n\n"
+    f"def get_config():\n  c = small_config({steps})\n  c.update(**{updates!r})\n  return c\n"
+  )
+  return path
+
+
+def train_command(config, workdir):
+  return [sys.executable, "-m", "kimi_jax.train", "--config", str(config), "--workdir", str(workdir)]
+
+
+def child_env(compilation_cache):
+  """The environment of a trainer started by a test: CPU, float32 matmuls as tests/conftest.py sets, and the same
+  persistent compilation cache as this process (the `compilation_cache` fixture's variables)."""
+  return {**os.environ, "JAX_PLATFORMS": "cpu", "JAX_DEFAULT_MATMUL_PRECISION": "highest", **compilation_cache}

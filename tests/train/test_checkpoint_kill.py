@@ -11,11 +11,9 @@ which logs "Removing existing directory since it is not finalized")."""
 import os
 import random
 import subprocess
-import sys
 import time
 
-from helpers.paths import TESTS
-from helpers.train import read_metrics, small_config
+from helpers.train import child_env, read_metrics, small_config, small_config_file, train_command
 import numpy as np
 import pytest
 
@@ -77,19 +75,9 @@ def kill_during_a_save(command, env, work, log, after):
 def test_sigkill_during_an_async_save_resumes_from_the_previous_checkpoint(tmp_path, compilation_cache):
   from kimi_jax.checkpoint.manager import TrainCheckpointer
 
-  path = tmp_path / "config.py"
-  path.write_text(
-    f"import sys\nsys.path.insert(0, {str(TESTS)!r})\n"
-    "from helpers.train import small_config\n\n\n"
-    f"def get_config():\n  c = small_config({STEPS})\n  c.update(checkpoint_every={EVERY})\n  return c\n"
-  )
-  env = {
-    **os.environ,
-    "JAX_PLATFORMS": "cpu",
-    "JAX_DEFAULT_MATMUL_PRECISION": "highest",  # as conftest sets
-    **compilation_cache,  # the same persistent cache as this process
-  }
-  command = lambda work: [sys.executable, "-m", "kimi_jax.train", "--config", str(path), "--workdir", str(work)]
+  path = small_config_file(tmp_path / "config.py", STEPS, checkpoint_every=EVERY)
+  env = child_env(compilation_cache)
+  command = lambda work: train_command(path, work)
 
   # Kill during one of the saves of the first half of the run (each attempt a fresh workdir); a miss (the save
   # renamed before the kill landed) is retried.

@@ -7,12 +7,10 @@ import random
 import re
 import signal
 import subprocess
-import sys
 import time
 import warnings
 
-from helpers.paths import TESTS
-from helpers.train import read_metrics, small_config
+from helpers.train import child_env, read_metrics, small_config, small_config_file, train_command
 import numpy as np
 import pytest
 
@@ -79,19 +77,9 @@ STEPS = 200
 
 
 def test_sigterm_saves_at_the_step_in_flight_and_resumes_exactly(tmp_path, compilation_cache):
-  config = tmp_path / "config.py"
-  config.write_text(
-    f"import sys\nsys.path.insert(0, {str(TESTS)!r})\n"
-    "from helpers.train import small_config\n\n\n"
-    f"def get_config():\n  c = small_config({STEPS})\n  c.update(checkpoint_every=10)\n  return c\n"
-  )
-  env = {
-    **os.environ,
-    "JAX_PLATFORMS": "cpu",
-    "JAX_DEFAULT_MATMUL_PRECISION": "highest",  # as conftest sets
-    **compilation_cache,  # the same persistent cache as this process
-  }
-  command = lambda work: [sys.executable, "-m", "kimi_jax.train", "--config", str(config), "--workdir", str(work)]
+  config = small_config_file(tmp_path / "config.py", STEPS, checkpoint_every=10)
+  env = child_env(compilation_cache)
+  command = lambda work: train_command(config, work)
 
   work = tmp_path / "preempted"
   log = tmp_path / "preempted.log"  # a file, not a pipe: nobody reads a pipe while we poll
