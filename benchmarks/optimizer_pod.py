@@ -26,7 +26,8 @@ from kimi_jax import sharding
 from kimi_jax.backend import target_platform
 from kimi_jax.chips import HBM_BYTES_PER_S, PEAK_FLOPS
 from kimi_jax.model import LAYER_GROUPS
-from kimi_jax.tools.aot import abstract_training, collective_bytes, topology_devices
+from kimi_jax.tools.aot import abstract_training, topology_devices
+from kimi_jax.tools.hlo import hlo_stats
 from kimi_jax.train_config import load_run_config
 
 
@@ -72,7 +73,7 @@ def compile_update(c, devices, label) -> Row:
     label,
     float(cost.get("flops", 0.0)),
     float(cost.get("bytes accessed", 0.0)),
-    collective_bytes(compiled.as_text()),
+    hlo_stats(compiled.as_text(), len(mesh.devices.flat))["collective_bytes"],
     compiled.memory_analysis().temp_size_in_bytes,
     time.perf_counter() - t0,
   )

@@ -4,14 +4,15 @@
 
 Builds the abstract model, optimizer state and batch with their shardings over a mesh of the topology's chips
 (nothing is allocated), lowers and compiles `train.make_train_step` with libtpu, and reports per-chip bytes
-(arguments, temporaries, peak), FLOPs per step and the step time at a stated MFU.
+(arguments, temporaries, peak), FLOPs per step and the step time at a stated MFU, and the compiled program's dot
+FLOPs, HBM bytes and collective bytes per chip (`kimi_jax.tools.hlo.hlo_stats`; `--hlo_out` keeps its text).
+`benchmarks/aot_vs_maxtext.py` turns those into a roofline step time next to MaxText's.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 import re
 
@@ -27,6 +28,7 @@ from kimi_jax.chips import HBM_BYTES, PEAK_FLOPS
 from kimi_jax.config import ModelConfig
 from kimi_jax.data.batch import Batch
 from kimi_jax.model_stats import count_params, train_flops_per_step
+from kimi_jax.tools.hlo import hlo_stats
 from kimi_jax.train_config import model_config
 from kimi_jax.training.optimizer import build_optimizer
 from kimi_jax.training.state import TrainState, abstract_train_state, model_shapes
@@ -35,34 +37,7 @@ from kimi_jax.training.step import make_train_step
 # Flags (`python -m kimi_jax.tools.aot`); --config and --json are shared (kimi_jax/cli_flags.py).
 flags.DEFINE_string("topology", "v5p:8x8x8", "TPU topology, e.g. v5p:8x8x8 (512 chips), v6e:16x16.")
 flags.DEFINE_float("mfu", 0.4, "Model FLOPs utilisation assumed for the step-time estimate.")
-
-COLLECTIVES = ("all-reduce", "all-gather", "all-to-all", "reduce-scatter", "collective-permute")
-_DTYPE_BYTES = {
-  "pred": 1,
-  "s8": 1,
-  "u8": 1,
-  "bf16": 2,
-  "f16": 2,
-  "s16": 2,
-  "u16": 2,
-  "f32": 4,
-  "s32": 4,
-  "u32": 4,
-  "f64": 8,
-  "s64": 8,
-  "u64": 8,
-}
-
-
-def collective_bytes(hlo_text: str) -> dict[str, int]:
-  """Bytes of the results of each kind of collective in a compiled (per-device) HLO module's text."""
-  out = dict.fromkeys(COLLECTIVES, 0)
-  pattern = r"= (\(?[^=]*?) (" + "|".join(COLLECTIVES) + r")(?:-start)?\("
-  for match in re.finditer(pattern, hlo_text):
-    for dtype, dims in re.findall(r"\b([a-z]+\d*)\[([\d,]*)\]", match.group(1)):
-      if dtype in _DTYPE_BYTES:
-        out[match.group(2)] += _DTYPE_BYTES[dtype] * math.prod(int(d) for d in dims.split(",") if d)
-  return out
+flags.DEFINE_string("hlo_out", None, "Write the compiled (per-chip) HLO module's text to this file.")
 
 
 def topology_devices(topology: str) -> list:
@@ -106,8 +81,9 @@ def abstract_training(c, devices) -> AbstractTraining:
   return AbstractTraining(c, mesh, cfg, shapes.graphdef, tx, abstract_train_state(shapes, tx, mesh))
 
 
-def compile_train_step(c, topology: str, mfu: float = 0.4) -> dict:
-  """Lower and compile the train step for `topology`; returns the report dict."""
+def compile_train_step(c, topology: str, mfu: float = 0.4, hlo_out: str | None = None) -> dict:
+  """Lower and compile the train step for `topology`; returns the report dict (and writes the compiled HLO text to
+  `hlo_out` if given)."""
   devices = topology_devices(topology)
   chip = topology.split(":")[0]
   peak_flops, hbm = PEAK_FLOPS[chip], HBM_BYTES[chip]
@@ -138,8 +114,11 @@ def compile_train_step(c, topology: str, mfu: float = 0.4) -> dict:
       temp = float(needed.group(1)) * (1e9 if needed.group(2) == "G" else 1e12)
       return {**report, "temp_bytes_per_chip": int(temp), "fits": False, "error": "CompileTimeHbmOom"}
   memory = compiled.memory_analysis()
-  cost = compiled.cost_analysis()
-  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  text = compiled.as_text()
+  if hlo_out:
+    with open(hlo_out, "w") as f:
+      f.write(text)
+  stats = hlo_stats(text, len(devices))
   peak_bytes = (
     memory.argument_size_in_bytes + memory.output_size_in_bytes - memory.alias_size_in_bytes + memory.temp_size_in_bytes
   )
@@ -150,8 +129,16 @@ def compile_train_step(c, topology: str, mfu: float = 0.4) -> dict:
     "output_bytes_per_chip": memory.output_size_in_bytes,
     "peak_bytes_per_chip": peak_bytes,
     "fits": peak_bytes <= hbm,
-    # XLA's count for the compiled program; kernels' own estimates included where they give one.
-    "compiled_flops_per_step": float(cost.get("flops", 0.0)) * len(devices),
+    # hlo_stats: loop bodies weighted by trip count; dots XLA compiled (not inside Pallas kernels).
+    "hlo_dot_flops_per_chip": stats["dot_flops"],
+    "hlo_remat_dot_flops_per_chip": stats["remat_dot_flops"],
+    "hlo_forward_dot_flops_per_chip": stats["forward_dot_flops"],
+    "hlo_custom_call_flops_per_chip": stats["custom_call_flops"],
+    "hlo_hbm_bytes_accessed_per_chip": stats["hbm_bytes"],
+    "hlo_collective_bytes_per_chip": stats["collective_bytes"],
+    "hlo_collective_traffic_bytes_per_chip": stats["collective_traffic_bytes"],
+    "hlo_custom_calls": stats["custom_calls"],
+    "hlo_unknown_trip_counts": stats["unknown_trip_counts"],
     "mfu_assumed": mfu,
     "step_seconds_at_mfu": model_flops / (len(devices) * peak_flops * mfu),
   }
@@ -162,7 +149,7 @@ def main(argv):
   f = flags.FLAGS
   if f.config is None:
     raise app.UsageError("give --config (e.g. configs/kimi_k2.py)")
-  report = compile_train_step(f.config, f.topology, f.mfu)
+  report = compile_train_step(f.config, f.topology, f.mfu, f.hlo_out)
   if f.json:
     print(json.dumps(report))
     return
