@@ -107,19 +107,51 @@ def _mm(dtype: Any):
   return functools.partial(jnp.matmul, preferred_element_type=jnp.float32, precision=_precision(dtype))
 
 
+def _gram(t: jax.Array, out_dtype: Any = jnp.float32) -> jax.Array:
+  """t·tᵀ for t [..., m, n] as one dot_general contracting both operands' last axes, accumulated in float32 and
+  rounded once to out_dtype.
+
+  Not jnp.matmul(t, swapaxes(t)): XLA:CPU turns that transpose-then-dot into a float32 copy of t and a float32
+  dot, where this form runs the bf16 dot natively (measured ~2x faster on the Gram matrices of bf16 Newton–Schulz).
+  """
+  batch = tuple(range(t.ndim - 2))
+  dims = (((t.ndim - 1,), (t.ndim - 1,)), (batch, batch))
+  return jax.lax.dot_general(t, t, dims, precision=_precision(t.dtype), preferred_element_type=out_dtype)
+
+
+def _dot(a: jax.Array, b: jax.Array, out_dtype: Any) -> jax.Array:
+  """a·b for a [..., m, k], b [..., k, n], accumulated in float32 and rounded once to out_dtype by the dot itself
+  (on CPU a float32 result cast afterwards costs one more pass over the m×n matrix)."""
+  batch = tuple(range(a.ndim - 2))
+  dims = (((a.ndim - 1,), (b.ndim - 2,)), (batch, batch))
+  return jax.lax.dot_general(a, b, dims, precision=_precision(a.dtype), preferred_element_type=out_dtype)
+
+
 def newton_schulz_step(y: jax.Array, coeffs: Coeffs = NS_COEFFS) -> jax.Array:
   """One quintic step y ← a·y + (b·G + c·G²)·y with G = y·yᵀ, for y [..., m, n] (m ≤ n), in y's dtype.
 
   Each line is one multiply-add whose products accumulate in float32 and round to y's dtype once, as torch's addmm
   does and TPU/GPU matrix units do natively; rounding every product and sum separately in bf16 measured ~4x
-  further from the float32 result.
+  further from the float32 result. (The Pallas kernel's step; the XLA loop runs `_newton_schulz_step_xla`.)
   """
   a, b, c = coeffs
   dtype = y.dtype
   mm = _mm(dtype)
-  gram = mm(y, jnp.swapaxes(y, -1, -2)).astype(dtype)  # [..., m, m]
+  gram = _gram(y).astype(dtype)  # [..., m, m]
   poly = (b * gram.astype(jnp.float32) + c * mm(gram, gram)).astype(dtype)  # [..., m, m]
   return (a * y.astype(jnp.float32) + mm(poly, y)).astype(dtype)  # [..., m, n]
+
+
+def _newton_schulz_step_xla(y: jax.Array, coeffs: Coeffs = NS_COEFFS) -> jax.Array:
+  """`newton_schulz_step` with the same roundings, G rounded by its dot rather than by a cast after it (on CPU a
+  float32 result cast afterwards is one more pass). a·y stays out of the bf16 factor: folded in, (aI + P) would
+  round a itself (3.4445 → 3.4375 in bf16), biasing the polynomial at every step (measured 2x further from torch).
+  """
+  a, b, c = coeffs
+  dtype = y.dtype
+  gram = _gram(y, dtype)  # [..., m, m]
+  poly = (b * gram.astype(jnp.float32) + c * _dot(gram, gram, jnp.float32)).astype(dtype)  # [..., m, m]
+  return (a * y.astype(jnp.float32) + _dot(poly, y, jnp.float32)).astype(dtype)  # [..., m, n]
 
 
 def gram_newton_schulz(y: jax.Array, schedule: Sequence[Coeffs], restarts: Sequence[int] = GRAM_RESTARTS):
@@ -134,20 +166,31 @@ def gram_newton_schulz(y: jax.Array, schedule: Sequence[Coeffs], restarts: Seque
   dtype = y.dtype
   mm = _mm(dtype)
   f32 = lambda t: t.astype(jnp.float32)
-  gram = lambda t: mm(t, jnp.swapaxes(t, -1, -2)).astype(dtype)
+  gram = lambda t: _gram(t, dtype)
   eye = jnp.eye(y.shape[-2], dtype=jnp.float32)
   r, q = gram(y), None  # [..., m, m]
   last = len(schedule) - 1
   for i, (a, b, c) in enumerate(schedule):
     if i in restarts and q is not None:
-      y = mm(q, y).astype(dtype)
+      y = _dot(q, y, dtype)
       r, q = gram(y), None
     z = (b * f32(r) + c * mm(r, r)).astype(dtype)  # [..., m, m]
     q = (a * eye + f32(z)).astype(dtype) if q is None else (a * f32(q) + mm(q, z)).astype(dtype)
     if i < last and i + 1 not in restarts:
       rz = (a * f32(r) + mm(r, z)).astype(dtype)  # R·(aI + Z)
       r = (a * f32(rz) + mm(z, rz)).astype(dtype)  # (aI + Z)·R·(aI + Z)
-  return mm(q, y).astype(dtype)
+  return _dot(q, y, dtype)
+
+
+def _transposed_copy(y: jax.Array) -> jax.Array:
+  """swapaxes(y, -1, -2), materialised row-major (one pass, fused with whatever produced y).
+
+  A plain swapaxes is a layout change XLA folds into the dots that read it: on CPU, a bf16 dot whose operand is
+  not row-major, or that contracts an operand's leading matrix axis (YᵀY), is converted to float32 (~2x slower
+  here). Flattening the matrix axes behind an optimization barrier forces the transposed copy.
+  """
+  t = jnp.swapaxes(y, -1, -2)
+  return jax.lax.optimization_barrier(t.reshape(*t.shape[:-2], -1)).reshape(t.shape)
 
 
 def _gram_pays(m: int, n: int, steps: int, restarts: Sequence[int]) -> bool:
@@ -163,9 +206,10 @@ def _gram_pays(m: int, n: int, steps: int, restarts: Sequence[int]) -> bool:
 
 
 def _fits_kernel(m: int, n: int, dtype: Any) -> bool:
-  from pallas_kernels.matrix_iteration import VMEM_LIMIT_BYTES, vmem_bytes
+  """Whether the matrix_iteration kernel holds an m×n matrix in the VMEM of the chip compiled for (16 MiB on v4)."""
+  from pallas_kernels.matrix_iteration import fits
 
-  return vmem_bytes(m, n, dtype) <= VMEM_LIMIT_BYTES
+  return fits(m, n, dtype)
 
 
 def newton_schulz(
@@ -208,11 +252,11 @@ def newton_schulz(
   schedule, norm_scale = ns_schedule(coeffs, steps)
   tall = x.shape[-2] > x.shape[-1]
   x32 = x.astype(jnp.float32)
-  if tall:  # iterate on [..., m, n] so the Gram matrices are the small m×m ones
-    x32 = jnp.swapaxes(x32, -1, -2)
   # The norm is taken in float32 before the cast: it bounds every singular value by 1, which the iteration needs.
   norm = jnp.sqrt(jnp.sum(jnp.square(x32), axis=(-2, -1), keepdims=True))
-  y = (x32 / (norm * norm_scale + eps)).astype(dtype)  # [..., m, n]
+  y = (x32 / (norm * norm_scale + eps)).astype(dtype)  # [..., I, J]
+  if tall:  # iterate on [..., m, n] so the Gram matrices are the small m×m ones
+    y = _transposed_copy(y)
   m, n = y.shape[-2:]
   if impl == "auto":  # kimi_jax.optim needs only jax and optax, so not kimi_jax.backend: this host's backend decides
     impl = "pallas" if jax.default_backend() == "tpu" else "xla"
@@ -232,9 +276,9 @@ def newton_schulz(
     y = flat.reshape(y.shape)
   else:
     for step_coeffs in schedule:  # unrolled: XLA's cost analysis counts a while loop's body once
-      y = newton_schulz_step(y, step_coeffs)
-  if tall:
-    y = jnp.swapaxes(y, -1, -2)
+      y = _newton_schulz_step_xla(y, step_coeffs)
+  if tall:  # behind a barrier, so that XLA cannot fold the transpose into the last dot (as a slow TN dot on CPU)
+    y = jnp.swapaxes(jax.lax.optimization_barrier(y), -1, -2)
   return y.astype(x.dtype)
 
 
