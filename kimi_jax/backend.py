@@ -11,8 +11,11 @@ to decide what to run.
     newton_schulz    xla, pallas                      xla         pallas             xla
     expert_parallel  all_to_all, ragged_all_to_all    all_to_all  ragged_all_to_all  ragged_all_to_all
 
-`auto` uses a kernel only where it has been compiled for the platform (TPU, checked ahead of time); GPU keeps the
-XLA paths until the Triton kernels have been measured on hardware. XLA:CPU has no ragged all-to-all, and its
+`auto` uses a kernel only where it has been compiled for the platform (TPU v4, v5e, v5p, v6e, checked ahead of time in
+tests/pallas/test_kernels_aot.py). GPU keeps the XLA paths: the Pallas Triton backend the GPU kernels use is
+deprecated, the flash-attention backward spills registers on an H100 (tests/pallas/test_gpu_aot.py, compiled without
+a GPU), and gmm and mla_decode, which compile cleanly, are unmeasured on hardware (pallas_kernels/README.md, GPU
+route). XLA:CPU has no ragged all-to-all, and its
 `ragged_dot` is a dense masked product, hence `blocked`. An explicit `pallas` runs the kernel natively on TPU and
 GPU and in Pallas interpret mode elsewhere (`pallas_options`): slow, but it executes the kernel body, which is
 what the CPU tests want.

@@ -11,8 +11,12 @@ import jax.numpy as jnp
 IMPLS = ("auto", "xla", "tpu", "gpu")
 
 
-def resolve_impl(impl: str) -> str:
-  """Maps "auto" to the kernel for the default backend: tpu, gpu, or xla (CPU)."""
+def resolve_impl(impl: str, gpu: bool = True) -> str:
+  """Maps "auto" to the kernel for the default backend: tpu, gpu, or xla (CPU).
+
+  gpu: whether the op's GPU kernel is one `auto` may pick, i.e. it compiles for an H100 without register spills
+  (tests/pallas/test_gpu_aot.py); if not, `auto` on GPU gives "xla". An explicit "gpu" always runs the kernel.
+  """
   if impl not in IMPLS:
     raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
   if impl != "auto":
@@ -21,8 +25,17 @@ def resolve_impl(impl: str) -> str:
   if platform == "tpu":
     return "tpu"
   if platform in ("gpu", "cuda", "rocm"):
-    return "gpu"
+    return "gpu" if gpu else "xla"
   return "xla"
+
+
+def target_device_kind() -> str:
+  """The device kind being compiled for: the current abstract mesh's device (an ahead-of-time target), else this
+  host's first device (e.g. "TPU v4", "NVIDIA H100 80GB HBM3", "cpu")."""
+  abstract = jax.sharding.get_abstract_mesh().abstract_device
+  if abstract is not None:
+    return abstract.device_kind
+  return jax.devices()[0].device_kind
 
 
 # What every kernel (TPU Mosaic, GPU Triton) and its XLA reference accept for float operands.

@@ -106,8 +106,10 @@ def _gmm_kernel(
         dims = (((1,), (0,)), ((), ()))
       return acc + lax.dot_general(x, w, dims, preferred_element_type=jnp.float32, precision=precision)
 
-    # Zero-fill items run no K steps.
-    acc = lax.fori_loop(0, jnp.where(kind == 2, nk, 0), body, jnp.zeros((tm, tn), jnp.float32))
+    # Zero-fill items run no K steps. Typed scalars: the Triton lowering gives a weakly typed literal in a scalar
+    # select the predicate's type (i1), which Triton rejects (see pallas_kernels/README.md, GPU route).
+    steps = jnp.where(kind == 2, jnp.int32(nk), jnp.int32(0))
+    acc = lax.fori_loop(0, steps, body, jnp.zeros((tm, tn), jnp.float32))
     rows = row0 + lax.broadcasted_iota(jnp.int32, (tm, tn), 0)
     in_group = (rows >= glo_ref[i]) & (rows < ghi_ref[i])
     in_store = (rows >= lo_ref[i]) & (rows < hi_ref[i])
@@ -142,7 +144,7 @@ def _tgmm_kernel(gs_ref, ge_ref, lhs_ref, dout_ref, out_ref, *, tm, tk, tn, prec
   kb, nb, g = pl.program_id(0), pl.program_id(1), pl.program_id(2)
   lo, hi = gs_ref[g], ge_ref[g]
   first = lo // tm
-  num_tiles = jnp.where(hi > lo, (hi - 1) // tm - first + 1, 0)
+  num_tiles = jnp.where(hi > lo, (hi - 1) // tm - first + 1, jnp.int32(0))  # typed 0: see _gmm_kernel
 
   def body(t, acc):
     row0 = (first + t) * tm

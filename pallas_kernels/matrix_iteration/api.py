@@ -16,11 +16,24 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels._common import check_float, resolve_impl
+from pallas_kernels._common import check_float, resolve_impl, target_device_kind
 
 # Default scoped-VMEM limit requested for the kernel, and the largest per-program footprint `vmem_bytes` may
-# report for it to be used. Every TPU from v4 on has at least 32 MiB of VMEM per core.
+# report for it to be used, on TPUs from v5e on. TPU v4 has 16 MiB of VMEM per core (libtpu refuses a 576 × 2048
+# bf16 matrix there: "Used 18.13M of 16.00M vmem"), so `vmem_limit(...)` halves the budget for it.
 VMEM_LIMIT_BYTES = 32 << 20
+_SMALL_VMEM_KINDS = ("TPU v2", "TPU v3", "TPU v4")  # 16 MiB of VMEM per core
+
+
+def vmem_limit(device_kind: str | None = None) -> int:
+  """The VMEM budget for one kernel program on `device_kind` (default: the chip being compiled for)."""
+  kind = target_device_kind() if device_kind is None else device_kind
+  return 16 << 20 if kind.startswith(_SMALL_VMEM_KINDS) else VMEM_LIMIT_BYTES
+
+
+def fits(m: int, n: int, dtype, device_kind: str | None = None) -> bool:
+  """Whether the kernel can hold an m×n matrix of `dtype` on `device_kind` (default: the chip compiled for)."""
+  return vmem_bytes(m, n, dtype) <= vmem_limit(device_kind)
 
 
 def vmem_bytes(m: int, n: int, dtype) -> int:
@@ -50,7 +63,9 @@ def matrix_iteration(
     flops_per_step: FLOPs of one step on one matrix, for XLA's cost model of the kernel.
     impl: "auto" (tpu on TPU, xla elsewhere), "xla" (a loop of `step` over the batch) or "tpu" (Pallas Mosaic).
     interpret: run the TPU kernel in interpret mode (CPU testing).
-    vmem_limit_bytes: scoped VMEM requested for the kernel; see `vmem_bytes` for what one matrix needs.
+    vmem_limit_bytes: scoped VMEM requested for the kernel (capped at `vmem_limit()` for the chip compiled for);
+      see `vmem_bytes` for what one matrix needs. A matrix over the chip's budget (`fits`) runs the XLA loop
+      even with impl "tpu" (the kernel would not compile there), unless interpret.
 
   Returns:
     [B, m, n] in x's dtype.
@@ -61,6 +76,10 @@ def matrix_iteration(
   impl = resolve_impl(impl)
   if impl == "gpu":
     impl = "xla"  # no GPU kernel: a 256×512 bf16 matrix alone exceeds an H100 SM's 228 KB of shared memory
+  if impl == "tpu" and not interpret:
+    vmem_limit_bytes = min(vmem_limit_bytes, vmem_limit())
+    if not fits(*x.shape[1:], x.dtype):
+      impl = "xla"
   if impl == "xla":
     for _ in range(num_steps):
       x = step(x)

@@ -13,6 +13,7 @@ import importlib.util
 import os
 
 import jax
+import jax.experimental.topologies
 import jax.numpy as jnp
 import pytest
 
@@ -26,7 +27,9 @@ needs_libtpu = pytest.mark.skipif(
   not HAVE_LIBTPU, reason="libtpu is not installed (pip install libtpu), so no TPU compiler"
 )
 
-TOPOLOGIES = ["v5p:2x2x1", "v6e:2x2"]
+# v5p and v6e (pods), v5e (Colab's TPU runtime, and v5litepod slices), v4. libtpu takes "<chip>:<shape>" (v5e and
+# v6e 2-D, v4 and v5p 3-D); v4 compiles are slow-marked to keep the default run short.
+TOPOLOGIES = ["v5p:2x2x1", "v6e:2x2", "v5e:2x2", pytest.param("v4:2x2x1", marks=pytest.mark.slow)]
 
 
 def _tpu_target(topology):
@@ -52,6 +55,7 @@ def _compile_for_tpu(topology, f, *shapes):
   with ctx:
     compiled = jax.jit(f).trace(*(aval(*sd) for sd in shapes)).lower().compile()
   assert compiled.memory_analysis() is not None
+  return compiled
 
 
 def _gmm_fwd_bwd(impl):
@@ -178,4 +182,16 @@ def test_matrix_iteration_compiles_for_tpu(topology, shape):
   from kimi_jax.optim import newton_schulz_step  # the step MuonClip runs (this test may import kimi_jax)
 
   f = lambda x: pk.matrix_iteration.matrix_iteration(x, newton_schulz_step, 5, impl="tpu")
-  _compile_for_tpu(topology, f, (shape, jnp.bfloat16))
+  compiled = _compile_for_tpu(topology, f, (shape, jnp.bfloat16))
+  # Where the matrix fits the chip's VMEM the kernel is used; elsewhere (576 × 2048 on v4: libtpu reports "Used
+  # 18.13M of 16.00M vmem" for the kernel) matrix_iteration takes the XLA loop instead of failing to compile.
+  kind = jax.experimental.topologies.get_topology_desc(topology, "tpu").devices[0].device_kind
+  uses_kernel = "tpu_custom_call" in compiled.as_text()
+  assert uses_kernel == pk.matrix_iteration.fits(m, n, jnp.bfloat16, kind), (kind, uses_kernel)
+
+
+def test_matrix_iteration_vmem_budget_per_chip():
+  """TPU v4 has 16 MiB of VMEM per core, v5e/v5p/v6e at least 32 MiB: the largest proxy matrix fits only the latter."""
+  fits = pk.matrix_iteration.fits
+  assert not fits(576, 2048, jnp.bfloat16, "TPU v4") and fits(576, 2048, jnp.bfloat16, "TPU v5 lite")
+  assert fits(512, 512, jnp.bfloat16, "TPU v4") and fits(576, 2048, jnp.bfloat16, "TPU v6 lite")
