@@ -39,7 +39,9 @@ from __future__ import annotations
 
 import bisect
 from collections.abc import Callable, Iterator
+import contextlib
 import dataclasses
+import functools
 import itertools
 import json
 import math
@@ -68,7 +70,7 @@ from kimi_jax.checkpoint.hf_write import write_release
 from kimi_jax.checkpoint.host_ops import transpose_cast
 from kimi_jax.checkpoint.io_util import progress_bar, run_bounded, write_json
 from kimi_jax.checkpoint.safetensors import TensorSpec
-from kimi_jax.checkpoint.workdir import as_path, check_bucket, is_url, list_dir
+from kimi_jax.checkpoint.workdir import CONFIG_FILE, STATE_DIR, as_path, check_bucket, is_url, list_dir
 from kimi_jax.config import ModelConfig
 
 PIECE_ELEMENTS = 1 << 22  # 4 Mi elements: 16 MiB as f32; a K2 expert matrix (14.7 Mi) is 4 pieces
@@ -131,8 +133,6 @@ def hf_to_orbax(
   writes the metadata and config.json; the others return when their share is done. The result restores to the
   same arrays, bit for bit, as a one-process conversion. Resuming works with any process count.
   """
-  from kimi_jax.checkpoint.model_io import STATE_DIR, save_config
-
   if dtype not in _DTYPES:
     raise ValueError(f"dtype {dtype!r} not in {sorted(_DTYPES)}")
   workers = workers or default_workers()
@@ -144,6 +144,31 @@ def hf_to_orbax(
   start = time.perf_counter()
   ckpt = HFCheckpoint(hf_dir)
   cfg = ckpt.config(param_dtype=dtype)
+  # The decode programs compile on a thread of their own while the model's shapes are worked out and the target
+  # arrays created (seconds of start-up a small conversion would otherwise spend before and between its pieces).
+  precompiler = Precompiler(decode_programs(ckpt, cfg, _DTYPES[dtype], piece_elements))
+  try:
+    return _hf_to_orbax(
+      ckpt, cfg, out_dir, dtype, workers, piece_elements, progress, process_index, process_count, wait_timeout, start
+    )
+  finally:
+    precompiler.close()
+
+
+def _hf_to_orbax(
+  ckpt: HFCheckpoint,
+  cfg: ModelConfig,
+  out_dir: str,
+  dtype: str,
+  workers: int,
+  piece_elements: int,
+  progress: bool,
+  process_index: int,
+  process_count: int,
+  wait_timeout: float | None,
+  start: float,
+) -> Stats:
+  hf_dir = ckpt.directory
   leaves = flatten(abstract_state(cfg))
   entries = checked_entries(ckpt, cfg, leaves)  # every tensor is checked before anything is written
   skipped = Stats(skipped_tensors=len(ckpt.skipped), skipped_bytes=ckpt.skipped_bytes())
@@ -193,7 +218,8 @@ def hf_to_orbax(
       entry, rows = piece
       target = arrays[entry.path]
       value = ckpt.read(entry.hf_name, rows, transpose=entry.transpose, dtype=target.dtype.numpy_dtype)
-      target[entry.target(target.rank, rows)].write(value).result()
+      # Never changed again, so tensorstore may encode the chunks from `value` itself rather than from a copy.
+      target[entry.target(target.rank, rows)].write(value, can_reference_source_data_indefinitely=True).result()
       read = int(stored[entry.hf_name] * (rows[1] - rows[0]))
       log.add(_key(entry, rows))  # logged only once committed: a rerun redoes anything not logged
       with log_lock:
@@ -225,13 +251,62 @@ def hf_to_orbax(
   carried = ckpt_layout.carried(hf_config)
   if carried is not None:  # written before the status file marks the conversion complete
     _write_json(out / layouts.WRAPPER_FILE, carried)
-  save_config(out_dir, cfg)
+  _write_json(out / CONFIG_FILE, cfg.to_dict())  # model_io.save_config's file
   stats.seconds = time.perf_counter() - start
   _write_json(out / STATUS_FILE, {**status, "complete": True, "seconds": stats.seconds})
   for path in list_dir(out):
     if _LOG_RE.fullmatch(path.name) or _DONE_RE.fullmatch(path.name):
       path.unlink()
   return stats
+
+
+def decode_programs(ckpt: HFCheckpoint, cfg: ModelConfig, dtype: np.dtype, piece_elements: int) -> list:
+  """The host programs (quant.Program) that decoding every piece of `ckpt`'s FP8/INT4 tensors into `dtype` runs,
+  each once, in the order the pieces first need them; from the shard headers alone. [] if the checkpoint does
+  not check out (the conversion then reports why)."""
+  try:
+    scheme = quant.scheme_from_hf(ckpt.text_config, "config.json")
+    fp8 = scheme if isinstance(scheme, quant.Fp8Scheme) else quant.Fp8Scheme()  # as HFCheckpoint reads them
+    int4 = scheme if isinstance(scheme, quant.Int4Scheme) else quant.Int4Scheme()
+    programs: dict = {}
+    for entry in tensor_map(cfg, ckpt.layout):
+      name, shape = entry.hf_name, ckpt.shape(entry.hf_name)
+      if len(shape) != 2:
+        continue
+      if name + quant.FP8_SCALE_SUFFIX in ckpt.weight_map:
+        make = functools.partial(quant.fp8_programs, block=fp8.block)
+      elif name + quant.INT4_SUFFIXES[0] in ckpt.weight_map:
+        make = functools.partial(quant.int4_programs, group=int4.group)
+      else:
+        continue
+      for rows in dict.fromkeys(r1 - r0 for r0, r1 in _row_ranges(shape[0], block_rows(shape, piece_elements))):
+        for p in make(rows, shape[1], transpose=entry.transpose, dtype=leaf_dtype(entry.path, dtype)):
+          programs.setdefault(p)
+    return list(programs)
+  except (CheckpointError, ValueError, OSError):
+    return []
+
+
+class Precompiler:
+  """Compiles `programs` (quant.precompile) in order on a thread of its own. A worker that needs one before the
+  thread reaches it compiles it itself (the thread then skips it); errors are left for that worker to meet."""
+
+  def __init__(self, programs: list):
+    self._stop = threading.Event()
+    self._thread = threading.Thread(target=self._run, args=(programs,), name="precompile", daemon=True)
+    self._thread.start()
+
+  def _run(self, programs: list) -> None:
+    for program in programs:
+      if self._stop.is_set():
+        return
+      with contextlib.suppress(Exception):  # the worker decoding such a piece compiles it again and raises
+        quant.precompile([program])
+
+  def close(self) -> None:
+    """Stop after the program being compiled (if any) and wait for the thread."""
+    self._stop.set()
+    self._thread.join()
 
 
 def default_workers() -> int:

@@ -18,12 +18,10 @@ from flax import nnx
 import jax
 import orbax.checkpoint as ocp
 
-from kimi_jax.checkpoint.workdir import RUN_CONFIG_FILE, Workdir, as_path, check_bucket
+from kimi_jax.checkpoint.workdir import CONFIG_FILE, RUN_CONFIG_FILE, STATE_DIR, Workdir, as_path, check_bucket
 from kimi_jax.config import ModelConfig
 from kimi_jax.model_stats import abstract_model
 
-CONFIG_FILE = "config.json"
-STATE_DIR = "state"
 PyTree = Any
 
 

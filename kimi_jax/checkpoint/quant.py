@@ -17,9 +17,11 @@ the [in, out] orientation of our kernels.
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import functools
 import math
+import threading
 from typing import Any
 
 import ml_dtypes
@@ -108,10 +110,11 @@ def fp8_dequantize(
   s_rows = np.ascontiguousarray(scale.astype(np.float32, copy=False)[rows])  # [r, ceil(C/bc)]: small
   if _host_device() is None or not _normal_products(s_rows, _FP8_MIN_CODE):
     return _fp8_dequantize_numpy(wq, s_rows, bc, transpose, dtype)
+  programs = fp8_programs(r, c, block, transpose=transpose, dtype=dtype)
   q = wq.view(np.uint8)
   if transpose:  # bytes first (XLA transposes fastest alone), then one pass of [C, r] with the scale along rows
-    return _run(_fp8_decode, _run(_transpose, q), np.ascontiguousarray(s_rows.T), bc=bc, axis=0, dtype=dtype)
-  return _run(_fp8_decode, q, s_rows, bc=bc, axis=1, dtype=dtype)
+    return _run(programs[1], _run(programs[0], q, host=False), np.ascontiguousarray(s_rows.T))
+  return _run(programs[0], q, s_rows)
 
 
 def _fp8_dequantize_numpy(wq, s_rows, bc, transpose, dtype) -> np.ndarray:
@@ -175,18 +178,108 @@ def int4_dequantize(
     else:
       out = (q.reshape(q.shape[0], -1, group) * scale[:, :, None]).reshape(q.shape)
     return out.astype(dtype, copy=False)
+  programs = int4_programs(packed.shape[0], columns, group, transpose=transpose, dtype=dtype)
   words = packed.view(np.uint32)
   if transpose:  # words first: [C/8, R], then nibbles unfold along rows, the scale [C/G, R] along rows too
-    return _run(_int4_decode, _run(_transpose, words), np.ascontiguousarray(scale.T), group=group, axis=0, dtype=dtype)
-  return _run(_int4_decode, words, scale, group=group, axis=1, dtype=dtype)
+    return _run(programs[1], _run(programs[0], words, host=False), np.ascontiguousarray(scale.T))
+  return _run(programs[0], words, scale)
 
 
 # XLA on the host CPU ---------------------------------------------------------------------------------------------
 # Measured per core (benchmarks/convert.py, "decode" rows): XLA's fused float8 → float32 convert, scale multiply and
 # cast runs at ~1.3-1.8 GB/s of FP8 input, where numpy's 256-entry table plus multiply runs at ~0.3 and astype at
 # ~0.13. XLA's transposes are fastest on the narrow input alone (1-byte codes, 4-byte INT4 words): transposing
-# inside the fused decode halves its speed. Each distinct piece shape compiles once (tens of ms; a release has a
-# few dozen). The computations run on the CPU device even where the default backend is an accelerator.
+# inside the fused decode halves its speed. The computations run on the CPU device even where the default backend
+# is an accelerator.
+#
+# Each program (a decode or transpose for one piece shape, dtype and block) is compiled once per process, ahead of
+# time (`jax.jit(...).lower(...).compile()`), by the first thread that asks; others asking meanwhile wait for it.
+# A compile takes ~0.1-0.2 s of one core (tracing and lowering hold the GIL for a third of it) and a K2 release has
+# a dozen piece shapes, two programs each: seconds that matter next to a small model's conversion. `precompile`
+# lets a converter compile them all from the shard headers, on a thread of its own, while it starts up; and a
+# persistent compilation cache (jax_compilation_cache_dir, which the convert CLI sets) turns a later run's
+# compiles into a lookup (~10-20 ms each).
+
+Program = tuple[str, tuple[tuple[tuple[int, ...], np.dtype], ...], tuple[tuple[str, Any], ...]]
+"""(name, ((shape, dtype) of each argument, ...), sorted static arguments): one compiled host program."""
+
+
+def fp8_programs(
+  rows: int, columns: int, block: tuple[int, int], *, transpose: bool, dtype: np.dtype | None = None
+) -> list[Program]:
+  """The programs `fp8_dequantize` runs on a [rows, columns] block of codes, in order."""
+  u8, f32, n = np.dtype(np.uint8), np.dtype(np.float32), math.ceil(columns / block[1])
+  dtype = np.dtype(np.float32 if dtype is None else dtype)
+  if transpose:
+    decode = (((columns, rows), u8), ((n, rows), f32))
+    return [("transpose", (((rows, columns), u8),), ()), ("fp8", decode, _static(bc=block[1], axis=0, dtype=dtype))]
+  return [("fp8", (((rows, columns), u8), ((rows, n), f32)), _static(bc=block[1], axis=1, dtype=dtype))]
+
+
+def int4_programs(
+  rows: int, columns: int, group: int, *, transpose: bool, dtype: np.dtype | None = None
+) -> list[Program]:
+  """The programs `int4_dequantize` runs on [rows, columns] values (packed [rows, columns/8]), in order."""
+  u32, f32, words = np.dtype(np.uint32), np.dtype(np.float32), columns // _INT4_PER_WORD
+  dtype = np.dtype(np.float32 if dtype is None else dtype)
+  if transpose:
+    decode = (((words, rows), u32), ((columns // group, rows), f32))
+    return [("transpose", (((rows, words), u32),), ()), ("int4", decode, _static(group=group, axis=0, dtype=dtype))]
+  return [("int4", (((rows, words), u32), ((rows, columns // group), f32)), _static(group=group, axis=1, dtype=dtype))]
+
+
+def precompile(programs: list[Program]) -> int:
+  """Compile those of `programs` no thread has compiled or started to (others are skipped, not waited for).
+  Returns how many it compiled; 0 where no CPU backend is available (the numpy paths need none)."""
+  if _host_device() is None:
+    return 0
+  return sum(_program(p, wait=False) is not None for p in programs)
+
+
+def _static(**kwargs) -> tuple[tuple[str, Any], ...]:
+  return tuple(sorted(kwargs.items()))
+
+
+_PROGRAMS: dict[Program, concurrent.futures.Future] = {}
+_PROGRAMS_LOCK = threading.Lock()
+
+
+def _program(program: Program, wait: bool = True):
+  """The compiled executable of `program`: compiled here if no thread has started it, else the other thread's
+  (waited for; with `wait=False`, None at once). A failed compile is forgotten, so the next caller retries."""
+  with _PROGRAMS_LOCK:
+    future = _PROGRAMS.get(program)
+    mine = future is None
+    if mine:
+      future = _PROGRAMS[program] = concurrent.futures.Future()
+  if not mine:
+    return future.result() if wait else None
+  try:
+    future.set_result(_compile(program))
+  except BaseException as e:
+    with _PROGRAMS_LOCK:
+      del _PROGRAMS[program]
+    future.set_exception(e)
+    raise
+  return future.result()
+
+
+def _compile(program: Program):
+  import jax
+
+  name, args, static = program
+  sharding = jax.sharding.SingleDeviceSharding(_host_device())
+  specs = [jax.ShapeDtypeStruct(shape, dtype, sharding=sharding) for shape, dtype in args]
+  return _jit(name).lower(*specs, **dict(static)).compile()
+
+
+def _run(program: Program, *args: np.ndarray, host: bool = True):
+  """Run `program` on the CPU device; a numpy array (host=False: the jax.Array, to feed another program)."""
+  import jax
+
+  device = _host_device()
+  out = _program(program)(*(jax.device_put(a, device) for a in args))
+  return np.asarray(out) if host else out
 
 
 _FP8_MIN_CODE = 2.0**-9  # the smallest nonzero |e4m3| value (a subnormal of e4m3, a normal float32)
@@ -208,14 +301,6 @@ def _host_device():
     return jax.devices("cpu")[0]
   except Exception:  # no CPU backend (JAX_PLATFORMS without cpu): numpy
     return None
-
-
-def _run(fn, x: np.ndarray, *args, **static) -> np.ndarray:
-  import jax
-
-  device = _host_device()
-  out = fn(jax.device_put(x, device), *(jax.device_put(a, device) for a in args), **static)
-  return np.asarray(out)
 
 
 @functools.cache
@@ -258,15 +343,3 @@ def _jit(name: str):
   }
   fn, static = fns[name]
   return jax.jit(fn, static_argnames=static)
-
-
-def _transpose(x, **_):
-  return _jit("transpose")(x)
-
-
-def _fp8_decode(q, s, **static):
-  return _jit("fp8")(q, s, **static)
-
-
-def _int4_decode(w, s, **static):
-  return _jit("int4")(w, s, **static)

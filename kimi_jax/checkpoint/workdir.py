@@ -36,6 +36,9 @@ from etils import epath
 from kimi_jax.config import ModelConfig
 
 RUN_CONFIG_FILE = "run_config.json"
+# A model checkpoint directory (model_io, the converters): the model config and the Orbax state beside it.
+CONFIG_FILE = "config.json"
+STATE_DIR = "state"
 CHECKPOINTS_DIR = "checkpoints"
 METRICS_FILE = "metrics.jsonl"
 TENSORBOARD_DIR = "tensorboard"
