@@ -1,4 +1,5 @@
-"""Compile the GPU kernels for an H100 on this CPU host (no GPU) and report, per kernel, launch grid and shared memory.
+"""Compile the GPU kernels, and the train step, for H100s on this CPU host (no GPU): per kernel, launch grid and shared
+memory; per train step, memory per GPU and the compiled program's FLOPs, HBM bytes and collective bytes.
 
 Needs the CUDA plugin, kept out of the project's environment (one command; ~5 GB of NVIDIA wheels):
 
@@ -7,6 +8,15 @@ Needs the CUDA plugin, kept out of the project's environment (one command; ~5 GB
        > /work/gpu-venv/lib/python3.12/site-packages/zz_main_venv.pth
 
   /work/gpu-venv/bin/python benchmarks/gpu_aot.py [--json] [--spills-fail] [case ...]
+  /work/gpu-venv/bin/python benchmarks/gpu_aot.py --step proxy     # configs/proxy.py on 8 H100s, both kernel sets
+  /work/gpu-venv/bin/python benchmarks/gpu_aot.py --step k2 [--set mesh=fsdp=8,expert=64] [--set microbatches=2]
+
+`--step` compiles `kimi_jax.tools.aot.compile_train_step` for an "h100:<slices>x<hosts>x<GPUs per host>" topology
+(kimi_jax/tools/gpu_target.py), once with our Pallas GPU kernels (moe_impl and attention_impl "pallas") and once with
+`ragged_dot` / XLA attention ("ragged", "xla"), each in its own process, and prints them side by side: arguments,
+temporaries and peak per GPU against 80 GiB (79.1 GiB usable), dot FLOPs XLA compiled (FLOPs inside the Triton
+kernels are not counted: they declare none), HBM and collective bytes per GPU (`kimi_jax.tools.hlo.hlo_stats`).
+XLA's `cost_analysis()` returns None for these compile-only devices; `memory_analysis()` works.
 
 How: `jax.experimental.topologies.get_topology_desc(platform="cuda", target_config=<H100 spec>, topology="1x1x1")`
 gives compile-only H100 devices (jax-ml/jax#33542); the Pallas Triton lowering reads the target GPU from an abstract
@@ -28,35 +38,10 @@ import sys
 import tempfile
 import time
 
-# K2 on an H100 (SXM, 80 GB); XLA's own spec (xla/backends/gpu/target_config/specs/h100_sxm.txtpb), the fields
-# this plugin version parses.
-H100_TARGET_CONFIG = """
-gpu_device_info {
-  threads_per_block_limit: 1024
-  threads_per_warp: 32
-  shared_memory_per_block: 49152
-  shared_memory_per_core: 233472
-  threads_per_core_limit: 2048
-  core_count: 132
-  fpus_per_core: 128
-  block_dim_limit_x: 2147483647
-  block_dim_limit_y: 65535
-  block_dim_limit_z: 65535
-  memory_bandwidth: 3352320000000
-  l2_cache_size: 52428800
-  clock_rate_ghz: 1.98
-  device_memory_size: 84942979072
-  shared_memory_per_block_optin: 232448
-  cuda_compute_capability { major: 9 }
-  registers_per_core_limit: 65536
-  registers_per_block_limit: 65536
-}
-platform_name: "CUDA"
-dnn_version_info { major: 9 minor: 8 }
-runtime_version { major: 12 minor: 8 }
-device_description_str: "NVIDIA H100 80GB HBM3"
-"""
-H100_SHARED_MEMORY_PER_BLOCK_OPTIN = 232448
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo: kimi_jax, pallas_kernels
+
+from kimi_jax.tools import gpu_target  # noqa: E402
+from kimi_jax.tools.gpu_target import H100_SHARED_MEMORY_PER_BLOCK_OPTIN  # noqa: E402
 
 KERNEL_NAMES = ("gmm_gpu", "tgmm_gpu", "flash_fwd_gpu", "flash_dq_gpu", "flash_dkv_gpu", "mla_decode_gpu")
 
@@ -124,12 +109,10 @@ def _thunk_kernels(dump_dir: str, module: str) -> list[dict]:
 def compile_kernels(names=None) -> list[dict]:
   """Compiles each case for one H100; returns a row per case: ok, error, seconds, kernels (from the thunk dump)."""
   import jax
-  from jax.experimental import topologies
 
-  device = topologies.get_topology_desc(platform="cuda", target_config=H100_TARGET_CONFIG, topology="1x1x1").devices[0]
+  device = gpu_target.gpu_devices("h100", "1x1x1")[0]
   single = jax.sharding.SingleDeviceSharding(device)
-  abstract = jax.sharding.AbstractDevice(device_kind=device.device_kind, num_cores=None, platform="cuda")
-  mesh = jax.sharding.AbstractMesh((1,), ("x",), abstract_device=abstract)
+  mesh = jax.sharding.AbstractMesh((1,), ("x",), abstract_device=gpu_target.abstract_device(device))
   cases = _cases(lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype, sharding=single))
   dump_dir = _dump_dir()
   rows = []
@@ -175,17 +158,195 @@ def run_case(case: str, spills_fail: bool = False) -> dict:
   return json.loads(proc.stdout.strip().splitlines()[-1])[0]
 
 
+# --- The train step (`kimi_jax.tools.aot`) for H100 nodes: our Pallas GPU kernels next to ragged_dot / XLA attention --
+# Kernels per row: moe_impl, attention_impl.
+IMPLS = {"pallas": ("pallas", "pallas"), "xla": ("ragged", "xla")}
+# Each step: run config, topology, [(row name, kernels, config overrides)].
+STEPS = {
+  "proxy": ("configs/proxy.py", "h100:1x1x8", [("pallas", "pallas", {}), ("xla", "xla", {})]),
+  # Full K2 at 1,024 × 4,096 = 4.19 M tokens per step on 64 nodes of 8 H100s; the config's mesh (fsdp=8, expert=64).
+  "k2": (
+    "configs/kimi_k2.py",
+    "h100:64x1x8",
+    [
+      ("pallas", "pallas", {"batch_size": 1024, "microbatches": 1}),
+      ("xla", "xla", {"batch_size": 1024, "microbatches": 1}),
+    ],
+  ),
+}
+GIB = 1 << 30
+
+
+def _set(c, key: str, value) -> None:
+  """c.<key> = value for a dotted key ("model.param_dtype")."""
+  *path, last = key.split(".")
+  for part in path:
+    c = c[part]
+  c[last] = value
+
+
+def _parse_overrides(items) -> dict:
+  import ast
+
+  out = {}
+  for item in items or []:
+    key, _, text = item.partition("=")
+    try:
+      out[key] = ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+      out[key] = text
+  return out
+
+
+def triton_kernels(hlo_text: str) -> dict:
+  """{kernel name: call sites} of the Triton custom calls (our Pallas GPU kernels) in a compiled module's text."""
+  out: dict = {}
+  for line in hlo_text.splitlines():
+    if "__gpu$xla.gpu.triton" in line:
+      hit = re.search(r'\bname = "(\w+)"', line)
+      key = hit.group(1) if hit else "?"
+      out[key] = out.get(key, 0) + 1
+  return out
+
+
+def compile_step(config: str, topology: str, kernels: str, overrides: dict, hlo_out: str | None = None) -> dict:
+  """`kimi_jax.tools.aot.compile_train_step` of run config `config` (with `overrides`, dotted keys) for `topology`,
+  the MoE and attention kernels of IMPLS[kernels]; the report plus the Triton kernels' call sites and seconds."""
+  from kimi_jax.tools import aot
+  from kimi_jax.train_config import load_run_config
+
+  c = load_run_config(config)
+  moe, attention = IMPLS[kernels]
+  c.model.update(moe_impl=moe, attention_impl=attention)
+  for key, value in overrides.items():
+    _set(c, key, value)
+  start = time.perf_counter()
+  with tempfile.NamedTemporaryFile("r", suffix=".hlo") as hlo:
+    report = aot.compile_train_step(c, topology, hlo_out=hlo_out or hlo.name)
+    with open(hlo_out or hlo.name) as f:
+      text = f.read()
+  report["compile_seconds"] = round(time.perf_counter() - start, 1)
+  report["triton_kernels"] = triton_kernels(text)
+  report["device_memory_bytes"] = gpu_target.H100_DEVICE_MEMORY_BYTES
+  report.update(moe_impl=moe, attention_impl=attention, overrides=overrides)
+  return report
+
+
+def run_step(config: str, topology: str, kernels: str, overrides: dict, hlo_out: str | None = None) -> dict:
+  """`compile_step` in a fresh process (its memory goes back when it ends); a row with `error` if it failed."""
+  spec = {"config": config, "topology": topology, "kernels": kernels, "overrides": overrides, "hlo_out": hlo_out}
+  spec = json.dumps(spec)
+  env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+  start = time.perf_counter()
+  proc = subprocess.run(
+    [sys.executable, os.path.abspath(__file__), "--step-child", spec], env=env, capture_output=True, text=True
+  )
+  if proc.returncode != 0:
+    tail = [line for line in proc.stderr.strip().splitlines() if line.strip()][-3:]
+    return {"topology": topology, "kernels": kernels, "overrides": overrides, "error": " | ".join(tail)[-1500:],
+            "compile_seconds": round(time.perf_counter() - start, 1)}  # fmt: skip
+  return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _step_table(rows: list[dict], names: list[str]) -> str:
+  """Rows side by side, a column per compiled step."""
+  hbm = 80 * GIB
+
+  def gib(x):
+    return f"{x / GIB:.2f}" if isinstance(x, (int, float)) else "-"
+
+  def tera(x):
+    return f"{x / 1e12:.3f}" if isinstance(x, (int, float)) else "-"
+
+  def gb(x):
+    return f"{x / 1e9:.3f}" if isinstance(x, (int, float)) else "-"
+
+  lines = [
+    ("kernels (moe / attention)", lambda r: f"{r.get('moe_impl', '?')} / {r.get('attention_impl', '?')}"),
+    ("topology / GPUs", lambda r: f"{r.get('topology')} / {r.get('chips', '-')}"),
+    ("mesh", lambda r: ",".join(f"{k}={v}" for k, v in r.get("mesh", {}).items() if v > 1) or "-"),
+    ("tokens / step, microbatches", lambda r: f"{r.get('global_batch_tokens', '-'):,} / {r.get('microbatches', '-')}"),
+    ("arguments GiB / GPU", lambda r: gib(r.get("argument_bytes_per_chip"))),
+    ("temporaries GiB / GPU", lambda r: gib(r.get("temp_bytes_per_chip"))),
+    ("outputs GiB / GPU", lambda r: gib(r.get("output_bytes_per_chip"))),
+    ("peak GiB / GPU", lambda r: gib(r.get("peak_bytes_per_chip"))),
+    ("fits 80 GiB (79.1 usable)", lambda r: "-" if "peak_bytes_per_chip" not in r else
+      f"{'yes' if r['peak_bytes_per_chip'] <= hbm else 'NO'} / "
+      f"{'yes' if r['peak_bytes_per_chip'] <= r['device_memory_bytes'] else 'NO'}"),
+    ("model TFLOP / GPU (6N·tok+attn)", lambda r: tera(r["flops_per_step"] / r["chips"]) if "chips" in r else "-"),
+    ("XLA dot TFLOP / GPU", lambda r: tera(r.get("hlo_dot_flops_per_chip"))),
+    ("  of which forward", lambda r: tera(r.get("hlo_forward_dot_flops_per_chip"))),
+    ("  of which remat", lambda r: tera(r.get("hlo_remat_dot_flops_per_chip"))),
+    ("Triton kernel call sites", lambda r: f"{sum(r.get('triton_kernels', {}).values())}"),
+    ("custom calls executed", lambda r: f"{sum(r.get('hlo_custom_calls', {}).values()):.0f}"),
+    ("HBM GB / GPU (hlo_stats)", lambda r: gb(r.get("hlo_hbm_bytes_accessed_per_chip"))),
+    *[(f"{kind} GB / GPU", lambda r, kind=kind: gb(r.get("hlo_collective_bytes_per_chip", {}).get(kind)))
+      for kind in ("all-gather", "reduce-scatter", "all-reduce", "all-to-all", "ragged-all-to-all",
+                   "collective-permute")],
+    ("collective traffic GB / GPU", lambda r: gb(sum(r["hlo_collective_traffic_bytes_per_chip"].values()))
+      if "hlo_collective_traffic_bytes_per_chip" in r else "-"),
+    ("compile s", lambda r: f"{r.get('compile_seconds', '-')}"),
+  ]  # fmt: skip
+  width = max(24, *(len(n) for n in names))
+  out = [f"{'':34}" + "".join(f"{n:>{width}}" for n in names)]
+  for label, fn in lines:
+    out.append(f"{label:34}" + "".join(f"{fn(r):>{width}}" for r in rows))
+  for name, r in zip(names, rows):
+    if r.get("overrides"):
+      out.append(f"{name}: overrides " + ", ".join(f"{k}={v}" for k, v in r["overrides"].items()))
+    if r.get("triton_kernels"):
+      out.append(
+        f"{name}: Triton kernels (call sites): " + ", ".join(f"{k} {v}" for k, v in r["triton_kernels"].items())
+      )
+    if "error" in r:
+      out.append(f"{name}: ERROR {r['error']}")
+  return "\n".join(out)
+
+
+def steps(
+  step: str, kernels: list[str] | None, overrides: dict, hlo_dir: str | None = None
+) -> tuple[list[str], list[dict]]:
+  """Compiles STEPS[step]'s rows (only `kernels` if given), each with `overrides` on top; (names, rows). With
+  `hlo_dir`, each compiled module's text goes to <hlo_dir>/<step>_<row>.hlo."""
+  config, topology, cases = STEPS[step]
+  names, rows = [], []
+  for name, impl, extra in cases:
+    if kernels and impl not in kernels:
+      continue
+    names.append(name)
+    hlo_out = os.path.join(os.path.abspath(hlo_dir), f"{step}_{name}.hlo") if hlo_dir else None
+    rows.append(run_step(config, topology, impl, {**extra, **overrides}, hlo_out))
+  return names, rows
+
+
 def main(argv=None) -> int:
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument("cases", nargs="*", help=f"subset of {CASES}")
   p.add_argument("--json", action="store_true", help="one JSON list on stdout")
   p.add_argument("--spills-fail", action="store_true", help="a kernel that spills registers fails to compile")
+  p.add_argument("--step", choices=sorted(STEPS), help="compile a train step instead of the kernels (table per GPU)")
+  p.add_argument("--kernels", action="append", choices=sorted(IMPLS), help="--step: only these rows")
+  p.add_argument(
+    "--set",
+    action="append",
+    metavar="KEY=VALUE",
+    help="--step: config override, e.g. mesh=expert=64,fsdp=8 or model.param_dtype=bfloat16 (repeatable)",
+  )
+  p.add_argument("--hlo-dir", help="--step: keep each compiled module's text here")
   p.add_argument("--child", help=argparse.SUPPRESS)
+  p.add_argument("--step-child", help=argparse.SUPPRESS)
   args = p.parse_args(argv)
   if args.child:
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     print(json.dumps(compile_kernels([args.child])))
     return 0
+  if args.step_child:
+    spec = json.loads(args.step_child)
+    print(json.dumps(compile_step(**spec)))
+    return 0
+  if args.step:
+    names, rows = steps(args.step, args.kernels, _parse_overrides(args.set), args.hlo_dir)
+    print(json.dumps(rows) if args.json else _step_table(rows, names))
+    return 0 if all("error" not in r for r in rows) else 1
   rows = [run_case(case, args.spills_fail) for case in (args.cases or CASES)]
   if args.json:
     print(json.dumps(rows))

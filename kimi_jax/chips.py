@@ -8,8 +8,9 @@ from __future__ import annotations
 
 # bf16 dense peak FLOP/s per chip.
 PEAK_FLOPS = {"v4": 275e12, "v5e": 197e12, "v5p": 459e12, "v6e": 918e12, "a100": 312e12, "h100": 989e12, "h200": 989e12}
-# HBM per chip, bytes, for the TPUs `kimi_jax.tools.aot` compiles for.
-HBM_BYTES = {"v4": 32 << 30, "v5e": 16 << 30, "v5p": 95 << 30, "v6e": 32 << 30}
+# HBM per chip, bytes, for the chips `kimi_jax.tools.aot` compiles for (H100 SXM: nominal 80 GiB, of which CUDA
+# reports 79.1 GiB to programs).
+HBM_BYTES = {"v4": 32 << 30, "v5e": 16 << 30, "v5p": 95 << 30, "v6e": 32 << 30, "h100": 80 << 30}
 # HBM bandwidth per chip, bytes/s (A100 80 GB SXM, H100 SXM).
 HBM_BYTES_PER_S = {
   "v4": 1.2e12,

@@ -1,16 +1,21 @@
-"""Compile the real training step for a TPU topology on this (CPU) host and report whether it fits.
+"""Compile the real training step for a TPU or GPU topology on this (CPU) host and report whether it fits.
 
     python -m kimi_jax.tools.aot --config configs/kimi_k2.py --topology v5p:8x8x8 [--json] [--config.X=...]
+    python -m kimi_jax.tools.aot --config configs/proxy.py --topology h100:1x1x8    # needs the CUDA plugin
 
 Builds the abstract model, optimizer state and batch with their shardings over a mesh of the topology's chips
-(nothing is allocated), lowers and compiles `train.make_train_step` with libtpu, and reports per-chip bytes
-(arguments, temporaries, peak), FLOPs per step and the step time at a stated MFU, and the compiled program's dot
-FLOPs, HBM bytes and collective bytes per chip (`kimi_jax.tools.hlo.hlo_stats`; `--hlo_out` keeps its text).
-`benchmarks/aot_vs_maxtext.py` turns those into a roofline step time next to MaxText's.
+(nothing is allocated), lowers and compiles `train.make_train_step` with libtpu (TPU) or the CUDA plugin's
+compile-only GPUs (`kimi_jax.tools.gpu_target`; topologies "h100:<slices>x<hosts>x<GPUs per host>"), and reports
+per-chip bytes (arguments, temporaries, peak), FLOPs per step and the step time at a stated MFU, and the compiled
+program's dot FLOPs, HBM bytes and collective bytes per chip (`kimi_jax.tools.hlo.hlo_stats`; `--hlo_out` keeps its
+text). `benchmarks/aot_vs_maxtext.py` turns those into a roofline step time next to MaxText's; `benchmarks/gpu_aot.py
+--step proxy|k2` compares the GPU kernels with the XLA paths.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+import contextlib
 import dataclasses
 import json
 import os
@@ -28,6 +33,7 @@ from kimi_jax.chips import HBM_BYTES, PEAK_FLOPS
 from kimi_jax.config import ModelConfig
 from kimi_jax.data.batch import Batch
 from kimi_jax.model_stats import count_params, train_flops_per_step
+from kimi_jax.tools import gpu_target
 from kimi_jax.tools.hlo import hlo_stats
 from kimi_jax.train_config import model_config
 from kimi_jax.training.optimizer import build_optimizer
@@ -35,20 +41,42 @@ from kimi_jax.training.state import TrainState, abstract_train_state, model_shap
 from kimi_jax.training.step import make_train_step
 
 # Flags (`python -m kimi_jax.tools.aot`); --config and --json are shared (kimi_jax/cli_flags.py).
-flags.DEFINE_string("topology", "v5p:8x8x8", "TPU topology, e.g. v5p:8x8x8 (512 chips), v6e:16x16.")
+flags.DEFINE_string(
+  "topology", "v5p:8x8x8", "TPU or GPU topology, e.g. v5p:8x8x8 (512 chips), v6e:16x16, h100:64x1x8 (64 nodes of 8)."
+)
 flags.DEFINE_float("mfu", 0.4, "Model FLOPs utilisation assumed for the step-time estimate.")
 flags.DEFINE_string("hlo_out", None, "Write the compiled (per-chip) HLO module's text to this file.")
 
 
 def topology_devices(topology: str) -> list:
-  """The devices of a TPU topology such as 'v5p:8x8x8', described on this host (libtpu; nothing runs)."""
+  """The devices of a topology described on this host (nothing runs): a TPU one such as 'v5p:8x8x8' (libtpu), or a
+  GPU one such as 'h100:64x1x8', "<chip>:<slices>x<hosts>x<GPUs per host>" (the CUDA plugin's compile-only GPUs)."""
   from jax.experimental import topologies
 
-  os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
-  chip = topology.split(":")[0]
+  chip, _, shape = topology.partition(":")
   if chip not in HBM_BYTES:
     raise ValueError(f"unknown chip {chip!r} in topology {topology!r}; known: {sorted(HBM_BYTES)}")
+  if chip in gpu_target.TARGET_CONFIGS:
+    if not gpu_target.have_cuda_plugin():
+      raise RuntimeError(f"topology {topology!r} needs the CUDA plugin (jax-cuda12-plugin); see benchmarks/gpu_aot.py")
+    return gpu_target.gpu_devices(chip, shape)
+  os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
   return topologies.get_topology_desc(topology, "tpu").devices
+
+
+@contextlib.contextmanager
+def compiling_for(mesh: jax.sharding.Mesh) -> Iterator[None]:
+  """Trace and lower for `mesh`'s devices: `target_platform` their platform (every `auto` and Pallas call resolves
+  for them) and `mesh` current.
+
+  Compile-only GPUs need nothing more: the Pallas Triton lowering reads the target GPU from the abstract mesh, and
+  `mesh.abstract_mesh` carries their device kind (H100) and platform ("gpu"). An abstract mesh of platform "cuda"
+  (what a kernel compiled alone, with no mesh, needs: `kimi_jax.tools.gpu_target.abstract_device`) must not be put
+  over it: shard_map then refuses the concrete mesh ("The context mesh AbstractMesh(..., platform=cuda) should match
+  the mesh passed to shard_map Mesh(...)").
+  """
+  with target_platform(mesh.devices.flat[0].platform), sharding.use_mesh(mesh):
+    yield
 
 
 @dataclasses.dataclass(frozen=True)
@@ -103,7 +131,7 @@ def compile_train_step(c, topology: str, mfu: float = 0.4, hlo_out: str | None =
     "hbm_bytes_per_chip": hbm,
     "flops_per_step": model_flops,
   }
-  with target_platform("tpu"), sharding.use_mesh(mesh):
+  with compiling_for(mesh):
     lowered = step.lower(training.state, training.batch())
     try:
       compiled = lowered.compile()

@@ -91,7 +91,6 @@ def test_a_failed_compile_is_raised_and_retried(compiled, monkeypatch):
   assert len(calls) == 2 and not quant._PROGRAMS
 
 
-
 def test_cli_caches_the_decode_programs(tmp_path):
   """`--compilation_cache DIR` leaves the compiled decode programs in DIR (a rerun finds them there);
   `--compilation_cache=` leaves none; the checkpoints are the same either way."""

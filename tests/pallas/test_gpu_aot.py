@@ -5,28 +5,21 @@ tests/pallas/test_gpu_aot.py`). Each case compiles in its own process with regis
 memory each kernel launches with is checked against an H100's per-block limit.
 """
 
-import importlib.util
 import pathlib
 import sys
 
 import pytest
+
+from kimi_jax.tools.gpu_target import H100_SHARED_MEMORY_PER_BLOCK_OPTIN, have_cuda_plugin
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "benchmarks"))
 
 import gpu_aot  # noqa: E402
 
-
-def _have_cuda_plugin() -> bool:
-  try:
-    return importlib.util.find_spec("jax_plugins.xla_cuda12") is not None
-  except ModuleNotFoundError:  # no jax_plugins namespace at all
-    return False
-
-
 pytestmark = [
   pytest.mark.skipif(
-    not _have_cuda_plugin(),
+    not have_cuda_plugin(),
     reason="jax-cuda12-plugin is not installed (see benchmarks/gpu_aot.py), so no GPU compiler on this host",
   ),
   pytest.mark.slow,
@@ -47,7 +40,7 @@ def _check(case):
   assert row["ok"], row.get("error")
   assert {k["kernel"].rstrip("_0123456789") for k in row["kernels"]} == EXPECTED[case]
   for k in row["kernels"]:
-    assert 0 < k["shared_memory_bytes"] <= gpu_aot.H100_SHARED_MEMORY_PER_BLOCK_OPTIN, k
+    assert 0 < k["shared_memory_bytes"] <= H100_SHARED_MEMORY_PER_BLOCK_OPTIN, k
 
 
 @pytest.mark.parametrize("case", ["gmm", "flash_attention_fwd", "mla_decode"])
