@@ -28,6 +28,8 @@ import sys
 import tempfile
 import time
 
+import numpy as np
+
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
 sys.path.insert(0, ROOT)
 
@@ -62,12 +64,18 @@ def raw_read(directory: str) -> tuple[float, int]:
 
 
 def synced_write(directory: str, nbytes: int) -> float:
-  """Seconds to write `nbytes` to a new file in `directory` in 64 MiB writes, fsync included (the write floor)."""
-  buf = os.urandom(64 << 20)
+  """Seconds to write `nbytes` to a new file in `directory` in 64 MiB writes, fsync included (the write floor).
+
+  Every 4 KiB block written is distinct (random bytes, its own counter in the first 8), as a conversion's output
+  is: a storage layer that deduplicates or compresses repeated blocks would otherwise report a floor no real
+  output can reach."""
+  buf = bytearray(os.urandom(64 << 20))
+  blocks = np.frombuffer(buf, dtype=np.uint64).reshape(-1, 512)  # [16384 blocks of 4 KiB, 512 words]
   path = os.path.join(directory, "write_speed.bin")
   start = time.perf_counter()
   with open(path, "wb", buffering=0) as f:
-    for _ in range(max(1, nbytes // len(buf))):
+    for i in range(max(1, nbytes // len(buf))):
+      blocks[:, 0] = np.arange(i * len(blocks), (i + 1) * len(blocks), dtype=np.uint64)
       f.write(buf)
     os.fsync(f.fileno())
   seconds = time.perf_counter() - start
