@@ -43,7 +43,12 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 MAXTEXT_VENV = os.environ.get("MAXTEXT_VENV", "/work/maxtext-venv")
 MAXTEXT_PIN = ["maxtext[tpu]==0.2.5", "jax==0.12.0.1", "jaxlib==0.12.0.1", "libtpu==0.0.50.1"]
-PEAK_FLOPS, HBM_BW, ICI_BW, HBM = 459e12, 2.765e12, 600e9, 95 << 30
+sys.path.insert(0, ROOT)  # also for the --maxtext-worker process, which runs in MaxText's venv
+from kimi_jax.chips import HBM_BYTES, HBM_BYTES_PER_S  # noqa: E402 (imports nothing: safe in MaxText's venv)
+from kimi_jax.chips import PEAK_FLOPS as _CHIP_PEAK_FLOPS  # noqa: E402
+
+PEAK_FLOPS, HBM_BW, HBM = _CHIP_PEAK_FLOPS["v5p"], HBM_BYTES_PER_S["v5p"], HBM_BYTES["v5p"]  # both rows are v5p
+ICI_BW = 600e9  # v5p ICI, 4,800 Gbps per chip, all of it assumed usable by one collective (optimistic for both)
 SEQ = 4096
 GLOBAL_BATCH = 1024  # sequences: 4.19 M tokens per step on both topologies
 KINDS = ("all-gather", "reduce-scatter", "all-reduce", "all-to-all", "ragged-all-to-all", "collective-permute")
