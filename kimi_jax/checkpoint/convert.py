@@ -3,19 +3,22 @@
 hf_to_orbax: the work is a list of pieces, each rows [r0, r1) of one HF tensor (at most `piece_elements`
 elements). A worker reads a piece (pread), dequantises it (FP8/INT4 → f32), transposes and casts it, and writes
 it as whole chunks of its stacked target array in the Orbax item `OUT/state` (orbax_arrays.py): chunks are
-(1, 1, in, rows) for experts, so a (layer, expert) slice goes to disk as soon as it is read. Peak host memory
-is about workers × a piece's working set (~12 bytes per element), not the model: K2's 1 TB needs no more RAM
-than a 1 GB model. Each finished piece is appended to `OUT/conversion.log`; a rerun skips those, and the
-item's `_METADATA` (which makes it restorable) and `config.json` are written last.
+(1, 1, in, rows) for experts, so a (layer, expert) slice goes to disk as soon as it is read. Each worker thread
+writes an OCDBT database of its own, `OUT/state/ocdbt.process_<process>t<thread>/` (one database's writes run one
+at a time), and the item's root database is made to reference them all once every piece is done
+(orbax_arrays.merge_process_dbs). Peak host memory is about workers × a piece's working set (~12 bytes per
+element), not the model: K2's 1 TB needs no more RAM than a 1 GB model. Each finished piece is appended to
+`OUT/conversion.log`; a rerun skips those, and the item's `_METADATA` (which makes it restorable) and
+`config.json` are written last.
 
 Multi-process (hosts sharing OUT, no service between them): process i of n takes a contiguous share of the
-piece list, ~1/n of the source bytes (`share`), writes it into its own OCDBT database `OUT/state/ocdbt.process_i/`
-(OCDBT has one writer per database unless a coordinator server runs) and logs it in `OUT/conversion.i.log`, then
-syncs and writes `OUT/conversion.i-of-n.done`. Process 0, after its own share, waits for the others' markers,
-checks that the union of the logs covers every piece, merges the databases into the item's root one (index
-entries only; orbax_arrays.merge_process_dbs) and writes the metadata and config.json as above. Every chunk
-holds the same bytes whichever process wrote it, so the result equals a one-process conversion bit for bit, and
-a rerun resumes from the union of the logs with any process count.
+piece list, ~1/n of the source bytes (`share`), writes it into its own databases (OCDBT has one writer per
+database unless a coordinator server runs) and logs it in `OUT/conversion.i.log`, then syncs and writes
+`OUT/conversion.i-of-n.done`. Process 0, after its own share, waits for the others' markers, checks that the
+union of the logs covers every piece, merges every database into the item's root one (index entries only) and
+writes the metadata and config.json as above. Every chunk holds the same bytes whichever thread or process wrote
+it, so the result equals a one-process conversion bit for bit, and a rerun resumes from the union of the logs with
+any process count.
 
 orbax_to_hf: shards are planned from the config alone (names, dtypes, shapes); each shard file is filled
 tensor by tensor in row blocks read from the Orbax arrays (optionally re-quantised to FP8 with 128×128 blocks),
@@ -53,6 +56,7 @@ from typing import Any
 
 import ml_dtypes
 import numpy as np
+import tensorstore as ts
 
 from kimi_jax.checkpoint import layout as layouts
 from kimi_jax.checkpoint import orbax_arrays, quant
@@ -199,9 +203,11 @@ def _hf_to_orbax(
   stored = {entry.hf_name: ckpt.nbytes(entry.hf_name) / entry.hf_shape(shape)[0] for entry, shape in entries}
   sizes = [int(stored[e.hf_name] * (r[1] - r[0])) for e, r in pieces]
   mine = share(sizes, process_index, process_count)
-  # One process writes the item's root database itself; several each write their own (one writer per database).
-  db_dir = state_dir if process_count == 1 else orbax_arrays.process_dir(state_dir, process_index)
-  arrays = _create_targets(db_dir, leaves, entries, rows_of, _DTYPES[dtype], workers)
+  _check_targets(leaves, entries)
+  # No fsync per chunk: a killed process loses nothing (the kernel holds the data), and the conversion syncs once
+  # before writing the metadata that makes the checkpoint complete.
+  ctx = orbax_arrays.context(concurrency=workers, sync=False)
+  lanes = _Lanes(state_dir, process_index, (leaves, entries, rows_of, _DTYPES[dtype], ctx))
   todo = [pieces[i] for i in range(mine.start, mine.stop) if _key(*pieces[i]) not in done]
   total = sum(sizes[mine])
   bar = progress_bar(
@@ -216,7 +222,7 @@ def _hf_to_orbax(
 
     def convert(piece: tuple[TensorMap, tuple[int, int]]) -> None:
       entry, rows = piece
-      target = arrays[entry.path]
+      target = lanes.arrays()[entry.path]
       value = ckpt.read(entry.hf_name, rows, transpose=entry.transpose, dtype=target.dtype.numpy_dtype)
       # Never changed again, so tensorstore may encode the chunks from `value` itself rather than from a copy.
       target[entry.target(target.rank, rows)].write(value, can_reference_source_data_indefinitely=True).result()
@@ -444,25 +450,38 @@ def _logged(out_dir: str) -> set[str]:
   return done
 
 
+def _check_targets(leaves: dict, entries: list[tuple[TensorMap, tuple[int, ...]]]) -> None:
+  if missing := sorted(".".join(p) for p in set(leaves) - {entry.path for entry, _ in entries}):
+    raise CheckpointError(f"no HF tensor maps to {', '.join(missing)}")
+
+
+class _Lanes:
+  """The target arrays of each converting thread, in a database of its own (orbax_arrays.process_dir: one lane
+  per thread, numbered as threads first ask). OCDBT writes one database's data files one at a time, so with one
+  database for all threads the page-cache copies of every write ran on one core while the decoders waited."""
+
+  def __init__(self, state_dir: str, process_index: int, target_args: tuple):
+    self._args = target_args  # _create_targets' arguments after the directory
+    self._state_dir, self._process_index = state_dir, process_index
+    self._local, self._lock, self._count = threading.local(), threading.Lock(), 0
+
+  def arrays(self) -> dict:
+    if not hasattr(self._local, "arrays"):
+      with self._lock:
+        lane, self._count = self._count, self._count + 1
+      db_dir = orbax_arrays.process_dir(self._state_dir, self._process_index, lane)
+      self._local.arrays = _create_targets(db_dir, *self._args)
+    return self._local.arrays
+
+
 def _create_targets(
-  state_dir: str,
-  leaves: dict,
-  entries: list[tuple[TensorMap, tuple[int, ...]]],
-  rows_of: dict,
-  dtype: np.dtype,
-  workers: int,
+  state_dir: str, leaves: dict, entries: list, rows_of: dict, dtype: np.dtype, ctx: ts.Context
 ) -> dict:
   """The zarr array of every leaf, chunked so that each piece is whole chunks: one (layer, expert) and the
   piece's rows (our last axis when transposed) per chunk."""
   entry_of = {}
   for entry, _ in entries:
     entry_of.setdefault(entry.path, entry)
-  missing = sorted(".".join(p) for p in set(leaves) - set(entry_of))
-  if missing:
-    raise CheckpointError(f"no HF tensor maps to {', '.join(missing)}")
-  # No fsync per chunk: a killed process loses nothing (the kernel holds the data), and hf_to_orbax syncs once
-  # before writing the metadata that makes the checkpoint complete.
-  ctx = orbax_arrays.context(concurrency=workers, sync=False)
   arrays = {}
   for path, leaf in leaves.items():
     entry, shape = entry_of[path], tuple(leaf.shape)

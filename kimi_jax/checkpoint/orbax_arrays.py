@@ -6,11 +6,12 @@ structure and storage flags). Orbax's own save needs each array whole in memory;
 directly lets a converter fill arrays far larger than host memory piece by piece, after which Orbax restores it
 like any checkpoint (onto any mesh, each host reading only the chunks its shards cover).
 
-Several processes can fill one item together (a multi-process conversion): each writes its own OCDBT database
-in `ITEM/ocdbt.process_<i>/` (one writer per database: OCDBT without a coordinator server is not safe for
-concurrent writers), and one process then merges them into the item's root database (`merge_process_dbs`). The
-merge copies only index entries; the data stays in the sub-directories, which the root references. This is the
-layout Orbax itself writes from multi-host saves.
+Several writers can fill one item together (the threads of a conversion, and its processes): each writes its own
+OCDBT database in `ITEM/ocdbt.process_<i>t<lane>/` (one writer per database: OCDBT without a coordinator server
+is not safe for concurrent writers, and one writer's data files are written one at a time), and one process then
+merges them into the item's root database (`merge_process_dbs`). The merge copies only index entries; the data
+stays in the sub-directories, which the root references. This is the layout Orbax itself writes from multi-host
+saves.
 
 Item directories may be local paths or gs:// URLs: the arrays then go through tensorstore's gcs driver (which
 honours TENSORSTORE_GCS_HTTP_URL) and `_METADATA` through etils.epath.
@@ -23,6 +24,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 import json
 import os
+import re
 from typing import Any
 
 import numpy as np
@@ -111,9 +113,18 @@ def create_array(
   return ts.open(spec, create=True, open=True, context=ctx).result()
 
 
-def process_dir(directory: str, process_index: int) -> str:
-  """The directory of process `process_index`'s own OCDBT database inside the item at `directory`."""
-  return _join(directory, f"{PROCESS_PREFIX}{process_index}")
+def process_dir(directory: str, process_index: int, lane: int = 0) -> str:
+  """The directory of the OCDBT database that writing thread `lane` of process `process_index` fills inside the
+  item at `directory`. One database per writer: OCDBT writes each database's data files one after another, so
+  threads writing one database queue behind a single writer (measured: never two writes in flight). Named as
+  Orbax names per-process databases (`ocdbt.process_<alphanumeric id>`), the id `<process>t<lane>`."""
+  return _join(directory, f"{PROCESS_PREFIX}{process_index}t{lane}")
+
+
+def process_dirs(directory: str, process_index: int) -> list[str]:
+  """The databases process `process_index` wrote inside the item at `directory` (any lanes), sorted."""
+  pattern = re.compile(rf"{re.escape(PROCESS_PREFIX)}{process_index}t\d+")
+  return sorted(_join(directory, p.name) for p in list_dir(as_path(directory)) if pattern.fullmatch(p.name))
 
 
 def _join(directory: str, name: str) -> str:
@@ -121,7 +132,7 @@ def _join(directory: str, name: str) -> str:
 
 
 def merge_process_dbs(directory: str, ctx: ts.Context) -> int:
-  """Merge every per-process database under `directory` into the item's root database; returns how many.
+  """Merge every per-writer database under `directory` into the item's root database; returns how many.
 
   Keys present in several (each array's .zarray, or chunks a resumed conversion wrote twice) must hold the same
   bytes, which the converter guarantees; merging again after an interruption is harmless. One atomic commit:

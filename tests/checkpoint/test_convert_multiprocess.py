@@ -42,9 +42,9 @@ def _assert_same_checkpoint(a, b):
         assert json.load(fa) == json.load(fb), name
 
 
-def _chunk_keys(directory):
+def _chunk_keys(*directories):
   ctx = orbax_arrays.context()
-  return {k for k in orbax_arrays.list_keys(directory, ctx) if not k.endswith("/.zarray")}
+  return {k for d in directories for k in orbax_arrays.list_keys(d, ctx) if not k.endswith("/.zarray")}
 
 
 @pytest.fixture(scope="module")
@@ -86,7 +86,7 @@ def test_two_processes_equal_one_process(tmp_path, single, name, dtype):
   _assert_same_checkpoint(out, single(name, dtype))
   # Each process wrote its own share into its own database: disjoint, together everything the root references.
   state = os.path.join(out, "state")
-  shares = [_chunk_keys(orbax_arrays.process_dir(state, i)) for i in range(2)]
+  shares = [_chunk_keys(*orbax_arrays.process_dirs(state, i)) for i in range(2)]
   assert shares[0] and shares[1] and not shares[0] & shares[1]
   assert shares[0] | shares[1] == _chunk_keys(state) == _chunk_keys(os.path.join(single(name, dtype), "state"))
   assert sorted(os.listdir(out)) == sorted(os.listdir(single(name, dtype)))  # no logs or markers left behind
@@ -200,7 +200,7 @@ def test_launch_local_two_concurrent_processes(tmp_path, single):
   assert "[1] hf-to-orbax: process 1 of 2 converted its share" in result.stdout
   assert "[0] hf-to-orbax: process 0 of 2 finished the checkpoint" in result.stdout
   _assert_same_checkpoint(out, single("tiny_int4", piece_elements=convert.PIECE_ELEMENTS))
-  shares = [_chunk_keys(orbax_arrays.process_dir(os.path.join(out, "state"), i)) for i in range(2)]
+  shares = [_chunk_keys(*orbax_arrays.process_dirs(os.path.join(out, "state"), i)) for i in range(2)]
   assert shares[0] and shares[1] and not shares[0] & shares[1]
 
 

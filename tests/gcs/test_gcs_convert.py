@@ -221,7 +221,7 @@ def test_two_processes_into_the_bucket_equal_one_local_process(gcs, bucket, tmp_
   for i in (1, 0):
     convert.hf_to_orbax(fixture, url, piece_elements=512, process_index=i, process_count=2, wait_timeout=0)
   names = gcs.list_objects(bucket, prefix)
-  assert any(n.startswith(prefix + "state/ocdbt.process_1/") for n in names)
+  assert any(n.startswith(prefix + "state/ocdbt.process_1t0/") for n in names)
   assert not [n for n in names if n.endswith((".log", ".done"))]
   convert.hf_to_orbax(fixture, str(tmp_path / "local"), piece_elements=512)
   _assert_same_state(url, str(tmp_path / "local"))
