@@ -14,6 +14,7 @@ business: a checkpoint knows its layout, and `tensor_map` takes one.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -154,6 +155,9 @@ class HFCheckpoint:
       raise CheckpointError(str(e)) from e
     self._files: dict[str, SafetensorsFile] = {}
     self._stored: dict[str, _Stored] = {}
+    # An FP8 tensor's pieces (consecutive in the work list) share its small `_scale_inv`: read once, not per piece
+    # (each small read is a disk round trip when the large reads bypass the page cache).
+    self._whole = functools.lru_cache(maxsize=64)(lambda name: self._file(name).get(name))
     self._lock = threading.Lock()
 
   def config(self, **runtime: Any) -> ModelConfig:
@@ -197,7 +201,7 @@ class HFCheckpoint:
       return transpose_cast(self._file(name).get(name, rows), dtype, transpose)
     if stored.kind == "fp8":
       scale_name = name + quant.FP8_SCALE_SUFFIX
-      scale = self._file(scale_name).get(scale_name)
+      scale = self._whole(scale_name)
       return quant.fp8_dequantize(
         self._file(name).get(name, rows),
         scale,

@@ -1,0 +1,66 @@
+"""Reading safetensors row blocks: large reads bypass the page cache (O_DIRECT) and must return exactly the bytes
+that plain reads return, wherever the tensor and the block start and end relative to the disk's blocks."""
+
+import errno
+import os
+
+import ml_dtypes
+import numpy as np
+import pytest
+
+from kimi_jax.checkpoint import safetensors
+
+
+@pytest.fixture
+def shard(tmp_path, monkeypatch):
+  """A shard whose tensors start at offsets that are not multiples of 4096 (nor, for `odd`, of 4), the last
+  ending at the end of the file mid-block; reads of 64 KiB and more go direct."""
+  monkeypatch.setattr(safetensors, "DIRECT_MIN_BYTES", 1 << 16)
+  rng = np.random.default_rng(0)
+  tensors = {
+    "odd": rng.integers(0, 256, (3,), dtype=np.uint8),
+    "f32": rng.standard_normal((300, 257)).astype(np.float32),
+    "bf16": rng.standard_normal((1001, 129)).astype(ml_dtypes.bfloat16),
+    "fp8": rng.integers(0, 126, (517, 999), dtype=np.uint8).view(ml_dtypes.float8_e4m3fn),
+  }
+  path = str(tmp_path / "model.safetensors")
+  safetensors.write(path, tensors)
+  assert os.path.getsize(path) % 4096
+  return path, tensors
+
+
+@pytest.mark.parametrize("name,rows", [("f32", None), ("f32", (17, 299)), ("bf16", (1, 1000)), ("fp8", (5, 517))])
+def test_direct_reads_equal_the_bytes(shard, name, rows):
+  path, tensors = shard
+  f = safetensors.SafetensorsFile(path)
+  got = f.get(name, rows)
+  want = tensors[name] if rows is None else tensors[name][rows[0] : rows[1]]
+  assert got.dtype == want.dtype and got.shape == want.shape
+  assert got.tobytes() == want.tobytes()
+  if f._bytes._direct_fd is None:
+    pytest.skip(f"{path}: this file system refuses O_DIRECT, so only the page-cache path ran")
+  got[...] = 0  # a fresh, writable array
+  assert f.get(name, rows).tobytes() == want.tobytes()
+
+
+def test_file_systems_without_direct_io_read_through_the_page_cache(shard, monkeypatch):
+  path, tensors = shard
+  real_open = os.open
+
+  def no_direct(p, flags, *args):
+    if flags & os.O_DIRECT:
+      raise OSError(errno.EINVAL, "Invalid argument", p)
+    return real_open(p, flags, *args)
+
+  monkeypatch.setattr(os, "open", no_direct)
+  f = safetensors.SafetensorsFile(path)
+  assert f.get("f32", (3, 200)).tobytes() == tensors["f32"][3:200].tobytes()
+  assert f._bytes._direct_fd is None and not f._bytes._direct_ok
+
+
+def test_truncated_tensor_is_named_on_the_direct_path(shard):
+  path, _ = shard
+  f = safetensors.SafetensorsFile(path)
+  os.truncate(path, os.path.getsize(path) - 5000)  # after the header was checked: the data is gone under us
+  with pytest.raises(safetensors.SafetensorsError, match="unexpected end of file"):
+    f.get("fp8")
