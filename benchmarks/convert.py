@@ -1,19 +1,31 @@
-"""Checkpoint conversion speed and memory on a synthetic K2-layout release, next to the raw read speed of the
-same files.
+"""Checkpoint conversion speed and memory on a synthetic K2-layout release, next to this machine's I/O floor.
 
     python benchmarks/convert.py [--gb 1] [--format fp8] [--workers 1,4] [--processes 1,2,4] [--dir /tmp] [--keep]
+                                 [--floor fp8:bfloat16,...] [--repeats 3] [--reset auto]
 
 Writes a synthetic release (tests/builders/synthetic.py: K2 shapes scaled down to hidden 2048 and 64
 experts, random bytes in the release format) of about --gb GB, then times, each in a fresh process:
+  floor rows    for each --floor conversion, --repeats rounds of: the I/O floor (every input byte read once with
+                64 MiB O_DIRECT reads, as the converter reads; the output's byte count written once in 64 MiB
+                writes of distinct 4 KiB blocks and fsynced), the conversion (`--workers 0`), the floor again.
+                The ratio is the conversion's time over the mean of the two floors around it, so a disk whose
+                speed drifts between steps (this project's VM's does, 2-4x within minutes) moves both; the
+                table gives every round and the median. Round 1 compiles the decode programs (an empty
+                compilation cache), later rounds find them cached.
   raw read      every shard file read once with large sequential reads (the disk/page-cache ceiling)
   hf-to-orbax   python -m kimi_jax.convert hf-to-orbax --dtype bfloat16 --workers N
   N processes   python -m launch.local --num_processes N -- -m kimi_jax.convert hf-to-orbax ... (each process
                 converts its share of the pieces into the same checkpoint; --process_workers threads each)
   orbax-to-hf   python -m kimi_jax.convert orbax-to-hf (BF16, and --fp8)
-The source files' pages are dropped from the page cache before each read of them (posix_fadvise DONTNEED),
-so reads come from the disk, as with a real 1 TB release that cannot stay cached. GB/s is source bytes
-(what was read) per second; RSS is the converting process's peak resident set (the largest one's, for several).
-The multi-process rows check that their checkpoint restores to the same arrays as the first one's.
+Before every timed step the machine is put in the same state (--reset): `auto` syncs, drops the page cache
+(/proc/sys/vm/drop_caches, where writable: root) and waits 3 s; without root, or with `files`, only the source
+files' pages are dropped (posix_fadvise DONTNEED), so reads come from the disk either way, as with a real 1 TB
+release that cannot stay cached. Dropping everything matters on VMs that hand freed memory back to the host
+(Firecracker's free page reporting, as here): page-cache pages the host must fault in again cost 2-5x the
+kernel time of recycled ones, and which kind a step gets otherwise depends on what ran before it.
+GB/s is source bytes (what was read) per second; RSS is the converting process's peak resident set (the largest
+one's, for several). The multi-process rows check that their checkpoint restores to the same arrays as the
+first one's.
 """
 
 from __future__ import annotations
@@ -23,11 +35,13 @@ import glob
 import itertools
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
 
+import ml_dtypes
 import numpy as np
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
@@ -50,6 +64,38 @@ def drop_cache(directory: str) -> None:
       os.fsync(fd)
       os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
       os.close(fd)
+
+
+DROP_CACHES = "/proc/sys/vm/drop_caches"
+
+
+def reset(mode: str, source: str) -> None:
+  """Put the machine in the same state before a timed step (see the module docstring)."""
+  drop_cache(source)
+  if mode == "auto" and os.access(DROP_CACHES, os.W_OK):
+    os.sync()
+    with open(DROP_CACHES, "w") as f:
+      f.write("3")
+    time.sleep(3)  # the kernel reports freed memory to the host in the background (page_reporting: ~2 s)
+
+
+def direct_read(directory: str) -> tuple[float, int]:
+  """(seconds, bytes) to read every safetensors file once in 64 MiB O_DIRECT reads (plain reads where the file
+  system refuses O_DIRECT): the converter's own way of reading."""
+  raw = np.empty((64 << 20) + 4096, np.uint8)
+  buf = memoryview(raw[-raw.ctypes.data % 4096 :][: 64 << 20])
+  total, start = 0, time.perf_counter()
+  for path in sorted(glob.glob(os.path.join(directory, "*.safetensors"))):
+    try:
+      fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECT", 0))
+    except OSError:
+      fd = os.open(path, os.O_RDONLY)
+    try:
+      while n := os.readv(fd, [buf]):
+        total += n
+    finally:
+      os.close(fd)
+  return time.perf_counter() - start, total
 
 
 def raw_read(directory: str) -> tuple[float, int]:
@@ -81,6 +127,27 @@ def synced_write(directory: str, nbytes: int) -> float:
   seconds = time.perf_counter() - start
   os.remove(path)
   return seconds * nbytes / (max(1, nbytes // len(buf)) * len(buf))
+
+
+def floor(source: str, out_bytes: int, work: str, mode: str) -> tuple[float, int, float]:
+  """(read seconds, bytes read, write seconds): the source read once and `out_bytes` written, each from a reset
+  machine."""
+  reset(mode, source)
+  read_s, in_bytes = direct_read(source)
+  reset(mode, source)
+  return read_s, in_bytes, synced_write(work, out_bytes)
+
+
+def output_bytes(hf_dir: str, dtype: str) -> int:
+  """The array bytes converting `hf_dir` to `dtype` writes (the model's leaves; the router bias stays float32)."""
+  import math
+
+  from kimi_jax.checkpoint.hf import HFCheckpoint, abstract_state, flatten, leaf_dtype
+
+  cfg = HFCheckpoint(hf_dir).config(param_dtype=dtype)
+  want = np.dtype(ml_dtypes.bfloat16) if dtype == "bfloat16" else np.dtype(dtype)
+  leaves = flatten(abstract_state(cfg))
+  return sum(math.prod(leaf.shape) * leaf_dtype(path, want).itemsize for path, leaf in leaves.items())
 
 
 _DECODE = """
@@ -184,6 +251,10 @@ def main():
   )
   parser.add_argument("--process_workers", type=int, default=1, help="--workers of each of those processes")
   parser.add_argument("--dir", default=tempfile.gettempdir(), help="where to write (needs ~4x --gb of space)")
+  parser.add_argument("--repeats", type=int, default=3, help="rounds of floor, conversion, floor per --floor row")
+  parser.add_argument(
+    "--reset", choices=("auto", "files"), default="auto", help="machine state before each timed step (see above)"
+  )
   parser.add_argument("--keep", action="store_true", help="keep the files")
   args = parser.parse_args()
 
@@ -198,23 +269,29 @@ def main():
       if not os.path.exists(hf):
         write_synthetic(hf, k2_shaped(args.gb, fmt), fmt, max_shard_bytes=1 << 30)
       out = os.path.join(work, f"floor_{fmt}_{dtype}")
-      cache = os.path.join(work, f"jax_cache_{fmt}_{dtype}")  # empty: the first run compiles, the repeat looks up
-      for run in ("cold", "repeat"):
-        drop_cache(hf)
-        read_s, in_bytes = raw_read(hf)
-        drop_cache(hf)
+      cache = os.path.join(work, f"jax_cache_{fmt}_{dtype}")  # empty: round 1 compiles, later rounds look up
+      out_bytes = output_bytes(hf, dtype)
+      floor_after = floor(hf, out_bytes, work, args.reset)
+      for round_ in range(1, args.repeats + 1):
+        floor_before = floor_after  # the previous round's closing floor opens this one
+        reset(args.reset, hf)
         load = os.getloadavg()[0]
         seconds, rss = measure(
           [*convert, "hf-to-orbax", "--hf_dir", hf, "--out_dir", out, "--dtype", dtype, "--workers", "0"]
           + ["--noprogress", f"--compilation_cache={cache}"]
         )
-        out_bytes = dir_bytes(os.path.join(out, "state"))
-        write_s = synced_write(work, out_bytes)
-        floor = read_s + write_s
-        what = f"{fmt} -> {dtype}, {run} (load {load:.1f})"
-        floor_rows.append((what, in_bytes, out_bytes, read_s, write_s, seconds, seconds / floor, rss))
-        print(floor_rows[-1], flush=True)
+        written = dir_bytes(os.path.join(out, "state"))
+        assert abs(written - out_bytes) < 0.01 * out_bytes, (written, out_bytes)  # (+ metadata and index)
         shutil.rmtree(out)
+        floor_after = floor(hf, out_bytes, work, args.reset)
+        read_s, in_bytes, write_s = (a + b for a, b in zip(floor_before, floor_after))
+        read_s, in_bytes, write_s = read_s / 2, in_bytes // 2, write_s / 2
+        what = f"{fmt} -> {dtype}, round {round_}{' (cold)' if round_ == 1 else ''}, load {load:.1f}"
+        row = (what, in_bytes, out_bytes, read_s, write_s, seconds, seconds / (read_s + write_s), rss)
+        floor_rows.append(row)
+        print(row, f"floors {sum(floor_before[::2]):.1f} / {sum(floor_after[::2]):.1f} s", flush=True)
+      ratio = statistics.median(r[6] for r in floor_rows[-args.repeats :])
+      floor_rows.append((f"{fmt} -> {dtype}, median of {args.repeats}", *([None] * 5), ratio, None))
     decode = decode_speed()
     hf = os.path.join(work, "hf")
     cfg = k2_shaped(args.gb, args.format)
@@ -318,13 +395,16 @@ def main():
     )
     print(f"|{'-' * 44}|-------|--------|--------|---------|---------|-----------|-------|--------------|")
     for what, nin, nout, rs, ws, sec, ratio, rss in floor_rows:
+      if nin is None:
+        print(f"| **{what}** | | | | | | | **{ratio:.2f}** | |")
+        continue
       print(
         f"| {what:42s} | {nin / 1e9:5.2f} | {nout / 1e9:6.2f} | {rs:6.1f} | {ws:7.1f} | {rs + ws:7.1f} | {sec:9.1f} |"
         f" {ratio:5.2f} | {rss:12.2f} |"
       )
     print(
-      "(floor: input bytes at this run's direct-read speed + output bytes at its synced-write speed; cold: an empty "
-      "compilation cache, repeat: the same command again, its decode programs cached)"
+      "(floor: the mean of the floors measured just before and just after the conversion, each the input read at "
+      "its direct-read speed + the output written at its synced-write speed; round 1: an empty compilation cache)"
     )
     print(f"\n| {'decode on one core, [1024, 2048] expert, transposed':52s} | before GB/s | after GB/s | speed-up |")
     print(f"|{'-' * 54}|-------------|------------|----------|")

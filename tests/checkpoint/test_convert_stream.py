@@ -11,7 +11,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from kimi_jax.checkpoint import convert
+from kimi_jax.checkpoint import convert, orbax_arrays
 from kimi_jax.checkpoint.hf import HFCheckpoint, flatten, load_state, unflatten
 from kimi_jax.checkpoint.manager import TrainCheckpointer
 from kimi_jax.checkpoint.model_io import RUN_CONFIG_FILE, init_state_from, load_model, restore_state
@@ -96,6 +96,23 @@ def test_round_trip_through_split_chunks_is_bit_identical(tmp_path):
   for name in src.weight_map:
     a, b = src._file(name).get(name), out._file(name).get(name)
     assert a.dtype == b.dtype and a.shape == b.shape and a.tobytes() == b.tobytes(), name
+
+
+def test_each_worker_thread_writes_a_database_of_its_own(tmp_path, reference):
+  """Threads write side by side into databases of their own (one per thread that ran, each piece in exactly
+  one), and the item's root database references every chunk."""
+  out = str(tmp_path / "ckpt")
+  convert.hf_to_orbax(str(TINY_HF), out, workers=3, piece_elements=512)
+  state = os.path.join(out, "state")
+  lanes = orbax_arrays.process_dirs(state, 0)
+  assert [os.path.basename(d) for d in lanes] == [f"ocdbt.process_0t{i}" for i in range(len(lanes))]
+  assert 2 <= len(lanes) <= 3  # (dozens of pieces: more than one of the three threads takes some)
+  ctx = orbax_arrays.context()
+  keys = [{k for k in orbax_arrays.list_keys(d, ctx) if not k.endswith("/.zarray")} for d in lanes]
+  assert sum(map(len, keys)) == len(set().union(*keys))  # no chunk written twice
+  assert set().union(*keys) == {k for k in orbax_arrays.list_keys(state, ctx) if not k.endswith("/.zarray")}
+  _, model = load_model(out)
+  _assert_equal(flatten(nnx.state(model, nnx.Variable).to_pure_dict()), reference)
 
 
 def test_orbax_to_hf_skips_complete_shards(tmp_path):
