@@ -64,3 +64,38 @@ def test_truncated_tensor_is_named_on_the_direct_path(shard):
   os.truncate(path, os.path.getsize(path) - 5000)  # after the header was checked: the data is gone under us
   with pytest.raises(safetensors.SafetensorsError, match="unexpected end of file"):
     f.get("fp8")
+
+
+@pytest.mark.parametrize("fixture", ["TINY_HF", "TINY_FP8", "TINY_INT4"])
+def test_conversions_through_direct_reads_are_bit_identical(fixture, tmp_path, monkeypatch):
+  """The fixtures' tensors are below the 1 MiB threshold: with it lowered to one byte every tensor read goes
+  direct (BF16 weights, FP8 codes and scales, INT4 words and scales), and the checkpoint equals the one made
+  through the page cache."""
+  from helpers import paths
+
+  from kimi_jax.checkpoint import convert, orbax_arrays
+
+  source = str(getattr(paths, fixture))
+  direct = []
+  read_direct = safetensors._LocalBytes.read_direct
+
+  def counting(self, offset, n):
+    out = read_direct(self, offset, n)
+    direct.append(out is not None)
+    return out
+
+  monkeypatch.setattr(safetensors._LocalBytes, "read_direct", counting)
+  outs = {}
+  for name, threshold in (("direct", 1), ("cached", 1 << 62)):
+    monkeypatch.setattr(safetensors, "DIRECT_MIN_BYTES", threshold)
+    outs[name] = str(tmp_path / name / "state")
+    convert.hf_to_orbax(source, str(tmp_path / name), dtype="bfloat16", piece_elements=512)
+    if name == "direct" and not any(direct):
+      pytest.skip(f"{tmp_path}: this file system refuses O_DIRECT, so only the page-cache path ran")
+  assert len(direct) > 10
+  ctx = orbax_arrays.context()
+  paths_ = orbax_arrays.read_tree_paths(outs["direct"])
+  assert sorted(paths_) == sorted(orbax_arrays.read_tree_paths(outs["cached"]))
+  for path in paths_:
+    a, b = (orbax_arrays.open_array(outs[k], path, ctx).read().result() for k in ("direct", "cached"))
+    assert a.dtype == b.dtype and a.shape == b.shape and a.tobytes() == b.tobytes(), ".".join(path)
