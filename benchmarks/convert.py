@@ -406,6 +406,11 @@ def main():
       "(floor: the mean of the floors measured just before and just after the conversion, each the input read at "
       "its direct-read speed + the output written at its synced-write speed; round 1: an empty compilation cache)"
     )
+    dropped = args.reset == "auto" and os.access(DROP_CACHES, os.W_OK)
+    print(
+      "(before every timed step: "
+      + ("sync, page cache dropped, 3 s)" if dropped else "only the source's pages dropped; the rest not reset)")
+    )
     print(f"\n| {'decode on one core, [1024, 2048] expert, transposed':52s} | before GB/s | after GB/s | speed-up |")
     print(f"|{'-' * 54}|-------------|------------|----------|")
     for what, before, after in decode:
