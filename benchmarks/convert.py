@@ -79,15 +79,15 @@ def reset(mode: str, source: str) -> None:
     time.sleep(3)  # the kernel reports freed memory to the host in the background (page_reporting: ~2 s)
 
 
-def direct_read(directory: str) -> tuple[float, int]:
-  """(seconds, bytes) to read every safetensors file once in 64 MiB O_DIRECT reads (plain reads where the file
-  system refuses O_DIRECT): the converter's own way of reading."""
+def read_all(directory: str, direct: bool) -> tuple[float, int]:
+  """(seconds, bytes) to read every safetensors file once in 64 MiB reads; with `direct`, O_DIRECT reads (plain
+  ones where the file system refuses O_DIRECT), the converter's own way of reading."""
   raw = np.empty((64 << 20) + 4096, np.uint8)
-  buf = memoryview(raw[-raw.ctypes.data % 4096 :][: 64 << 20])
+  buf = memoryview(raw[-raw.ctypes.data % 4096 :][: 64 << 20])  # block-aligned, as O_DIRECT needs
   total, start = 0, time.perf_counter()
   for path in sorted(glob.glob(os.path.join(directory, "*.safetensors"))):
     try:
-      fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECT", 0))
+      fd = os.open(path, os.O_RDONLY | (getattr(os, "O_DIRECT", 0) if direct else 0))
     except OSError:
       fd = os.open(path, os.O_RDONLY)
     try:
@@ -95,17 +95,6 @@ def direct_read(directory: str) -> tuple[float, int]:
         total += n
     finally:
       os.close(fd)
-  return time.perf_counter() - start, total
-
-
-def raw_read(directory: str) -> tuple[float, int]:
-  """(seconds, bytes) to read every safetensors file once in 64 MiB reads."""
-  buf = bytearray(64 << 20)
-  total, start = 0, time.perf_counter()
-  for path in sorted(glob.glob(os.path.join(directory, "*.safetensors"))):
-    with open(path, "rb", buffering=0) as f:
-      while n := f.readinto(buf):
-        total += n
   return time.perf_counter() - start, total
 
 
@@ -133,7 +122,7 @@ def floor(source: str, out_bytes: int, work: str, mode: str) -> tuple[float, int
   """(read seconds, bytes read, write seconds): the source read once and `out_bytes` written, each from a reset
   machine."""
   reset(mode, source)
-  read_s, in_bytes = direct_read(source)
+  read_s, in_bytes = read_all(source, direct=True)
   reset(mode, source)
   return read_s, in_bytes, synced_write(work, out_bytes)
 
@@ -303,7 +292,7 @@ def main():
       flush=True,
     )
     drop_cache(hf)
-    seconds, nbytes = raw_read(hf)
+    seconds, nbytes = read_all(hf, direct=False)
     rows.append(("raw read (1 thread)", nbytes, seconds, None))
     ckpt = None
     for workers in (int(w) for w in args.workers.split(",") if w):
