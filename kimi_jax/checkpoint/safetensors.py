@@ -94,11 +94,11 @@ class SafetensorsFile:
     row_bytes = math.prod(shape[1:]) * dtype.itemsize
     out_shape = (r1 - r0,) + shape[1:] if shape else ()
     offset, n = self._base + begin + r0 * row_bytes, math.prod(out_shape) * dtype.itemsize
-    if isinstance(self._bytes, _LocalBytes) and n >= DIRECT_MIN_BYTES:
+    if n >= DIRECT_MIN_BYTES:
       raw = self._bytes.read_direct(offset, n)
       if raw is not None:
         if raw.ctypes.data % dtype.itemsize:  # (the tensor starts off its dtype's alignment in the file)
-          return raw.view(np.uint8).copy().view(dtype).reshape(out_shape)
+          return raw.copy().view(dtype).reshape(out_shape)
         return raw.view(dtype).reshape(out_shape)
     out = np.empty(out_shape, dtype)
     self._bytes.read_into(out.reshape(-1).view(np.uint8), offset)
@@ -221,6 +221,10 @@ class _RemoteBytes:
 
   def read(self, offset: int, n: int) -> bytes:
     return self._fs.cat_file(self._key, start=offset, end=offset + n)
+
+  def read_direct(self, offset: int, n: int) -> None:
+    """Objects have no page cache to bypass: the caller reads into its own buffer (`read_into`)."""
+    return None
 
   def read_into(self, buf: np.ndarray, offset: int) -> None:
     for start in range(0, len(buf), self._BLOCK):
